@@ -1,0 +1,81 @@
+"""Text tokenizer: the checkpoint's ``tokenizer.json`` (a ``tokenizers.Tokenizer``) plus its vocabulary."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from pure.vocab import (
+    BOI_NAME,
+    BOS_NAME,
+    EOI_NAME,
+    EOT_NAME,
+    IMAGE_TOKEN_PREFIX,
+    NEWLINE_NAME,
+    PAD_NAME,
+    PureVocab,
+    grid_token_name,
+    image_token_name,
+)
+
+
+class PureTokenizer:
+    """Encodes/decodes the text runs of a conversation; image blocks are built by :mod:`pure.sequence`."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab: PureVocab):
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        vocabulary_map: Mapping[str, int] | None = None,
+        vocab_size: int | None = None,
+    ) -> PureTokenizer:
+        """Load ``tokenizer.json``. The image-token names come from the tokenizer itself or, when it has
+        none (the Hub copy of some checkpoints), from the model config's ``vocabulary_map``."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        tokenizer = Tokenizer.from_file(os.fspath(path))
+        names = tokenizer.get_vocab(with_added_tokens=True)
+        if vocabulary_map and not any(n.startswith(IMAGE_TOKEN_PREFIX) for n in names):
+            names = {**vocabulary_map, **names}
+        return cls(tokenizer, PureVocab.from_names(names, vocab_size))
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without BOS or any other special token."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tokenizer.save(os.fspath(path))
+
+
+def build_byte_tokenizer(codebook_size: int, max_grid: int = 32) -> Tokenizer:
+    """A small byte-level tokenizer with PURE's special-token names, for tests and tiny models.
+
+    Layout (mirrors PURE: image ids split over two blocks, so the mapping code cannot assume an
+    affine form): ``<s> <pad> </s> <unk>``, codes ``[0, K/2)``, the image-structure and turn tokens,
+    grid tokens ``0..max_grid``, the 256 byte symbols, then codes ``[K/2, K)``.
+    """
+    names = [BOS_NAME, PAD_NAME, "</s>", "<unk>"]
+    half = codebook_size // 2
+    names += [image_token_name(c) for c in range(half)]
+    specials = [EOI_NAME, BOI_NAME, EOT_NAME, NEWLINE_NAME] + [
+        grid_token_name(n) for n in range(max_grid + 1)
+    ]
+    names += specials
+    names += pre_tokenizers.ByteLevel.alphabet()
+    names += [image_token_name(c) for c in range(half, codebook_size)]
+    vocab = {name: i for i, name in enumerate(names)}
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([BOS_NAME, PAD_NAME, "</s>", "<unk>", *specials])
+    return tokenizer
