@@ -1,0 +1,213 @@
+"""``python -m pure.infer``: restore images with a PURE model. See ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import pure
+from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
+from pure.model import HUB_MODEL_ID, ModelLoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EPILOG = f"""
+examples:
+  python -m pure.infer --input lq.png                       # {HUB_MODEL_ID} + LlamaGen VQ, writes lq_pure.png
+  python -m pure.infer --input photos/ --output restored/ --vq vq_ds8_c2i.pt --batch-size 4
+  python -m pure.infer --input lq.png --caption "A red brick wall with ivy."   # steer the restoration
+
+Inputs of 128, 256 or 512 px square give a 512x512 restoration (x4, x2, x1); other sizes are resized to
+512x512 (with a notice). Each output PNG gets a JSON sidecar with the degradation estimate, the caption,
+every sampling setting, the seed, the model identity and timings.
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pure.infer",
+        description="Restore real-world low-quality images with PURE: the model Perceives the degradation, "
+        "Understands the content (a caption) and REstores a high-quality image token by token.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", required=True, help="an image file, a folder of images, or a glob pattern")
+    io.add_argument(
+        "--output",
+        help="output PNG for one input (default: <input>_pure.png beside it); "
+        "an output folder for several (default: ./outputs)",
+    )
+    io.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model", default=HUB_MODEL_ID, help=f"checkpoint folder or Hub id (default {HUB_MODEL_ID})"
+    )
+    model.add_argument(
+        "--vq", help="VQ tokenizer: LlamaGen's vq_ds8_c2i.pt or a folder (default: <model>/vq)"
+    )
+    model.add_argument("--tokenizer", help="tokenizer.json overriding the checkpoint's own")
+    model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 on CUDA, float32 on CPU")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument(
+        "--cfg", type=float, default=0.8, help="classifier-free guidance scale (default 0.8)"
+    )
+    sampling.add_argument(
+        "--temperature", type=float, default=0.9, help="image-token temperature (default 0.9)"
+    )
+    sampling.add_argument(
+        "--text-top-k", type=int, default=1, help="top-k for text tokens; 1 = greedy (default)"
+    )
+    sampling.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same output"
+    )
+    sampling.add_argument("--size", type=int, default=512, help="output side in px (default 512, as trained)")
+    sampling.add_argument("--batch-size", type=int, default=1, help="images restored together (default 1)")
+    sampling.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
+    steer = p.add_argument_group("steering (use your text instead of the model's)")
+    steer.add_argument("--caption", help='the image description, e.g. "A lion standing in tall grass."')
+    steer.add_argument("--degradation", help='the degradation estimate, e.g. "Large blur, small noise."')
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def plan_outputs(inputs: list[Path], output: str | None, single: bool) -> list[tuple[Path, Path]]:
+    if single:
+        out = Path(output) if output else inputs[0].with_name(inputs[0].stem + "_pure.png")
+        if out.suffix.lower() != ".png":
+            raise CliError(f"--output must end in .png for a single input; got {out}")
+        return [(inputs[0], out)]
+    folder = Path(output or "outputs")
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--output must be a folder when restoring several images; {folder} is a file")
+    names = [src.stem for src in inputs]
+    if len(set(names)) != len(names):
+        raise CliError("several inputs share a file name stem; restore them into separate --output folders")
+    return [(src, folder / (src.stem + ".png")) for src in inputs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, none is half-written", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from pure.engine import SamplingConfig
+    from pure.restorer import PureRestorer
+
+    try:
+        sampling = SamplingConfig(
+            cfg_scale=args.cfg, temperature=args.temperature, text_top_k=args.text_top_k
+        )
+    except ValueError as err:
+        raise CliError(err) from None
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.size <= 0 or args.size % 32:
+        raise CliError(f"--size must be a positive multiple of 32; got {args.size}")
+    try:
+        inputs = list_images(args.input)
+    except ImageLoadError as err:
+        raise CliError(err) from None
+    single = len(inputs) == 1 and Path(args.input).is_file()
+    jobs = plan_outputs(inputs, args.output, single)
+    todo = [(src, dst) for src, dst in jobs if args.overwrite or not dst.exists()]
+    skipped = len(jobs) - len(todo)
+    if single and skipped:
+        raise CliError(f"{jobs[0][1]} exists; pass --overwrite to replace it")
+    if not todo:
+        print(f"nothing to do: all {len(jobs)} outputs exist (pass --overwrite to redo them)")
+        return 0
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        restorer = PureRestorer.from_pretrained(
+            args.model,
+            vq=args.vq,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=DTYPES.get(args.dtype),
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as err:
+        raise CliError(err) from None
+
+    failed: list[str] = []
+    done = 0
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet or len(todo) == 1)
+    for start in range(0, len(todo), args.batch_size):
+        batch = []
+        for src, dst in todo[start : start + args.batch_size]:
+            try:
+                batch.append((src, dst, load_image(src)))
+            except ImageLoadError as err:
+                failed.append(f"{src}: {err}")
+                print(f"error: {src}: {err}", file=sys.stderr)
+                bar.update(1)
+        if not batch:
+            continue
+        try:
+            results = restorer.restore_batch(
+                [image for _, _, image in batch],
+                sampling=sampling,
+                seeds=[args.seed] * len(batch),
+                captions=[args.caption] * len(batch),
+                degradations=[args.degradation] * len(batch),
+                color_fix=not args.no_color_fix,
+                size=args.size,
+                progress=not args.quiet,
+            )
+        except ValueError as err:  # e.g. steering text that spells special tokens
+            raise CliError(err) from None
+        for (src, dst, image), result in zip(batch, results, strict=True):
+            notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
+            for notice in notices:
+                print(f"note: {src.name}: {notice}", file=sys.stderr)
+            save_image(result.image, dst, overwrite=args.overwrite)
+            save_json(sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True)
+            done += 1
+            bar.update(1)
+            if single or args.quiet:
+                continue
+            tqdm.write(f"{src.name}: {result.degradation or '-'} {result.caption[:60]}")
+    bar.close()
+    if single and done:
+        print(f"{todo[0][1]}: {results[0].degradation or '(no degradation sentence)'} {results[0].caption}")
+    if len(jobs) > 1 or failed:
+        print(f"restored {done}, skipped {skipped} existing, failed {len(failed)}")
+    return 1 if failed else 0
+
+
+def sidecar(src: Path, dst: Path, result, restorer, notices: list[str]) -> dict:
+    return {
+        "input": str(src),
+        "output": str(dst),
+        "degradation": result.degradation,
+        "caption": result.caption,
+        "text": result.text,
+        "seed": result.seed,
+        "settings": result.settings,
+        "model": restorer.identity,
+        "timings": result.timings,
+        "notices": notices,
+        "pure_version": pure.__version__,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

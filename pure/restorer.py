@@ -1,0 +1,241 @@
+"""The Python API: ``PureRestorer.from_pretrained(...).restore(image)`` -> :class:`RestoreResult`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pure.colorfix import wavelet_color_fix
+from pure.engine import RestorationDecoder, SamplingConfig, TextPrior
+from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
+from pure.sequence import SequenceFormat
+from pure.tokenizer import PureTokenizer
+from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
+
+OUTPUT_SIZE = 512  # PURE is trained on 512 px HQ crops
+NATIVE_SCALES = (1, 2, 4)  # 512, 256 and 128 px square inputs are upsampled without any other change
+
+
+@dataclass
+class RestoreResult:
+    """One restoration.
+
+    Attributes:
+        image: the restored image (RGB, ``size x size``), colour-fixed unless disabled.
+        lq_upsampled: the input after bicubic upsampling to the output size (what the model saw).
+        degradation: the Perceive answer, e.g. ``"Medium blur, small noise."`` (``None`` if the model's
+            text did not start with one).
+        caption: the Understand answer.
+        codes: ``(h, w)`` int64 VQ codes of the restored image.
+        entropy: ``(h, w)`` float nats, the entropy of each image token's distribution (sets its top-k).
+        notices: what was done to the input (resizing, conversions), one line each.
+    """
+
+    image: Image.Image
+    lq_upsampled: Image.Image
+    degradation: str | None
+    caption: str
+    text: str
+    codes: torch.Tensor
+    entropy: torch.Tensor
+    seed: int
+    settings: dict
+    timings: dict
+    notices: list[str] = field(default_factory=list)
+
+
+class PureRestorer:
+    """A PURE model, its tokenizer and its VQ image tokenizer on one device."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer: PureTokenizer,
+        vq: VQModel,
+        identity: dict | None = None,
+    ):
+        if tokenizer.vocab.codebook_size != vq.config.codebook_size:
+            raise ValueError(
+                f"the tokenizer names {tokenizer.vocab.codebook_size} image tokens but the VQ has "
+                f"{vq.config.codebook_size} codes: they must come from the same checkpoint"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.format = SequenceFormat(tokenizer)
+        self.vq = vq
+        self.identity = identity or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = HUB_MODEL_ID,
+        vq: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> PureRestorer:
+        """Load a checkpoint folder or Hub id.
+
+        Args:
+            model: folder or Hub id holding ``config.json``, safetensors weights and ``tokenizer.json``
+                (``nonwhy/PURE`` by default).
+            vq: the LlamaGen VQ (``vq_ds8_c2i.pt``, or a folder saved by :meth:`VQModel.save_pretrained`);
+                defaults to the checkpoint's ``vq/`` folder.
+            tokenizer: a tokenizer file overriding the checkpoint's ``tokenizer.json``.
+            device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        folder = resolve_checkpoint(model)
+        vq_path = Path(vq) if vq is not None else folder / "vq"
+        if not vq_path.exists():
+            raise ModelLoadError(
+                f"no VQ tokenizer: {folder} has no vq/ folder; pass --vq vq_ds8_c2i.pt "
+                "(LlamaGen's VQ-8, from the FoundationVision/LlamaGen Hub repo)"
+            )
+        lm = load_model(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer_file = Path(tokenizer) if tokenizer is not None else folder / "tokenizer.json"
+        text = PureTokenizer.from_file(
+            tokenizer_file, vocabulary_map=lm.config.vocabulary_map, vocab_size=lm.config.vocab_size
+        )
+        image_tokenizer = VQModel.from_pretrained(vq_path, device=device)
+        identity = {
+            "model": str(model),
+            "vq": str(vq_path),
+            "tokenizer": str(tokenizer_file),
+            "dtype": str(dtype),
+        }
+        return cls(lm, text, image_tokenizer, identity)
+
+    # -- input preparation ------------------------------------------------------------------------------
+
+    @staticmethod
+    def upsample_input(image: Image.Image, size: int = OUTPUT_SIZE) -> tuple[Image.Image, list[str]]:
+        """Blend transparency onto white and bicubic-upsample to ``size x size``.
+
+        Square inputs of ``size``, ``size/2`` or ``size/4`` px are the native x1/x2/x4 cases; any other
+        size is resized to ``size x size`` too, with a notice (the aspect ratio is not kept).
+        """
+        notices = []
+        if image.mode != "RGB":
+            rgb = pixels_to_pil(pil_to_pixels(image))  # the VQ's own conversion (alpha over white)
+            notices.append(f"{image.mode} input converted to RGB (transparency blended onto white)")
+            image = rgb
+        w, h = image.size
+        if not (w == h and size % w == 0 and size // w in NATIVE_SCALES):
+            native = ", ".join(f"{size // s}" for s in reversed(NATIVE_SCALES))
+            aspect = "" if w == h else "; aspect ratio not kept"
+            notices.append(f"input is {w}x{h} px, not {native} px square: resized to {size}x{size}{aspect}")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        return image, notices
+
+    # -- restoration ------------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        image: Image.Image,
+        seed: int = 0,
+        caption: str | None = None,
+        degradation: str | None = None,
+        **kwargs,
+    ) -> RestoreResult:
+        """Restore one image; other keyword arguments as :meth:`restore_batch`."""
+        return self.restore_batch(
+            [image], seeds=[seed], captions=[caption], degradations=[degradation], **kwargs
+        )[0]
+
+    @torch.inference_mode()
+    def restore_batch(
+        self,
+        images: list[Image.Image],
+        sampling: SamplingConfig | None = None,
+        seeds: list[int] | None = None,
+        captions: list[str | None] | None = None,
+        degradations: list[str | None] | None = None,
+        color_fix: bool = True,
+        size: int = OUTPUT_SIZE,
+        progress: bool = False,
+        **overrides,
+    ) -> list[RestoreResult]:
+        """Restore several images in one batch; each result equals that of a single-image call.
+
+        Args:
+            images: PIL images (any mode PIL opens; see :func:`pure.imageio.load_image`).
+            sampling: decoding settings; keyword ``overrides`` (e.g. ``cfg_scale=1.0``) replace fields.
+            seeds: one seed per image (default 0 for all); the same seed gives the same output.
+            captions, degradations: per-image text to force instead of the model's (steering).
+            color_fix: apply the wavelet colour fix against the upsampled input.
+            size: output side in px (a multiple of 32); PURE was trained at 512.
+        """
+        if size <= 0 or size % 32:
+            raise ValueError(f"size must be a positive multiple of 32; got {size}")
+        sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
+        n = len(images)
+        seeds = seeds or [0] * n
+        captions = captions or [None] * n
+        degradations = degradations or [None] * n
+        if not len(seeds) == len(captions) == len(degradations) == n:
+            raise ValueError("seeds, captions and degradations need one entry per image")
+        device = self.device
+        start = time.perf_counter()
+
+        prepared = [self.upsample_input(img, size) for img in images]
+        pixels = torch.stack([pil_to_pixels(up) for up, _ in prepared]).to(device)
+        lq_codes = self.vq.encode(pixels)  # (B, h, w)
+        prompts = torch.stack([self.format.prompt_ids(c) for c in lq_codes]).to(device)
+        encoded = time.perf_counter()
+
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]
+        decoder = RestorationDecoder(self.model, self.format, sampling)
+        h, w = lq_codes.shape[1:]
+        out = decoder.generate(prompts, h, w, priors=priors, generators=generators, progress=progress)
+
+        parsed = [self.format.parse_answer(ids, strict=True) for ids in out.answer_ids]
+        hq_codes = torch.stack([p.codes for p in parsed]).to(device)
+        restored = self.vq.decode(hq_codes).cpu()
+        decoded = time.perf_counter()
+
+        results = []
+        for i, answer in enumerate(parsed):
+            image = pixels_to_pil(restored[i])
+            lq_up = prepared[i][0]
+            if color_fix:
+                image = wavelet_color_fix(image, lq_up)
+            timings = {
+                "encode_s": encoded - start,
+                "text_s": out.seconds["text"],
+                "image_s": out.seconds["image"],
+                "decode_s": decoded - encoded - out.seconds["text"] - out.seconds["image"],
+                "total_s": time.perf_counter() - start,
+                "forward_passes": out.forward_passes,
+                "batch_size": n,
+            }
+            settings = {**asdict(sampling), "color_fix": color_fix, "size": size}
+            results.append(
+                RestoreResult(
+                    image=image,
+                    lq_upsampled=lq_up,
+                    degradation=answer.degradation,
+                    caption=answer.caption,
+                    text=answer.text,
+                    codes=answer.codes,
+                    entropy=out.entropy[i],
+                    seed=seeds[i],
+                    settings=settings,
+                    timings=timings,
+                    notices=prepared[i][1],
+                )
+            )
+        return results
