@@ -1,3 +1,38 @@
+"""Shared fixtures: everything is built here, tiny and random; nothing is downloaded."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint folder (model, tokenizer, vq/) as `python -m pure.infer --model` takes."""
+    from pure.make_random_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_restorer(tiny_checkpoint):
+    from pure.restorer import PureRestorer
+
+    return PureRestorer.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_format(tiny_restorer):
+    return tiny_restorer.format
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tiny_restorer):
+    return tiny_restorer.tokenizer.vocab
+
+
+@pytest.fixture
+def cpu_generator():
+    return torch.Generator().manual_seed(0)
