@@ -16,15 +16,13 @@ CLI: `python -m pure.vq --vq vq_ds8_c2i.pt --input img.png --output recon.png` r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import pickle
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from pure.imageio import load_image, save_image
+from pure.imageio import atomic_write, load_image, save_image
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -444,28 +442,15 @@ class VQModel(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors` into `folder`, each file atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        with _atomic_path(folder / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with _atomic_path(folder / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path next to `target`; it replaces `target` only if the block succeeds."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        weights = save(tensors, metadata={"format": "pt"})
+        config = (json.dumps(self.config.to_dict(), indent=2) + "\n").encode()
+        atomic_write(folder / WEIGHTS_NAME, lambda f: f.write(weights), overwrite=True)
+        atomic_write(folder / CONFIG_NAME, lambda f: f.write(config), overwrite=True)
 
 
 def _listing(folder: Path, limit: int = 8) -> str:
