@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pure.engine import SamplingConfig
-    from pure.restorer import PureRestorer
+    from pure.restorer import GRID_PX, PureRestorer
 
     try:
         sampling = SamplingConfig(
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(err) from None
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.size <= 0 or args.size % 32:
-        raise CliError(f"--size must be a positive multiple of 32; got {args.size}")
+    if args.size <= 0 or args.size % GRID_PX:
+        raise CliError(f"--size must be a positive multiple of {GRID_PX}; got {args.size}")
     try:
         inputs = list_images(args.input)
     except ImageLoadError as err:

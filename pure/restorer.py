@@ -13,11 +13,12 @@ from PIL import Image
 from pure.colorfix import wavelet_color_fix
 from pure.engine import RestorationDecoder, SamplingConfig, TextPrior
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
-from pure.sequence import SequenceFormat
+from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
 
 OUTPUT_SIZE = 512  # PURE is trained on 512 px HQ crops
+GRID_PX = LATENT_PER_GRID * 8  # pixels per grid token with the 8x VQ: sizes are multiples of this
 NATIVE_SCALES = (1, 2, 4)  # 512, 256 and 128 px square inputs are upsampled without any other change
 
 
@@ -176,10 +177,11 @@ class PureRestorer:
             seeds: one seed per image (default 0 for all); the same seed gives the same output.
             captions, degradations: per-image text to force instead of the model's (steering).
             color_fix: apply the wavelet colour fix against the upsampled input.
-            size: output side in px (a multiple of 32); PURE was trained at 512.
+            size: output side in px (a multiple of :data:`GRID_PX`); PURE was trained at 512.
         """
-        if size <= 0 or size % 32:
-            raise ValueError(f"size must be a positive multiple of 32; got {size}")
+        grid_px = LATENT_PER_GRID * self.vq.config.downsample
+        if size <= 0 or size % grid_px:
+            raise ValueError(f"size must be a positive multiple of {grid_px}; got {size}")
         sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
         n = len(images)
         seeds = seeds or [0] * n

@@ -95,12 +95,14 @@ class ImageGridConstraintLogitsProcessor(LogitsProcessor):
         self.height, self.width = height, width
         self.grid_h = vocab.grid_token(height // LATENT_PER_GRID)
         self.grid_w = vocab.grid_token(width // LATENT_PER_GRID)
-        self._masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _device_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._masks:
-            self._masks[device] = (self.vocab.image_mask(device), ~self.vocab.inside_image_mask(device))
-        return self._masks[device]
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image-code mask, text-allowed mask, vocabulary ids), built once per device."""
+        if device not in self._tables:
+            ids = torch.arange(self.vocab.size, device=device)
+            self._tables[device] = (self.vocab.image_mask(device), ~self.vocab.inside_image_mask(device), ids)
+        return self._tables[device]
 
     def forced_tokens(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: ``(in_image (B,) bool, forced (B,) id or -1 where an image code is to be sampled)``."""
@@ -119,9 +121,8 @@ class ImageGridConstraintLogitsProcessor(LogitsProcessor):
         return in_image, forced
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        image_mask, text_mask = self._device_masks(scores.device)
+        image_mask, text_mask, vocab_ids = self._device_tables(scores.device)
         in_image, forced = self.forced_tokens(input_ids)
-        vocab_ids = torch.arange(scores.shape[-1], device=scores.device)
         image_allowed = torch.where(
             (forced >= 0)[:, None], vocab_ids[None] == forced[:, None], image_mask[None]
         )  # (B, V)
