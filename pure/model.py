@@ -119,13 +119,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_config(folder: str | os.PathLike) -> ChameleonConfig:
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
+    """``config.json`` of a checkpoint folder. Lumina/PURE-only keys (``mask_image_logits``, ``dropout``,
+    ``z_loss_weight``, ``lora_*``) are kept as attributes; legacy ``rope_theta`` is converted."""
+    if not (Path(folder) / "config.json").is_file():
         raise ModelLoadError(f"no config.json in {folder}")
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
-    # Lumina/PURE-only keys (mask_image_logits, dropout, z_loss_weight, lora_*) are kept as attributes.
-    return ChameleonConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    return ChameleonConfig.from_pretrained(folder)
 
 
 def _state_dict_files(folder: Path) -> list[Path]:

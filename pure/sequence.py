@@ -137,6 +137,28 @@ class SequenceFormat:
         labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer])
         return input_ids, labels
 
+    @staticmethod
+    def labels_from_prompt_length(input_ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """The labels of :meth:`training_example` from its ids and prompt length (what shards store)."""
+        labels = input_ids.clone().long()
+        labels[:prompt_length] = IGNORE_INDEX
+        return labels
+
+    def supervised_parts(
+        self, input_ids: torch.Tensor, prompt_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks ``(text, image)`` over a training sequence's positions: ``image`` covers the
+        answer's image block (``<boi>`` .. ``<eoi>``), ``text`` the rest of the answer (its text and the
+        final ``<eot>``). Together they are exactly the supervised positions."""
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        answer = positions >= prompt_length
+        boi = (input_ids == self.vocab.boi) & answer
+        eoi = (input_ids == self.vocab.eoi) & answer
+        started = boi.long().cumsum(-1) > 0
+        ended = (eoi.long().cumsum(-1) - eoi.long()) > 0  # the <eoi> itself is still inside
+        image = started & ~ended
+        return answer & ~image, image
+
     # -- parsing ----------------------------------------------------------------------------------------
 
     def parse_image_block(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
