@@ -67,6 +67,20 @@ class DecodeOutput:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class DecodeState:
+    """What the phases share. Cache and mask rows are cond0, twin0, cond1, twin1, ... under guidance."""
+
+    seq: torch.Tensor  # (B, capacity) ids of the cond rows; `length` columns are in use
+    mask: torch.Tensor  # (R, capacity) attention mask of every cache row
+    cache: object  # a transformers Cache
+    next_pos: torch.Tensor  # (R,) position of each row's next token
+    twins: int  # 2 with guidance (each row has an unconditional twin), else 1
+    length: int = 0
+    logits: torch.Tensor | None = None  # (R, keep, V) fp32, from the last forward
+    passes: int = 0
+
+
 class _TextRow:
     """Host-side state of one row during the text phase."""
 
@@ -111,22 +125,49 @@ class RestorationDecoder:
         sampling: decoding settings.
     """
 
+    static_cache = True  # preallocated KV cache; the mask always spans its whole capacity
+
     def __init__(self, model, fmt: SequenceFormat, sampling: SamplingConfig | None = None):
         self.model = model
         self.fmt = fmt
         self.sampling = sampling or SamplingConfig()
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        """Feed ``ids`` (R, q) at ``positions`` (R, q); returns next-token logits (R, V) in fp32."""
+    def _make_cache(self, capacity: int):
+        return StaticCache(config=self.model.config, max_cache_len=capacity)
+
+    def _feed(
+        self, state: DecodeState, ids: torch.Tensor, live: torch.Tensor | None = None, keep: int = 1
+    ) -> None:
+        """Append ``ids`` (R, q) to every row at its next positions and run the model on them.
+
+        ``live`` (R,) marks rows whose tokens count (others are masked holes that do not advance their
+        positions). Leaves next-token logits (R, keep, V) in ``state.logits`` (fp32).
+        """
+        q = ids.shape[1]
+        live = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device) if live is None else live
+        state.mask[:, state.length : state.length + q] = live[:, None]
+        positions = state.next_pos[:, None] + torch.arange(q, device=ids.device)
+        state.length += q
+        mask = state.mask if self.static_cache else state.mask[:, : state.length]
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            past_key_values=state.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        return out.logits[:, -1].float()
+        state.logits = out.logits.float()
+        state.next_pos += live * q
+        state.passes += 1
+
+    def guided_scores(self, state: DecodeState, position: int = -1) -> torch.Tensor:
+        """Next-token scores (B, V) of the cond rows, combined with their twins' under guidance."""
+        logits = state.logits[:, position]
+        if state.twins == 1:
+            return logits
+        logits = logits.view(-1, 2, logits.shape[-1])  # (B, cond/twin, V)
+        return classifier_free_guidance(logits[:, 0], logits[:, 1], self.sampling.cfg_scale)
 
     @torch.inference_mode()
     def generate(
@@ -146,42 +187,68 @@ class RestorationDecoder:
             priors: per-row forced text (default: none).
             generators: one ``torch.Generator`` per row on the model's device (needed unless greedy).
         """
-        s, v, fmt = self.sampling, self.fmt.vocab, self.fmt
+        batch = prompts.shape[0]
+        rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(batch)])]
+        constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, height, width)
+        start = time.perf_counter()
+        state = self._prefill(prompts, rows, self.fmt.image_block_length(height, width))
+        self._text_phase(state, rows, constraint, generators)
+        text_done = time.perf_counter()
+        self._start_image(state, height, width)
+        entropy = torch.zeros((batch, height, width), device=prompts.device)
+        with tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False) as bar:
+            self._image_phase(state, constraint, generators, entropy, bar)
+        image_done = time.perf_counter()
+
+        block_len = self.fmt.image_block_length(height, width)
+        eot = torch.tensor([self.fmt.vocab.eot])
+        answers = [
+            torch.cat(
+                [
+                    torch.tensor(row.tokens, dtype=torch.long),
+                    state.seq[i, state.length - block_len : state.length].cpu(),
+                    eot,
+                ]
+            )
+            for i, row in enumerate(rows)
+        ]
+        seconds = {"text": text_done - start, "image": image_done - text_done}
+        return DecodeOutput(answers, entropy.cpu(), state.passes, seconds)
+
+    def _prefill(self, prompts: torch.Tensor, rows: list[_TextRow], block_len: int) -> DecodeState:
+        """Allocate the sequence, mask and cache for the whole answer and run the prompts.
+
+        With guidance every row has an unconditional twin (rows: cond0, twin0, cond1, ...). The twin mirrors
+        its row through the text phase (a batched duplicate that costs little) and is cut off from the
+        prompt and text when the image starts, so one static cache serves the whole decode.
+        """
         batch, prompt_len = prompts.shape
-        device = prompts.device
-        priors = priors or [TextPrior() for _ in range(batch)]
-        rows = [_TextRow(fmt, p) for p in priors]
-        block_len = fmt.image_block_length(height, width)
-        capacity = prompt_len + s.max_text_tokens + max(r.forced_length for r in rows) + block_len
-        constraint = ImageGridConstraintLogitsProcessor(v, height, width)
+        device, pad = prompts.device, self.fmt.vocab.pad
+        twins = 2 if self.sampling.cfg_scale != 1.0 else 1
+        capacity = prompt_len + self.sampling.max_text_tokens + max(r.forced_length for r in rows) + block_len
+        state = DecodeState(
+            seq=torch.full((batch, capacity), pad, dtype=torch.long, device=device),
+            mask=torch.zeros((batch * twins, capacity), dtype=torch.long, device=device),
+            cache=self._make_cache(capacity),
+            next_pos=torch.zeros(batch * twins, dtype=torch.long, device=device),
+            twins=twins,
+        )
+        state.seq[:, :prompt_len] = prompts
+        self._feed(state, prompts.repeat_interleave(twins, dim=0))
+        return state
+
+    def _text_phase(self, state, rows, constraint, generators) -> None:
+        """Perceive + Understand: text until every row has emitted ``<boi>`` (not yet fed)."""
+        s, v = self.sampling, self.fmt.vocab
         text_top_k = TopKLogitsWarper(s.text_top_k)
-        timer = {"start": time.perf_counter()}
-
-        # With guidance every row has an unconditional twin (rows: cond0, uncond0, cond1, ...). The twin
-        # mirrors its row through the text phase (a cheap, batched duplicate) and is cut off from the
-        # prompt and text when the image starts, so one static cache serves the whole decode.
-        guided = s.cfg_scale != 1.0
-        twins = 2 if guided else 1
-        n_rows = batch * twins
-        # Preallocated sequence (cond rows, for the constraint), attention mask and KV cache.
-        seq = torch.full((batch, capacity), v.pad, dtype=torch.long, device=device)
-        mask = torch.zeros((n_rows, capacity), dtype=torch.long, device=device)
-        seq[:, :prompt_len], mask[:, :prompt_len] = prompts, 1
-        length = prompt_len
-        cache = StaticCache(config=self.model.config, max_cache_len=capacity)
-        positions = torch.arange(prompt_len, device=device).expand(n_rows, -1)
-        logits = self._forward(prompts.repeat_interleave(twins, dim=0), mask, positions, cache)[::twins]
-        next_pos = torch.full((n_rows,), prompt_len, dtype=torch.long, device=device)
-        passes = 1
-
-        # -- Perceive + Understand: text until every row has emitted <boi> -----------------------------
+        batch, device = len(rows), state.seq.device
         while True:
-            scores = constraint(seq[:, :length], logits)
+            scores = constraint(state.seq[:, : state.length], self._text_logits(state))
             scores[:, v.eot] = float("-inf")  # a restorer's answer must reach its image
             proposed = scores.argmax(-1)
             if s.text_top_k > 1:  # only rows still writing draw noise, so rows stay independent
                 todo = [i for i, row in enumerate(rows) if not row.done]
-                scores = text_top_k(seq[todo, :length], scores[todo])
+                scores = text_top_k(state.seq[todo, : state.length], scores[todo])
                 proposed[todo] = sample_tokens(scores, s.temperature, [generators[i] for i in todo])
             proposed = proposed.tolist()
             feed = torch.full((batch,), v.pad, dtype=torch.long)
@@ -192,62 +259,45 @@ class RestorationDecoder:
                     if token != v.boi:
                         feed[i], live[i] = token, 1
             if not live.any():
-                break
-            feed, live = feed.to(device), live.to(device)
-            seq[:, length] = feed
-            feed, live = feed.repeat_interleave(twins), live.repeat_interleave(twins)
-            mask[:, length] = live
-            length += 1
-            logits = self._forward(feed[:, None], mask, next_pos[:, None], cache)[::twins]
-            next_pos += live
-            passes += 1
-        timer["text"] = time.perf_counter()
+                return
+            state.seq[:, state.length] = feed.to(device)
+            twins = state.twins
+            self._feed(
+                state,
+                feed.to(device).repeat_interleave(twins)[:, None],
+                live.to(device).repeat_interleave(twins),
+            )
 
-        # -- REstore: the image block, cond (+ uncond) rows in one forward ----------------------------
-        head = torch.tensor(fmt.grid_tokens(height, width), device=device)  # <boi> <grid h> <grid w>
-        seq[:, length : length + 3] = head
-        if guided:
-            mask[1::2] = 0  # the unconditional twin forgets the prompt and the text ...
-            next_pos[1::2] = 0  # ... and its image block starts at position 0
-        mask[:, length : length + 3] = 1
-        positions = next_pos[:, None] + torch.arange(3, device=device)
-        logits = self._forward(head.expand(n_rows, -1), mask, positions, cache)
-        next_pos += 3
-        length += 3
-        passes += 1
+    @staticmethod
+    def _text_logits(state: DecodeState) -> torch.Tensor:
+        """Text is conditional only: the cond rows' logits (B, V)."""
+        return state.logits[:: state.twins, -1]
 
-        entropy = torch.zeros((batch, height, width), device=device)
+    def _start_image(self, state: DecodeState, height: int, width: int) -> None:
+        """Feed ``<boi> <grid h> <grid w>`` to every row; the twins now see only their image block."""
+        head = torch.tensor(self.fmt.grid_tokens(height, width), device=state.seq.device)
+        state.seq[:, state.length : state.length + 3] = head
+        if state.twins == 2:
+            state.mask[1::2] = 0  # the unconditional twin forgets the prompt and the text ...
+            state.next_pos[1::2] = 0  # ... and its image block starts at position 0
+        self._feed(state, head.expand(state.mask.shape[0], -1))
+
+    def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
+        """REstore, a token per forward: guidance, constraint, entropy top-k, temperature, sampling."""
+        s = self.sampling
+        height, width = entropy.shape[1:]
         n_body = height * (width + 1)
-        bar = tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False)
         for step in range(n_body + 1):
-            if guided:
-                logits = logits.view(batch, 2, -1)
-                logits = classifier_free_guidance(logits[:, 0], logits[:, 1], s.cfg_scale)
-            scores = constraint(seq[:, :length], logits)
+            scores = constraint(state.seq[:, : state.length], self.guided_scores(state))
             scores, step_entropy = entropy_top_k(scores, s.min_k, s.max_k)
             token = sample_tokens(scores, s.temperature, generators)  # (B,)
-            seq[:, length] = token
+            state.seq[:, state.length] = token
             row, col = divmod(step, width + 1)
-            if col < width and row < height:
+            if row < height and col < width:
                 entropy[:, row, col] = step_entropy
             elif col == width:
                 bar.update(1)
-            length += 1
             if step == n_body:  # <eoi>: nothing left to predict
-                break
-            mask[:, length - 1] = 1
-            logits = self._forward(token.repeat_interleave(twins)[:, None], mask, next_pos[:, None], cache)
-            next_pos += 1
-            passes += 1
-        bar.close()
-        timer["image"] = time.perf_counter()
-
-        image_start = length - block_len
-        answers = []
-        for i, row in enumerate(rows):
-            block = seq[i, image_start:length].cpu()
-            answers.append(
-                torch.cat([torch.tensor(row.tokens, dtype=torch.long), block, torch.tensor([v.eot])])
-            )
-        seconds = {"text": timer["text"] - timer["start"], "image": timer["image"] - timer["text"]}
-        return DecodeOutput(answer_ids=answers, entropy=entropy.cpu(), forward_passes=passes, seconds=seconds)
+                state.length += 1
+                return
+            self._feed(state, token.repeat_interleave(state.twins)[:, None])
