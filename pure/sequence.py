@@ -71,8 +71,10 @@ class SequenceFormat:
     def __init__(self, tokenizer: PureTokenizer):
         self.tokenizer = tokenizer
         self.vocab = tokenizer.vocab
-        self._special_ids = {self.vocab.bos, self.vocab.pad, self.vocab.eot, *self.vocab.grid_ids}
-        self._special_ids |= {self.vocab.boi, self.vocab.eoi, self.vocab.newline}
+        v = self.vocab
+        added = tokenizer.tokenizer.get_added_tokens_decoder()
+        self._special_ids = {i for i, token in added.items() if token.special}
+        self._special_ids |= {v.bos, v.pad, v.eot, v.boi, v.eoi, v.newline, *v.grid_ids}
 
     # -- building ---------------------------------------------------------------------------------------
 

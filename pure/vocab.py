@@ -25,6 +25,8 @@ EOI_NAME = "<eoss>"  # end of an image block
 EOT_NAME = "<reserved08706>"  # end of every conversation turn; the generation EOS
 NEWLINE_NAME = "<reserved08799>"  # ends every latent row of an image block
 _GRID_BASE = 8800  # `<reserved{8800 + n:05d}>` is the token for "n grid cells"
+MAX_GRID = 128  # grid tokens looked up (4096 px a side); later reserved names are not grid tokens
+_SPECIAL_NAMES = (BOS_NAME, PAD_NAME, BOI_NAME, EOI_NAME, EOT_NAME, NEWLINE_NAME)
 
 
 def grid_token_name(n: int) -> str:
@@ -99,16 +101,19 @@ class PureVocab:
                 f"got {len(codes)} names covering {len(set(codes))} distinct codes up to {codes[-1]}"
             )
         code_to_id = torch.tensor([i for _, i in pairs], dtype=torch.long)
-        if int(code_to_id.max()) >= size:
-            raise ValueError(f"image token id {int(code_to_id.max())} is outside the vocabulary of {size}")
-        id_to_code = torch.full((size,), -1, dtype=torch.long)
-        id_to_code[code_to_id] = torch.arange(len(codes))
+        if code_to_id.unique().numel() != len(codes):
+            raise ValueError("several image token names share one id; the code <-> id mapping must be 1:1")
 
         grid_ids = []
-        while grid_token_name(len(grid_ids)) in name_to_id:
+        while len(grid_ids) <= MAX_GRID and grid_token_name(len(grid_ids)) in name_to_id:
             grid_ids.append(name_to_id[grid_token_name(len(grid_ids))])
         if not grid_ids:
             raise ValueError(f"the tokenizer has no grid-size tokens ({grid_token_name(0)}, ...)")
+        largest = max(int(code_to_id.max()), *grid_ids, *(lookup(n) for n in _SPECIAL_NAMES))
+        if largest >= size:
+            raise ValueError(f"token id {largest} is outside the vocabulary of {size} ids")
+        id_to_code = torch.full((size,), -1, dtype=torch.long)
+        id_to_code[code_to_id] = torch.arange(len(codes))
 
         return cls(
             size=size,
