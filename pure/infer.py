@@ -110,12 +110,15 @@ def run(args: argparse.Namespace) -> int:
     from pure.engine import SamplingConfig
     from pure.restorer import GRID_PX, PureRestorer
 
-    try:
-        sampling = SamplingConfig(
-            cfg_scale=args.cfg, temperature=args.temperature, text_top_k=args.text_top_k
-        )
-    except ValueError as err:
-        raise CliError(err) from None
+    checks = (
+        ("--cfg", args.cfg, 0),
+        ("--temperature", args.temperature, 0),
+        ("--text-top-k", args.text_top_k, 1),
+    )
+    for flag, value, low in checks:
+        if not value >= low:  # also rejects NaN
+            raise CliError(f"{flag} must be >= {low}; got {value}")
+    sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature, text_top_k=args.text_top_k)
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.size <= 0 or args.size % GRID_PX:
@@ -133,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print(f"nothing to do: all {len(jobs)} outputs exist (pass --overwrite to redo them)")
         return 0
+    for folder in sorted({dst.parent for _, dst in todo}):  # fail before hours of work, not after
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CliError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
@@ -178,8 +186,16 @@ def run(args: argparse.Namespace) -> int:
             notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
             for notice in notices:
                 print(f"note: {src.name}: {notice}", file=sys.stderr)
-            save_image(result.image, dst, overwrite=args.overwrite)
-            save_json(sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True)
+            try:
+                save_image(result.image, dst, overwrite=args.overwrite)
+                save_json(
+                    sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True
+                )
+            except OSError as err:  # full disk, permissions, a file appearing meanwhile ...
+                failed.append(f"{src}: {err}")
+                print(f"error: {dst}: cannot write: {err.strerror or err}", file=sys.stderr)
+                bar.update(1)
+                continue
             done += 1
             bar.update(1)
             if single or args.quiet:

@@ -184,9 +184,11 @@ class PureRestorer:
             raise ValueError(f"size must be a positive multiple of {grid_px}; got {size}")
         sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
         n = len(images)
-        seeds = seeds or [0] * n
-        captions = captions or [None] * n
-        degradations = degradations or [None] * n
+        if n == 0:
+            return []
+        seeds = [0] * n if seeds is None else seeds
+        captions = [None] * n if captions is None else captions
+        degradations = [None] * n if degradations is None else degradations
         if not len(seeds) == len(captions) == len(degradations) == n:
             raise ValueError("seeds, captions and degradations need one entry per image")
         device = self.device
@@ -229,8 +231,9 @@ class PureRestorer:
                 RestoreResult(
                     image=image,
                     lq_upsampled=lq_up,
-                    degradation=answer.degradation,
-                    caption=answer.caption,
+                    # what was forced is what was used, even if the model's own words around it differ
+                    degradation=degradations[i].strip() if degradations[i] else answer.degradation,
+                    caption=captions[i].strip() if captions[i] else answer.caption,
                     text=answer.text,
                     codes=answer.codes,
                     entropy=out.entropy[i],

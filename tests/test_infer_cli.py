@@ -1,0 +1,456 @@
+"""Tests for ``python -m pure.infer`` on the tiny random checkpoint.
+
+A subprocess costs ~6 s of imports (torch + transformers) on 2 CPU cores, so only two tests start one: the
+single full-size (512 px) folder run, started in the background when this module starts and checked by its
+last test, and the offline Hub lookup (it needs its own environment). The rest calls
+``pure.infer.main(argv)`` in-process at 64 or 32 px: an exception escaping `main` is what would be a
+traceback under ``python -m pure.infer``, and it fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bad_inputs import EXPECTED, make_bad_inputs
+from PIL import Image
+from skimage import data
+
+from pure import infer
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+FULL_SIZE_TEST = "test_full_size_folder_run"
+FULL_SIZE_INPUTS = (128, 256, 512)  # the native x4, x2 and x1 cases of a 512 px restoration
+SUBPROCESS_TIMEOUT_S = 300
+# `main` timed inside the process: importing torch and transformers takes ~6 s alone, more on a busy machine.
+TIMED_MAIN = """
+import sys, time
+from pure import infer
+start = time.monotonic()
+code = infer.main(sys.argv[1:])
+print(f"main took {time.monotonic() - start:.2f} s", file=sys.stderr)
+sys.exit(code)
+"""
+CAPTION = "A red brick wall."
+DEGRADATION = "Large blur, small noise."
+# Loader conversions that must be reported on a `note:` line: case -> a word of the notice.
+NOTED_CONVERSIONS = {"animated.gif": "animated", "sixteen_bit.png": "16-bit", "cmyk.jpg": "CMYK"}
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+    @property
+    def note_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("note:")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One thread is several times faster than two for these tiny matmuls, and leaves a core to the
+    background run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(capsys, tiny_checkpoint):
+    """``cli(*argv)``: run ``pure.infer.main`` in-process on the tiny checkpoint at 64 px (argv can
+    override both), returning its exit code and captured output."""
+
+    def run(*args: str) -> CliRun:
+        capsys.readouterr()  # drop anything printed before
+        try:
+            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
+        except SystemExit as exit_:  # argparse: --help, bad option syntax
+            code = exit_.code
+        captured = capsys.readouterr()
+        result = CliRun(code, captured.out, captured.err)
+        assert "Traceback" not in result.stderr
+        return result
+
+    return run
+
+
+def save_astronaut(path: Path, side: int) -> Path:
+    Image.fromarray(data.astronaut()).resize((side, side), Image.BICUBIC).save(path)
+    return path
+
+
+def save_coffee(path: Path, side: int) -> Path:
+    Image.fromarray(data.coffee()).resize((side, side), Image.BICUBIC).save(path)
+    return path
+
+
+def names(folder: Path) -> set[str]:
+    """Every entry, hidden ones included (atomic writes use ``.<name>.tmp-*`` files)."""
+    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+
+def read_sidecar(png: Path) -> dict:
+    return json.loads(png.with_suffix(".json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- the one full-size run (background)
+
+
+@dataclass
+class FullSizeRun:
+    process: subprocess.Popen
+    inputs: list[Path]
+    output: Path
+    stdout: Path
+    stderr: Path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_size_run(request, tiny_checkpoint, tmp_path_factory):
+    """Start the 512 px folder run (~20-60 s) when this module starts, so the other tests use the second
+    core meanwhile; `test_full_size_folder_run` (the last test) waits for it. Not started when that test is
+    deselected, and killed if it is still running when the module ends."""
+    selected = any(
+        getattr(item, "module", None) is request.module
+        and getattr(item, "originalname", "") == FULL_SIZE_TEST
+        for item in request.session.items
+    )
+    if not selected:
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("full_size")
+    inputs_dir = folder / "inputs"
+    inputs_dir.mkdir()
+    inputs = [save_astronaut(inputs_dir / f"astronaut_{side}.png", side) for side in FULL_SIZE_INPUTS]
+    output, stdout, stderr = folder / "restored", folder / "stdout.txt", folder / "stderr.txt"
+    args = ["--input", str(inputs_dir), "--output", str(output), "--model", str(tiny_checkpoint)]
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pure.infer", *args, "--batch-size", "3", "--quiet"],
+            stdout=out,
+            stderr=err,
+            env=ENV,
+            cwd=folder,
+        )
+    run = FullSizeRun(process, inputs, output, stdout, stderr)
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+    run.process.wait()
+
+
+# ---------------------------------------------------------------- help and argument errors
+
+
+def test_help_exits_0_and_names_the_main_options(cli):
+    run = cli("--help")
+
+    assert run.returncode == 0
+    for option in ("--input", "--caption", "--overwrite", "--degradation", "--size"):
+        assert option in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "word"),
+    [
+        ("--cfg", "-1", "cfg"),
+        ("--size", "100", "--size"),
+        ("--size", "0", "--size"),
+        ("--temperature", "-0.5", "temperature"),
+        ("--batch-size", "0", "--batch-size"),
+    ],
+)
+def test_bad_setting_is_one_error_line_and_exit_2(cli, tmp_path, option, value, word):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+
+    run = cli("--input", str(image), option, value)
+
+    assert run.returncode == 2
+    assert len(run.error_lines) == 1 and word in run.error_lines[0]
+    assert names(tmp_path) == {"lq.png"}
+
+
+def test_missing_model_folder_is_one_error_line_and_exit_2(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+
+    run = cli("--input", str(image), "--model", "/nonexistent")
+
+    assert run.returncode == 2
+    assert len(run.error_lines) == 1 and "/nonexistent" in run.error_lines[0]
+    assert names(tmp_path) == {"lq.png"}
+
+
+def test_hub_model_offline_says_how_to_get_it_quickly(tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+    empty_cache = tmp_path / "hf"
+    env = {**ENV, "HF_HOME": str(empty_cache), "HF_HUB_CACHE": str(empty_cache / "hub")}
+    args = ["--input", str(image), "--model", "nonwhy/PURE", "--quiet"]
+
+    proc = subprocess.run(
+        [sys.executable, "-c", TIMED_MAIN, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    run = CliRun(proc.returncode, proc.stdout, proc.stderr)
+
+    assert "Traceback" not in run.stderr
+    assert run.returncode == 2
+    assert len(run.error_lines) == 1
+    assert "hf download nonwhy/PURE" in run.error_lines[0] and "--model" in run.error_lines[0]
+    seconds = float(re.search(r"main took ([0-9.]+) s", run.stderr).group(1))
+    assert seconds < 20  # no network attempt, no retry loop
+    assert not (tmp_path / "lq_pure.png").exists()
+
+
+# ---------------------------------------------------------------- single file: outputs and --overwrite
+
+
+def test_single_file_writes_beside_the_input_and_keeps_it_without_overwrite(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+    output = tmp_path / "lq_pure.png"
+
+    first = cli("--input", str(image))
+
+    assert first.returncode == 0, first.stderr
+    assert names(tmp_path) == {"lq.png", "lq_pure.png", "lq_pure.json"}
+    with Image.open(output) as restored:
+        assert restored.size == (64, 64) and restored.mode == "RGB"
+    assert read_sidecar(output)["seed"] == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (output, output.with_suffix(".json"))}
+
+    again = cli("--input", str(image), "--seed", "1")
+
+    assert again.returncode != 0
+    assert len(again.error_lines) == 1 and "--overwrite" in again.error_lines[0]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+    replaced = cli("--input", str(image), "--seed", "1", "--overwrite")
+
+    assert replaced.returncode == 0, replaced.stderr
+    assert output.read_bytes() != before[output][0]
+    assert read_sidecar(output)["seed"] == 1
+    assert names(tmp_path) == {"lq.png", "lq_pure.png", "lq_pure.json"}
+
+
+def test_interrupted_write_leaves_no_file(cli, tmp_path, monkeypatch):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+    out_dir = tmp_path / "out"
+    real_save = Image.Image.save
+
+    def save_then_interrupt(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C with the PNG bytes written but not yet renamed into place
+
+    monkeypatch.setattr(Image.Image, "save", save_then_interrupt)
+    run = cli("--input", str(image), "--output", str(out_dir / "restored.png"))
+
+    assert run.returncode == 130
+    assert "interrupted" in run.stderr
+    assert names(out_dir) == set()
+
+
+def blocked_output(folder: Path) -> tuple[Path, Path]:
+    """An input, and an output path whose parent is a file, so writing the output must fail."""
+    image = save_astronaut(folder / "lq.png", 32)
+    (folder / "blocker").write_text("a file, not a folder\n")
+    return image, folder / "blocker" / "restored.png"
+
+
+def test_failed_write_leaves_no_partial_files(cli, tmp_path):
+    image, output = blocked_output(tmp_path)
+
+    try:
+        run = cli("--input", str(image), "--output", str(output), "--size", "32")
+    except OSError:
+        pass  # the traceback is test_failed_write_is_one_error_line_not_a_traceback's business
+    else:
+        assert run.returncode != 0
+    assert names(tmp_path) == {"lq.png", "blocker"}
+    assert (tmp_path / "blocker").read_text() == "a file, not a folder\n"
+
+
+def test_failed_write_is_one_error_line_not_a_traceback(cli, tmp_path):
+    image, output = blocked_output(tmp_path)
+
+    run = cli("--input", str(image), "--output", str(output), "--size", "32")  # an escaping error fails
+
+    assert run.returncode != 0
+    assert len(run.error_lines) == 1 and "blocker" in run.error_lines[0]
+
+
+# ---------------------------------------------------------------- the bad-input corpus, one file at a time
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    return make_bad_inputs(tmp_path_factory.mktemp("bad_inputs"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_input_corpus(cli, bad_inputs, tmp_path, name):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    output = out_dir / (Path(name).stem + "_pure.png")
+
+    run = cli("--input", str(bad_inputs[name]), "--output", str(output))
+
+    if EXPECTED[name] == "error":
+        assert run.returncode != 0
+        assert len(run.error_lines) == 1 and name in run.error_lines[0]
+        assert names(out_dir) == set()  # no output, no temporary file
+        return
+    assert run.returncode == 0, run.stderr
+    assert run.error_lines == []
+    assert names(out_dir) == {output.name, output.with_suffix(".json").name}
+    with Image.open(output) as restored:
+        assert restored.size == (64, 64) and restored.mode == "RGB"
+    if name in NOTED_CONVERSIONS:
+        notes = [line for line in run.note_lines if line.startswith(f"note: {name}:")]
+        assert any(NOTED_CONVERSIONS[name] in line for line in notes), run.stderr
+        assert any(NOTED_CONVERSIONS[name] in notice for notice in read_sidecar(output)["notices"])
+
+
+# ---------------------------------------------------------------- folder mode
+
+
+def test_folder_with_good_and_bad_files_restores_the_good_and_exits_1(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    # Sorted order puts one good and one bad file in each batch of 2.
+    save_astronaut(inputs / "a_good.png", 64)
+    (inputs / "b_bad.png").write_text("not an image\n")
+    save_coffee(inputs / "c_good.png", 32)
+    (inputs / "d_bad.png").write_bytes(b"")
+    out_dir = tmp_path / "restored"
+
+    first = cli("--input", str(inputs), "--output", str(out_dir), "--batch-size", "2")
+
+    assert first.returncode == 1
+    assert "restored 2, skipped 0 existing, failed 2" in first.stdout
+    assert len(first.error_lines) == 2
+    assert "b_bad.png" in first.error_lines[0] and "d_bad.png" in first.error_lines[1]
+    assert names(out_dir) == {"a_good.png", "a_good.json", "c_good.png", "c_good.json"}
+    for stem in ("a_good", "c_good"):
+        with Image.open(out_dir / f"{stem}.png") as restored:
+            assert restored.size == (64, 64)
+    kept = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+
+    second = cli("--input", str(inputs), "--output", str(out_dir), "--batch-size", "2")
+
+    assert second.returncode == 1  # only the bad files fail again
+    assert "restored 0, skipped 2 existing, failed 2" in second.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == kept
+
+
+def test_folder_rerun_restores_only_new_files_and_exits_0(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "one.png", 64)
+    save_coffee(inputs / "two.png", 16)
+    out_dir = tmp_path / "restored"
+
+    first = cli("--input", str(inputs), "--output", str(out_dir), "--batch-size", "2")
+
+    assert first.returncode == 0, first.stderr
+    assert "restored 2, skipped 0 existing, failed 0" in first.stdout
+    kept = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    save_astronaut(inputs / "three.png", 32)
+
+    second = cli("--input", str(inputs), "--output", str(out_dir), "--batch-size", "2")
+
+    assert second.returncode == 0, second.stderr
+    assert "restored 1, skipped 2 existing, failed 0" in second.stdout
+    assert {name: (out_dir / name).read_bytes() for name in kept} == kept
+    assert names(out_dir) == {f"{stem}.{ext}" for stem in ("one", "two", "three") for ext in ("png", "json")}
+
+    third = cli("--input", str(inputs), "--output", str(out_dir))
+
+    assert third.returncode == 0
+    assert "nothing to do" in third.stdout and "exist" in third.stdout
+
+
+# ---------------------------------------------------------------- steering
+
+
+def test_degradation_and_caption_go_into_the_sidecar_exactly(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+
+    run = cli("--input", str(image), "--caption", CAPTION, "--degradation", DEGRADATION)
+
+    assert run.returncode == 0, run.stderr
+    sidecar = read_sidecar(tmp_path / "lq_pure.png")
+    assert sidecar["degradation"] == DEGRADATION
+    assert sidecar["caption"] == CAPTION
+
+
+def test_caption_alone_goes_into_the_sidecar_exactly(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+
+    run = cli("--input", str(image), "--caption", CAPTION)
+
+    assert run.returncode == 0, run.stderr
+    assert read_sidecar(tmp_path / "lq_pure.png")["caption"] == CAPTION
+
+
+def test_caption_spelling_a_special_token_is_refused(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 64)
+
+    run = cli("--input", str(image), "--caption", "A wall <racm3:break> with ivy.")
+
+    assert run.returncode == 2
+    assert len(run.error_lines) == 1 and "special-token" in run.error_lines[0]
+    assert names(tmp_path) == {"lq.png"}
+
+
+# ---------------------------------------------------------------- the full-size run: keep this test last
+
+
+@pytest.mark.slow
+def test_full_size_folder_run(full_size_run, tiny_checkpoint):
+    run = full_size_run
+    returncode = run.process.wait(timeout=SUBPROCESS_TIMEOUT_S)
+    stdout, stderr = run.stdout.read_text(), run.stderr.read_text()
+
+    assert "Traceback" not in stderr
+    assert returncode == 0, stderr
+    assert "restored 3, skipped 0 existing, failed 0" in stdout
+    stems = [p.stem for p in run.inputs]
+    assert names(run.output) == {f"{stem}.{ext}" for stem in stems for ext in ("png", "json")}
+    for src in run.inputs:
+        png = run.output / f"{src.stem}.png"
+        with Image.open(png) as restored:
+            assert restored.size == (512, 512) and restored.mode == "RGB"
+            assert np.asarray(restored).std() > 0  # not a blank image
+        sidecar = read_sidecar(png)
+        assert sidecar["input"] == str(src) and sidecar["output"] == str(png)
+        assert sidecar["degradation"] is None or isinstance(sidecar["degradation"], str)
+        assert isinstance(sidecar["caption"], str)
+        assert sidecar["seed"] == 0
+        settings = sidecar["settings"]
+        assert settings["cfg_scale"] == 0.8 and settings["temperature"] == 0.9
+        assert settings["size"] == 512 and settings["color_fix"] is True and settings["text_top_k"] == 1
+        assert sidecar["model"]["model"] == str(tiny_checkpoint)
+        assert sidecar["model"]["vq"] == str(tiny_checkpoint / "vq")
+        assert sidecar["model"]["dtype"] == "torch.float32"
+        timings = sidecar["timings"]
+        assert timings["batch_size"] == 3 and timings["total_s"] > 0
+        assert {"encode_s", "text_s", "image_s", "decode_s", "forward_passes"} <= set(timings)
+        assert sidecar["notices"] == []  # 128, 256 and 512 px squares are native: no resize notice

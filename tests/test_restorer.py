@@ -1,0 +1,233 @@
+"""Tests for pure.restorer: the Python API on the tiny random checkpoint, in-process, at 32-64 px.
+
+The tiny model restores nothing (its weights are random), so these tests pin the contract, not the quality:
+shapes and ranges of a `RestoreResult`, same seed -> same output, batched equals single, steering text,
+the colour fix, transparency handling, and the errors `from_pretrained` and `restore_batch` raise.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from pure.model import ModelLoadError
+from pure.restorer import PureRestorer, RestoreResult
+from pure.vq import VQConfig, VQModel
+
+DEGRADATION = "Large blur, small noise."
+CAPTION = "A red brick wall."
+
+# The text phase only forces a caption-only prior after a "." in the model's own text and parses the
+# degradation with a regex: a model that writes no well-formed degradation sentence (the random one, or a
+# real one that rambles) gets the caption dropped or glued to its own text.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One thread is several times faster than two for these tiny matmuls on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def astronaut(side: int, height: int | None = None) -> Image.Image:
+    return Image.fromarray(data.astronaut()).resize((side, height or side), Image.BICUBIC)
+
+
+def coffee(side: int, height: int | None = None) -> Image.Image:
+    return Image.fromarray(data.coffee()).resize((side, height or side), Image.BICUBIC)
+
+
+def assert_same_result(a: RestoreResult, b: RestoreResult, pixel_tolerance: int = 0) -> None:
+    assert torch.equal(a.codes, b.codes)
+    assert (a.degradation, a.caption, a.text) == (b.degradation, b.caption, b.text)
+    torch.testing.assert_close(a.entropy, b.entropy)
+    if pixel_tolerance == 0:
+        assert a.image.tobytes() == b.image.tobytes()
+    else:
+        diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
+        assert diff.max() <= pixel_tolerance
+
+
+# ---------------------------------------------------------------- the result
+
+
+@pytest.mark.parametrize("side", [64, 32, 16])
+def test_restore_result_shapes_and_ranges(tiny_restorer, side):
+    result = tiny_restorer.restore(astronaut(side), seed=0, size=64)
+
+    assert isinstance(result, RestoreResult)
+    assert result.image.mode == "RGB" and result.image.size == (64, 64)
+    assert result.lq_upsampled.size == (64, 64)
+    assert result.codes.shape == (8, 8) and result.codes.dtype == torch.int64
+    codebook = tiny_restorer.vq.config.codebook_size
+    assert int(result.codes.min()) >= 0 and int(result.codes.max()) < codebook
+    assert result.entropy.shape == (8, 8)
+    assert torch.isfinite(result.entropy).all()
+    assert float(result.entropy.min()) >= 0.0
+    assert float(result.entropy.max()) <= math.log(codebook) + 1e-3
+    assert result.notices == []  # 64, 32 and 16 px squares are the native x1, x2, x4 cases
+    assert result.seed == 0
+    assert result.settings["cfg_scale"] == 0.8 and result.settings["temperature"] == 0.9
+    assert result.settings["size"] == 64 and result.settings["color_fix"] is True
+    assert isinstance(result.caption, str)
+
+
+def test_non_square_input_is_resized_with_a_notice(tiny_restorer):
+    result = tiny_restorer.restore(astronaut(64, 48), size=32)
+
+    assert result.image.size == (32, 32)
+    assert len(result.notices) == 1
+    assert "64x48" in result.notices[0] and "aspect ratio" in result.notices[0]
+
+
+# ---------------------------------------------------------------- seeds and batches
+
+
+def test_same_seed_same_output_different_seed_different_codes(tiny_restorer):
+    image = astronaut(32)
+    first = tiny_restorer.restore(image, seed=7, size=32)
+    again = tiny_restorer.restore(image, seed=7, size=32)
+    other = tiny_restorer.restore(image, seed=8, size=32)
+
+    assert_same_result(first, again)
+    assert not torch.equal(first.codes, other.codes)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "degradations", "captions"),
+    [
+        ({}, None, None),
+        ({"cfg_scale": 1.0}, None, None),
+        ({"text_top_k": 5}, None, None),
+        # Rows whose text ends at different steps: the early ones wait with masked hole tokens.
+        ({}, [DEGRADATION, None, DEGRADATION], [CAPTION, None, None]),
+    ],
+    ids=["cfg-0.8", "cfg-1.0-unguided", "text-top-k-5", "steered-rows"],
+)
+def test_batched_equals_single(tiny_restorer, overrides, degradations, captions):
+    # Different sizes (native x1 and x2, and a resized non-square one) so the rows differ from the start.
+    images = [astronaut(32), coffee(16), astronaut(40, 24)]
+    seeds = [0, 1, 2]
+    degradations = degradations or [None] * 3
+    captions = captions or [None] * 3
+    overrides = {**overrides, "max_text_tokens": 64}  # the random model never ends its text: keep it short
+
+    batched = tiny_restorer.restore_batch(
+        images, seeds=seeds, degradations=degradations, captions=captions, size=32, **overrides
+    )
+    singles = [
+        tiny_restorer.restore(im, seed=s, degradation=d, caption=c, size=32, **overrides)
+        for im, s, d, c in zip(images, seeds, degradations, captions, strict=True)
+    ]
+
+    assert len(batched) == 3
+    for b, s in zip(batched, singles, strict=True):
+        # The VQ decoder's batched convolutions may round differently: allow one uint8 step of pixels.
+        assert_same_result(b, s, pixel_tolerance=1)
+        assert b.notices == s.notices
+    if degradations[0]:
+        assert (batched[0].degradation, batched[0].caption) == (DEGRADATION, CAPTION)
+    assert batched[0].timings["batch_size"] == 3 and singles[0].timings["batch_size"] == 1
+
+
+# ---------------------------------------------------------------- steering
+
+
+def test_degradation_and_caption_are_forced_exactly(tiny_restorer):
+    result = tiny_restorer.restore(astronaut(32), size=32, degradation=DEGRADATION, caption=CAPTION)
+
+    assert result.degradation == DEGRADATION
+    assert result.caption == CAPTION
+
+
+def test_caption_alone_is_forced_exactly(tiny_restorer):
+    result = tiny_restorer.restore(astronaut(32), size=32, caption=CAPTION)
+
+    assert result.caption == CAPTION
+
+
+def test_steering_text_that_spells_special_tokens_is_refused(tiny_restorer):
+    with pytest.raises(ValueError, match="special-token"):
+        tiny_restorer.restore(astronaut(32), size=32, caption="A wall <racm3:break> with ivy.")
+
+
+# ---------------------------------------------------------------- colour fix and transparency
+
+
+def test_color_fix_changes_pixels_not_codes_and_follows_the_lq_colours(tiny_restorer):
+    image = coffee(64)
+    fixed = tiny_restorer.restore(image, seed=3, size=64, color_fix=True)
+    raw = tiny_restorer.restore(image, seed=3, size=64, color_fix=False)
+
+    assert torch.equal(fixed.codes, raw.codes)
+    assert fixed.image.tobytes() != raw.image.tobytes()
+    assert fixed.lq_upsampled.tobytes() == raw.lq_upsampled.tobytes()
+
+    def mean_rgb(im: Image.Image) -> np.ndarray:
+        return np.asarray(im, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+
+    lq_mean = mean_rgb(fixed.lq_upsampled)
+    fixed_error = np.abs(mean_rgb(fixed.image) - lq_mean).max()
+    raw_error = np.abs(mean_rgb(raw.image) - lq_mean).max()
+    assert fixed_error < raw_error
+    assert fixed_error < 3.0  # the low band is the LQ's: the mean is kept up to clamping and truncation
+
+
+def test_transparent_input_is_blended_on_white(tiny_restorer):
+    clear = Image.new("RGBA", (32, 32), (10, 200, 30, 0))  # any colour, fully transparent
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    from_clear = tiny_restorer.restore(clear, seed=5, size=32)
+    from_white = tiny_restorer.restore(white, seed=5, size=32)
+
+    assert from_clear.lq_upsampled.tobytes() == from_white.lq_upsampled.tobytes()
+    assert torch.equal(from_clear.codes, from_white.codes)
+    assert from_clear.image.tobytes() == from_white.image.tobytes()
+    assert from_white.notices == []
+    assert len(from_clear.notices) == 1
+    assert "RGBA" in from_clear.notices[0] and "white" in from_clear.notices[0]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_from_pretrained_without_vq_folder_says_pass_vq(tiny_checkpoint, tmp_path):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt", ignore=shutil.ignore_patterns("vq"))
+
+    with pytest.raises(ModelLoadError, match="--vq"):
+        PureRestorer.from_pretrained(copy, device="cpu")
+
+
+def test_from_pretrained_with_mismatched_vq_codebook_names_both_sizes(tiny_checkpoint, tmp_path):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt", ignore=shutil.ignore_patterns("vq"))
+    small = VQConfig(
+        codebook_size=32, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
+    )
+    VQModel(small).save_pretrained(copy / "vq")
+
+    with pytest.raises(ValueError, match="64") as excinfo:
+        PureRestorer.from_pretrained(copy, device="cpu")
+    assert "32" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("size", [0, 48, 100, -32])
+def test_restore_batch_refuses_a_size_that_is_not_a_multiple_of_32(tiny_restorer, size):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny_restorer.restore_batch([astronaut(32)], size=size)
+
+
+@pytest.mark.parametrize(
+    "lists",
+    [{"seeds": [0]}, {"captions": [None, None, None]}, {"degradations": [DEGRADATION]}],
+    ids=["seeds", "captions", "degradations"],
+)
+def test_restore_batch_refuses_lists_of_the_wrong_length(tiny_restorer, lists):
+    with pytest.raises(ValueError, match="one entry per image"):
+        tiny_restorer.restore_batch([astronaut(32), coffee(32)], size=32, **lists)
