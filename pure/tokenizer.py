@@ -70,7 +70,7 @@ def build_byte_tokenizer(codebook_size: int, max_grid: int = 32) -> Tokenizer:
         grid_token_name(n) for n in range(max_grid + 1)
     ]
     names += specials
-    names += pre_tokenizers.ByteLevel.alphabet()
+    names += sorted(pre_tokenizers.ByteLevel.alphabet())  # a set: sort for reproducible ids
     names += [image_token_name(c) for c in range(half, codebook_size)]
     vocab = {name: i for i, name in enumerate(names)}
 
