@@ -2,14 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EXTRAS ?= dev,data,train,app
 export HF_HUB_OFFLINE := 1
+# DeepSpeed compiles its CPU ops on first use (~1 min): keep them across runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pure/torch_extensions
 
 .PHONY: test lint format demo clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 test: $(VENV)/.installed
