@@ -1,0 +1,26 @@
+"""Instruction tuning: ``python -m pure.train RECIPE.yaml [--set a.b=v ...] [--resume]``.
+
+Modules, in the order a run uses them:
+
+- :mod:`pure.train.config`: the typed recipe (YAML + ``--set`` overrides, unknown keys rejected).
+- :mod:`pure.train.data`: shard sets mixed by ratio, length-grouped epoch plans, padding collator.
+- :mod:`pure.train.modeling`: residual dropout, activation checkpointing, LoRA and its merge.
+- :mod:`pure.train.loss`: cross-entropy on the supervised positions, LM head evaluated there only.
+- :mod:`pure.train.engine`: DeepSpeed config from the recipe, optimiser, atomic checkpoints.
+- :mod:`pure.train.loop`: :func:`train`, the run from top to bottom.
+- :mod:`pure.train.metrics`: step statistics, MFU, TensorBoard/JSONL/progress bar.
+- :mod:`pure.train.export`: a merged inference folder with a Hugging Face model card.
+
+The shard schema shared with data preparation is :mod:`pure.data.shards`.
+"""
+
+from pure.train.config import ConfigError, Recipe, load_recipe
+
+__all__ = ["ConfigError", "Recipe", "load_recipe", "train"]
+
+
+def train(*args, **kwargs):
+    """See :func:`pure.train.loop.train` (imported on use: it pulls in DeepSpeed)."""
+    from pure.train.loop import train as _train
+
+    return _train(*args, **kwargs)

@@ -1,0 +1,268 @@
+"""Training data: shard sets mixed by ratio, a length-grouped epoch plan, per-rank batches, padding.
+
+The order of examples is a pure function of ``(seed, epoch)`` and the shard sets, so a run resumed at
+step ``s`` reads exactly the batches an uninterrupted run reads from step ``s`` on: the only sampler
+state is the step.
+
+Epoch plan (as PURE's ``FinetuneDistSampler``): each set contributes ``floor(ratio)`` copies of itself
+plus ``int(n * frac(ratio))`` examples drawn without replacement; with length grouping the pool is
+sorted by length, shuffled inside windows of ``length_window`` global batches, cut into global batches,
+and the batches are shuffled; the tail that does not fill a global batch is dropped. Within a global
+batch examples are ordered by length, so each micro-batch pads little. Micro-step ``a`` of rank ``r``
+reads slice ``a * world + r`` of its global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pure.data.shards import ShardError, ShardSet, load_data_config, load_shard_set
+from pure.sequence import IGNORE_INDEX, SequenceFormat
+
+
+class ShardDataset(Dataset):
+    """Every example of several shard sets, indexed globally (set 0 first)."""
+
+    def __init__(self, sets: list[ShardSet]):
+        from datasets import concatenate_datasets
+
+        if not sets:
+            raise ShardError("no shard sets given (data.sets or data.config)")
+        self.sets = sets
+        parts = [load_shard_set(s.path) for s in sets]
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.cumsum([0, *self.sizes])
+        data = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        self.lengths = data.data.column("length").to_numpy().astype(np.int64)  # (N,)
+        self.data = data.with_format("numpy")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.data[list(indices)]  # one Arrow read for the whole micro-batch
+        return [
+            {"input_ids": ids, "prompt_length": int(pl), "id": str(i)}
+            for ids, pl, i in zip(rows["input_ids"], rows["prompt_length"], rows["id"], strict=True)
+        ]
+
+
+def epoch_plan(
+    lengths: np.ndarray,
+    pools: list[np.ndarray],
+    ratios: list[float],
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+    length_window: int = 500,
+) -> np.ndarray:
+    """``(steps, global_batch)`` global example indices of one epoch (see the module docstring).
+
+    ``pools[k]`` are the usable indices of set ``k`` (e.g. those not longer than ``max_length``).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    chosen = []
+    for pool, ratio in zip(pools, ratios, strict=True):
+        whole, frac = int(ratio), ratio - int(ratio)
+        chosen += [pool] * whole
+        chosen.append(rng.choice(pool, int(len(pool) * frac), replace=False))
+    order = rng.permutation(np.concatenate(chosen))
+    if group_by_length:
+        order = order[np.argsort(lengths[order], kind="stable")]  # by length, ties in random order
+        window = length_window * global_batch
+        for start in range(0, len(order), window):
+            rng.shuffle(order[start : start + window])  # in place on the view
+    steps = len(order) // global_batch
+    batches = order[: steps * global_batch].reshape(steps, global_batch)
+    if group_by_length:
+        batches = batches[rng.permutation(steps)]
+    by_length = np.argsort(lengths[batches], axis=1, kind="stable")
+    return np.take_along_axis(batches, by_length, axis=1)
+
+
+class PaddingCollator:
+    """Rows -> right-padded ``input_ids``, ``labels`` and ``image_mask`` ``(B, T)`` plus ``ids``.
+
+    ``labels`` are ``-100`` over prompts and padding; ``image_mask`` marks the answer's image block.
+    """
+
+    def __init__(self, fmt: SequenceFormat):
+        self.fmt = fmt
+        self.pad_id = fmt.vocab.pad
+
+    def __call__(self, rows: list[dict]) -> dict:
+        seqs = [torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64)) for r in rows]
+        length = max(len(s) for s in seqs)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for b, (ids, row) in enumerate(zip(seqs, rows, strict=True)):
+            n = len(ids)
+            input_ids[b, :n] = ids
+            labels[b, :n] = self.fmt.labels_from_prompt_length(ids, row["prompt_length"])
+            image_mask[b, :n] = self.fmt.supervised_parts(ids, row["prompt_length"])[1]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "image_mask": image_mask,
+            "ids": [r["id"] for r in rows],
+            "n_tokens": sum(len(s) for s in seqs),
+        }
+
+
+class StepBatchSampler:
+    """Yields this rank's micro-batches (lists of indices) for steps ``start_step .. total_steps-1``."""
+
+    def __init__(
+        self,
+        plan_fn,
+        steps_per_epoch: int,
+        start_step: int,
+        total_steps: int,
+        rank: int,
+        world: int,
+        micro_batch: int,
+        accumulation: int,
+    ):
+        self.plan_fn = plan_fn
+        self.steps_per_epoch = steps_per_epoch
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world = rank, world
+        self.micro_batch, self.accumulation = micro_batch, accumulation
+
+    def __len__(self) -> int:
+        return max(self.total_steps - self.start_step, 0) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan, plan_epoch = None, -1
+        for step in range(self.start_step, self.total_steps):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != plan_epoch:
+                plan, plan_epoch = self.plan_fn(epoch), epoch
+            batch = plan[index]  # (global_batch,)
+            for a in range(self.accumulation):
+                start = (a * self.world + self.rank) * self.micro_batch
+                yield batch[start : start + self.micro_batch].tolist()
+
+
+@dataclass
+class TrainingData:
+    """The data side of a run: which examples, in which order, for which rank."""
+
+    dataset: ShardDataset
+    pools: list[np.ndarray]
+    ratios: list[float]
+    skipped: int
+    global_batch: int
+    micro_batch: int
+    world: int
+    rank: int
+    seed: int
+    group_by_length: bool
+    length_window: int
+    collator: PaddingCollator
+    num_workers: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        data_cfg,
+        fmt: SequenceFormat,
+        global_batch: int,
+        micro_batch: int,
+        world: int,
+        rank: int,
+        seed: int,
+    ) -> TrainingData:
+        """From the recipe's ``data`` section (:class:`pure.train.config.DataConfig`)."""
+        sets = load_data_config(data_cfg.config) if data_cfg.config else data_cfg.sets
+        dataset = ShardDataset(sets)
+        pools, skipped = [], 0
+        for k in range(len(sets)):
+            idx = np.arange(dataset.offsets[k], dataset.offsets[k + 1])
+            keep = idx[dataset.lengths[idx] <= data_cfg.max_length]
+            skipped += len(idx) - len(keep)
+            if len(keep) == 0:
+                raise ShardError(
+                    f"shard set {sets[k].path}: no example fits data.max_length={data_cfg.max_length}"
+                )
+            pools.append(keep)
+        data = cls(
+            dataset=dataset,
+            pools=pools,
+            ratios=[s.ratio for s in sets],
+            skipped=skipped,
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            world=world,
+            rank=rank,
+            seed=seed,
+            group_by_length=data_cfg.group_by_length,
+            length_window=data_cfg.length_window,
+            collator=PaddingCollator(fmt),
+            num_workers=data_cfg.num_workers,
+        )
+        if data.steps_per_epoch == 0:
+            raise ShardError(
+                f"an epoch has {data.examples_per_epoch} examples, fewer than one global batch "
+                f"of {global_batch}"
+            )
+        return data
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return sum(
+            int(r) * len(p) + int(len(p) * (r - int(r))) for p, r in zip(self.pools, self.ratios, strict=True)
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.examples_per_epoch // self.global_batch
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world)
+
+    def plan(self, epoch: int) -> np.ndarray:
+        return epoch_plan(
+            self.dataset.lengths,
+            self.pools,
+            self.ratios,
+            self.global_batch,
+            self.seed,
+            epoch,
+            self.group_by_length,
+            self.length_window,
+        )
+
+    def loader(self, start_step: int, total_steps: int) -> DataLoader:
+        """Micro-batches of this rank from ``start_step`` on: ``accumulation`` of them per step."""
+        sampler = StepBatchSampler(
+            self.plan,
+            self.steps_per_epoch,
+            start_step,
+            total_steps,
+            self.rank,
+            self.world,
+            self.micro_batch,
+            self.accumulation,
+        )
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
+            # its own generator: making an iterator must not draw from the global RNG (dropout masks)
+            generator=torch.Generator().manual_seed(self.seed),
+        )
