@@ -115,7 +115,8 @@ class SequenceFormat:
         text = torch.tensor([self.vocab.bos, *self.encode_text(instruction + " ")])
         return torch.cat([text, self.image_block(lq_codes), torch.tensor([self.vocab.eot])])
 
-    def answer_text(self, degradation: str | None, caption: str | None) -> str:
+    @staticmethod
+    def answer_text(degradation: str | None, caption: str | None) -> str:
         """The answer's text run as trained: ``"<degradation> <caption> "`` (the image follows)."""
         return " ".join(t.strip() for t in (degradation, caption) if t and t.strip()) + " "
 

@@ -193,7 +193,12 @@ def find_shards(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ShardError(f"shard set {path} does not exist")
-    found = sorted(p.parent for p in path.rglob(_SCHEMA_FILE))
+    # Hidden folders hold writes in progress (or killed): never read them as shards.
+    found = sorted(
+        p.parent
+        for p in path.rglob(_SCHEMA_FILE)
+        if not any(part.startswith(".") for part in p.parent.relative_to(path).parts)
+    )
     if not found:
         raise ShardError(f"no PURE shards under {path} (a shard folder holds {_SCHEMA_FILE})")
     return found
