@@ -5,8 +5,18 @@ forced instead of generated. Rows that finish early wait with masked "hole" toke
 in one KV cache and every row's result is independent of its neighbours.
 
 Image phase: every row then generates the same grid in lock step. Classifier-free guidance runs the
-unconditional rows in the same batched forward: each row is duplicated and its copy sees only the image
-block (``<boi>``, grid tokens, codes so far) with positions restarting at 0, as in PURE's standard path.
+unconditional context in the same batched forward: each row has a twin that sees only the image block
+(``<boi>``, grid tokens, codes so far) with positions restarting at 0, as in PURE's standard path. Two
+cache layouts (``guidance_layout``): ``"rows"`` (default) gives each twin its own cache row, which also
+holds slots for the prompt and text the twin never attends; ``"shared"`` puts the twin's tokens in its
+row's cache, interleaved with the row's image tokens, and separates the two contexts with a 4-D mask:
+no slot is allocated for nothing (2.2 GiB less for the 7B model at 512 px) and the prompt is run once.
+
+The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
+function of tensors with no host synchronisation: the constraint is looked up by body index, the noise
+is counter-based (:func:`pure.sampling.keyed_uniform`), the KV cache is static. ``compile=True`` captures
+it with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA; see :class:`RestorationDecoder`.
+:mod:`pure.jacobi` replaces the image phase with speculative Jacobi decoding.
 """
 
 from __future__ import annotations
@@ -24,9 +34,14 @@ from pure.sampling import (
     TopKLogitsWarper,
     classifier_free_guidance,
     entropy_top_k,
+    noise_keys,
     sample_tokens,
+    sample_tokens_keyed,
 )
 from pure.sequence import SequenceFormat
+
+TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.jacobi uses others)
+CAPACITY_ALIGN = 256  # cache slots are allocated in multiples of this when compiling
 
 
 @dataclass
@@ -39,6 +54,7 @@ class SamplingConfig:
     max_k: int = 2000
     text_top_k: int = 1
     max_text_tokens: int = 256
+    jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
 
     def __post_init__(self) -> None:
         if self.cfg_scale < 0:
@@ -47,6 +63,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1; got {self.max_text_tokens}")
+        if self.jacobi_window != 0 and self.jacobi_window < 2:
+            raise ValueError(
+                f"jacobi_window must be 0 (off) or >= 2 (16 is the default); got {self.jacobi_window}"
+            )
         EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates
         TopKLogitsWarper(self.text_top_k)
 
@@ -63,22 +83,27 @@ class TextPrior:
 class DecodeOutput:
     answer_ids: list[torch.Tensor]  # per row: text, image block, <eot>
     entropy: torch.Tensor  # (B, h, w) nats, per image code
-    forward_passes: int
+    forward_passes: int  # all of them: prompt, text, image
     seconds: dict[str, float] = field(default_factory=dict)
+    image_forward_passes: int = 0  # those of the image block: <boi> <grid h> <grid w>, then the body
 
 
 @dataclass
 class DecodeState:
-    """What the phases share. Cache and mask rows are cond0, twin0, cond1, twin1, ... under guidance."""
+    """What the phases share. Cache and mask rows are cond0, twin0, cond1, twin1, ... under guidance in
+    the "rows" layout; one row per prompt in the "shared" layout (the twin lives in ``owner == 2`` slots)."""
 
-    seq: torch.Tensor  # (B, capacity) ids of the cond rows; `length` columns are in use
-    mask: torch.Tensor  # (R, capacity) attention mask of every cache row
+    seq: torch.Tensor  # (B, capacity) ids of the cond rows; `length` columns are in use until the image
+    mask: torch.Tensor  # (R, capacity) attention mask of every cache row (which slots hold a token)
     cache: object  # a transformers Cache
     next_pos: torch.Tensor  # (R,) position of each row's next token
-    twins: int  # 2 with guidance (each row has an unconditional twin), else 1
-    length: int = 0
+    twins: int  # cache rows per prompt: 2 with guidance in the "rows" layout, else 1
+    length: int = 0  # cache slots in use
     logits: torch.Tensor | None = None  # (R, keep, V) fp32, from the last forward
     passes: int = 0
+    block_start: int = 0  # index of <boi> in `seq`
+    owner: torch.Tensor | None = None  # "shared" layout: (B, capacity) int8, 0 context, 1 row, 2 twin
+    twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
 
 
 class _TextRow:
@@ -116,6 +141,23 @@ class _TextRow:
         return token
 
 
+def make_decoder(
+    model,
+    fmt: SequenceFormat,
+    sampling: SamplingConfig | None = None,
+    compile: bool | str = False,
+    guidance_layout: str = "rows",
+) -> RestorationDecoder:
+    """The decoder ``sampling`` asks for: speculative Jacobi decoding when ``jacobi_window > 0``, else the
+    one-token loop. Both give the same distribution (the same tokens under greedy decoding)."""
+    sampling = sampling or SamplingConfig()
+    if sampling.jacobi_window:
+        from pure.jacobi import JacobiRestorationDecoder  # pure.jacobi builds on this module
+
+        return JacobiRestorationDecoder(model, fmt, sampling, compile, guidance_layout=guidance_layout)
+    return RestorationDecoder(model, fmt, sampling, compile, guidance_layout)
+
+
 class RestorationDecoder:
     """Generates PURE answers (text + image block) for prompts of equal length.
 
@@ -123,17 +165,56 @@ class RestorationDecoder:
         model: a :class:`pure.model.PureForConditionalGeneration` (any causal LM returning fp32 logits).
         fmt: the sequence format of the model's tokenizer.
         sampling: decoding settings.
+        compile: capture the per-token image step. ``True``: ``torch.compile(mode="reduce-overhead")``
+            (CUDA graphs) when the model is on CUDA; elsewhere a no-op (a CPU has no graphs to replay
+            and compiling costs more than a tiny model's decode). A backend name (``"inductor"``,
+            ``"eager"``, ...) compiles with that backend on any device, as one graph (``fullgraph``).
+            The computation is the same (fused kernels may round the last bits differently).
+        guidance_layout: ``"rows"`` (a cache row per twin) or ``"shared"`` (twins inside their row's
+            cache, separated by a 4-D mask: less memory; needs the ``sdpa`` or ``eager`` attention).
+            Same outputs either way.
     """
 
     static_cache = True  # preallocated KV cache; the mask always spans its whole capacity
 
-    def __init__(self, model, fmt: SequenceFormat, sampling: SamplingConfig | None = None):
+    def __init__(
+        self,
+        model,
+        fmt: SequenceFormat,
+        sampling: SamplingConfig | None = None,
+        compile: bool | str = False,
+        guidance_layout: str = "rows",
+    ):
+        if guidance_layout not in ("rows", "shared"):
+            raise ValueError(f"guidance_layout must be 'rows' or 'shared'; got {guidance_layout!r}")
         self.model = model
         self.fmt = fmt
         self.sampling = sampling or SamplingConfig()
+        self.compile = compile
+        self.shared = guidance_layout == "shared" and self.sampling.cfg_scale != 1.0
+        if self.shared:
+            attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+            if attention not in ("sdpa", "eager"):
+                raise ValueError(
+                    f"guidance_layout='shared' passes a 4-D attention mask, which {attention!r} attention "
+                    "does not take: load the model with attn_implementation='sdpa' or use the 'rows' layout"
+                )
+        self._compiled: dict[str, object] = {}
 
     def _make_cache(self, capacity: int):
         return StaticCache(config=self.model.config, max_cache_len=capacity)
+
+    def _compiled_fn(self, name: str, device: torch.device):
+        """The bound method ``name``, compiled as ``self.compile`` asks (see the class docstring)."""
+        fn = getattr(self, name)
+        if not self.compile or (self.compile is True and device.type != "cuda"):
+            return fn
+        if name not in self._compiled:
+            if self.compile is True:
+                self._compiled[name] = torch.compile(fn, mode="reduce-overhead", dynamic=False)
+            else:
+                self._compiled[name] = torch.compile(fn, backend=self.compile, fullgraph=True, dynamic=False)
+        return self._compiled[name]
 
     def _feed(
         self, state: DecodeState, ids: torch.Tensor, live: torch.Tensor | None = None, keep: int = 1
@@ -148,26 +229,96 @@ class RestorationDecoder:
         state.mask[:, state.length : state.length + q] = live[:, None]
         positions = state.next_pos[:, None] + torch.arange(q, device=ids.device)
         state.length += q
-        mask = state.mask if self.static_cache else state.mask[:, : state.length]
+        state.logits = self._forward(ids, positions, self._mask(state), state.cache, keep)
+        state.next_pos += live * q
+        state.passes += 1
+
+    def _mask(self, state: DecodeState) -> torch.Tensor:
+        """The attention mask to pass: the whole capacity with a static cache, else the used columns."""
+        return state.mask if self.static_cache else state.mask[:, : state.length]
+
+    def _forward(self, ids, positions, mask, cache, keep: int) -> torch.Tensor:
+        """The model on ``ids`` (R, q) at ``positions`` (R, q) -> fp32 logits (R, keep, V)."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=state.cache,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
         )
-        state.logits = out.logits.float()
-        state.next_pos += live * q
-        state.passes += 1
+        return out.logits.float()
+
+    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Image-phase logits of a forward (R, k, V) -> guided scores (B, n, V) of its n image tokens.
+
+        "rows": R = 2B rows cond0, twin0, ...; "shared": k = 2n positions cond, twin, cond, twin, ...
+        """
+        if self.sampling.cfg_scale == 1.0:
+            return logits
+        if self.shared:
+            logits = logits.view(logits.shape[0], -1, 2, logits.shape[-1])  # (B, n, cond/twin, V)
+            return classifier_free_guidance(logits[:, :, 0], logits[:, :, 1], self.sampling.cfg_scale)
+        logits = logits.view(-1, 2, *logits.shape[1:])  # (B, cond/twin, n, V)
+        return classifier_free_guidance(logits[:, 0], logits[:, 1], self.sampling.cfg_scale)
 
     def guided_scores(self, state: DecodeState, position: int = -1) -> torch.Tensor:
         """Next-token scores (B, V) of the cond rows, combined with their twins' under guidance."""
-        logits = state.logits[:, position]
-        if state.twins == 1:
-            return logits
-        logits = logits.view(-1, 2, logits.shape[-1])  # (B, cond/twin, V)
-        return classifier_free_guidance(logits[:, 0], logits[:, 1], self.sampling.cfg_scale)
+        return self._guide(state.logits)[:, position]
+
+    def _image_inputs(self, state: DecodeState, tokens: torch.Tensor):
+        """Append image tokens ``(B, q)`` to every row and its twin; advance the state.
+
+        Returns the forward's ``(ids, positions, attention mask)``: ``(R, q)`` ids in the "rows" layout,
+        ``(B, 2q)`` cond/twin-interleaved ids and a ``(B, 1, 2q, capacity)`` mask in the "shared" one.
+        """
+        q, device = tokens.shape[1], tokens.device
+        steps = torch.arange(q, device=device)
+        if not self.shared:
+            positions = state.next_pos[:, None] + steps
+            state.mask[:, state.length : state.length + q] = 1
+            state.length += q
+            state.next_pos += q
+            return tokens.repeat_interleave(state.twins, dim=0), positions, self._mask(state)
+        start, end = state.length, state.length + 2 * q
+        positions = torch.stack([state.next_pos[:, None] + steps, state.twin_pos[:, None] + steps], dim=2)
+        state.mask[:, start:end] = 1
+        state.owner[:, start:end] = torch.tensor([1, 2], dtype=state.owner.dtype, device=device).repeat(q)
+        state.length = end
+        state.next_pos += q
+        state.twin_pos += q
+        return tokens.repeat_interleave(2, dim=1), positions.flatten(1), self._shared_mask(state, 2 * q)
+
+    def _shared_mask(self, state: DecodeState, q: int) -> torch.Tensor:
+        """(B, 1, q, capacity) mask of the last ``q`` slots' queries in the "shared" layout: a row's tokens
+        see the context and the row's image tokens, a twin's tokens only the twin's; both causally."""
+        capacity, device = state.mask.shape[1], state.mask.device
+        filled = state.mask.bool()
+        sees_row = filled & (state.owner <= 1)  # (B, capacity): context and the row's image tokens
+        sees_twin = filled & (state.owner == 2)
+        query_owner = state.owner[:, state.length - q : state.length]  # (B, q)
+        allowed = torch.where((query_owner == 1)[..., None], sees_row[:, None], sees_twin[:, None])
+        query_slot = torch.arange(state.length - q, state.length, device=device)
+        allowed &= torch.arange(capacity, device=device) <= query_slot[:, None]  # (B, q, capacity)
+        if self.model.config._attn_implementation == "eager":  # an additive mask
+            dtype = self.model.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )[:, None]
+        return allowed[:, None]
+
+    def _rollback(self, state: DecodeState, tokens: int) -> None:
+        """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
+        if tokens == 0:
+            return
+        slots = 2 * tokens if self.shared else tokens
+        state.cache.crop(-slots)
+        state.length -= slots
+        state.mask[:, state.length : state.length + slots] = 0
+        state.next_pos -= tokens
+        if self.shared:
+            state.owner[:, state.length : state.length + slots] = 0
+            state.twin_pos -= tokens
 
     @torch.inference_mode()
     def generate(
@@ -187,45 +338,71 @@ class RestorationDecoder:
             priors: per-row forced text (default: none).
             generators: one ``torch.Generator`` per row on the model's device (needed unless greedy).
         """
+        rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(prompts.shape[0])])]
+        return self._decode(prompts, height, width, rows, generators, progress)
+
+    @torch.inference_mode()
+    def generate_image(
+        self,
+        prompts: torch.Tensor,
+        height: int,
+        width: int,
+        generators: list[torch.Generator] | None = None,
+        progress: bool = False,
+    ) -> DecodeOutput:
+        """Only the image block, after prompts that already hold the answer's text (no text phase).
+
+        ``answer_ids`` are then the image block and ``<eot>``. Arguments as :meth:`generate`.
+        """
+        return self._decode(prompts, height, width, None, generators, progress)
+
+    def _decode(self, prompts, height, width, rows, generators, progress) -> DecodeOutput:
         batch = prompts.shape[0]
-        rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(batch)])]
+        if self.sampling.temperature > 0 and (generators is None or len(generators) != batch):
+            raise ValueError(f"sampling (temperature > 0) needs one torch.Generator per row ({batch})")
         constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, height, width)
+        block_len = self.fmt.image_block_length(height, width)
         start = time.perf_counter()
-        state = self._prefill(prompts, rows, self.fmt.image_block_length(height, width))
-        self._text_phase(state, rows, constraint, generators)
+        text_budget = (
+            0 if rows is None else self.sampling.max_text_tokens + max(r.forced_length for r in rows)
+        )
+        state = self._prefill(prompts, text_budget + block_len, block_len)
+        if rows is not None:
+            self._text_phase(state, rows, constraint, generators)
         text_done = time.perf_counter()
+        passes_before_image = state.passes
         self._start_image(state, height, width)
         entropy = torch.zeros((batch, height, width), device=prompts.device)
         with tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False) as bar:
             self._image_phase(state, constraint, generators, entropy, bar)
         image_done = time.perf_counter()
 
-        block_len = self.fmt.image_block_length(height, width)
         eot = torch.tensor([self.fmt.vocab.eot])
+        block = state.seq[:, state.block_start : state.block_start + block_len].cpu()
         answers = [
-            torch.cat(
-                [
-                    torch.tensor(row.tokens, dtype=torch.long),
-                    state.seq[i, state.length - block_len : state.length].cpu(),
-                    eot,
-                ]
-            )
-            for i, row in enumerate(rows)
+            torch.cat([torch.tensor([] if rows is None else rows[i].tokens, dtype=torch.long), block[i], eot])
+            for i in range(batch)
         ]
         seconds = {"text": text_done - start, "image": image_done - text_done}
-        return DecodeOutput(answers, entropy.cpu(), state.passes, seconds)
+        return DecodeOutput(answers, entropy.cpu(), state.passes, seconds, state.passes - passes_before_image)
 
-    def _prefill(self, prompts: torch.Tensor, rows: list[_TextRow], block_len: int) -> DecodeState:
-        """Allocate the sequence, mask and cache for the whole answer and run the prompts.
+    def _prefill(self, prompts: torch.Tensor, answer_budget: int, block_len: int) -> DecodeState:
+        """Allocate the sequence, mask and cache for the prompt and ``answer_budget`` more tokens, and run
+        the prompts.
 
-        With guidance every row has an unconditional twin (rows: cond0, twin0, cond1, ...). The twin mirrors
-        its row through the text phase (a batched duplicate that costs little) and is cut off from the
-        prompt and text when the image starts, so one static cache serves the whole decode.
+        With guidance every row has an unconditional twin. In the "rows" layout (rows: cond0, twin0, cond1,
+        ...) the twin mirrors its row through the text phase (a batched duplicate) and is cut off from the
+        prompt and text when the image starts, so one static cache serves the whole decode. In the
+        "shared" layout the prompt runs once and the twin first appears at the image start.
         """
         batch, prompt_len = prompts.shape
         device, pad = prompts.device, self.fmt.vocab.pad
-        twins = 2 if self.sampling.cfg_scale != 1.0 else 1
-        capacity = prompt_len + self.sampling.max_text_tokens + max(r.forced_length for r in rows) + block_len
+        twins = 2 if self.sampling.cfg_scale != 1.0 and not self.shared else 1
+        capacity = prompt_len + answer_budget + self._extra_capacity()
+        if self.shared:  # the twin's image tokens (and speculative window) sit beside the row's
+            capacity += block_len + self._extra_capacity()
+        if self.compile:  # compiled steps specialise on the cache's shape: share it between nearby lengths
+            capacity = -(-capacity // CAPACITY_ALIGN) * CAPACITY_ALIGN
         state = DecodeState(
             seq=torch.full((batch, capacity), pad, dtype=torch.long, device=device),
             mask=torch.zeros((batch * twins, capacity), dtype=torch.long, device=device),
@@ -233,9 +410,16 @@ class RestorationDecoder:
             next_pos=torch.zeros(batch * twins, dtype=torch.long, device=device),
             twins=twins,
         )
+        if self.shared:
+            state.owner = torch.zeros((batch, capacity), dtype=torch.int8, device=device)
+            state.twin_pos = torch.zeros(batch, dtype=torch.long, device=device)
         state.seq[:, :prompt_len] = prompts
         self._feed(state, prompts.repeat_interleave(twins, dim=0))
         return state
+
+    def _extra_capacity(self) -> int:
+        """Cache slots beyond the answer (a speculative window writes ahead of what it keeps)."""
+        return 0
 
     def _text_phase(self, state, rows, constraint, generators) -> None:
         """Perceive + Understand: text until every row has emitted ``<boi>`` (not yet fed)."""
@@ -276,28 +460,65 @@ class RestorationDecoder:
     def _start_image(self, state: DecodeState, height: int, width: int) -> None:
         """Feed ``<boi> <grid h> <grid w>`` to every row; the twins now see only their image block."""
         head = torch.tensor(self.fmt.grid_tokens(height, width), device=state.seq.device)
+        state.block_start = state.length
         state.seq[:, state.length : state.length + 3] = head
+        if self.shared:  # the twin starts here, at position 0, in slots of its own
+            ids, positions, mask = self._image_inputs(state, head.expand(state.seq.shape[0], -1))
+            state.logits = self._forward(ids, positions, mask, state.cache, ids.shape[1])
+            state.passes += 1
+            return
         if state.twins == 2:
             state.mask[1::2] = 0  # the unconditional twin forgets the prompt and the text ...
             state.next_pos[1::2] = 0  # ... and its image block starts at position 0
         self._feed(state, head.expand(state.mask.shape[0], -1))
 
+    def _select(
+        self,
+        scores: torch.Tensor,
+        constraint: ImageGridConstraintLogitsProcessor,
+        body: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided scores (B, V) at body index ``body`` (0-d) -> (token (B,), entropy (B,)).
+
+        The structural constraint, entropy top-k, temperature and sampling, in that order.
+        """
+        s = self.sampling
+        scores = scores.masked_fill(~constraint.allowed_at(body), float("-inf"))
+        scores, entropy = entropy_top_k(scores, s.min_k, s.max_k)
+        return sample_tokens_keyed(scores, s.temperature, keys, (TOKEN_STREAM, body)), entropy
+
+    def _decode_step(self, ids, positions, mask, cache, constraint, body, keys):
+        """The per-token image step: forward the ids of one image token, guidance, then :meth:`_select`
+        at ``body`` (0-d). Tensors in, tensors out, no host sync: this is what ``compile`` captures.
+        """
+        scores = self._guide(self._forward(ids, positions, mask, cache, ids.shape[1]))[:, -1]
+        return self._select(scores, constraint, body, keys)
+
     def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
         """REstore, a token per forward: guidance, constraint, entropy top-k, temperature, sampling."""
-        s = self.sampling
         height, width = entropy.shape[1:]
         n_body = height * (width + 1)
-        for step in range(n_body + 1):
-            scores = constraint(state.seq[:, : state.length], self.guided_scores(state))
-            scores, step_entropy = entropy_top_k(scores, s.min_k, s.max_k)
-            token = sample_tokens(scores, s.temperature, generators)  # (B,)
-            state.seq[:, state.length] = token
-            row, col = divmod(step, width + 1)
+        device = state.seq.device
+        keys = noise_keys(generators if self.sampling.temperature > 0 else None, entropy.shape[0], device)
+        body = torch.arange(n_body + 1, device=device)
+        step = self._compiled_fn("_decode_step", device)
+        graphs = self.compile is True and device.type == "cuda"
+        token, step_entropy = self._select(self.guided_scores(state), constraint, body[0], keys)
+        base = state.block_start + 3  # body index 0 in `seq`
+        for i in range(n_body + 1):
+            state.seq[:, base + i] = token
+            row, col = divmod(i, width + 1)
             if row < height and col < width:
                 entropy[:, row, col] = step_entropy
             elif col == width:
                 bar.update(1)
-            if step == n_body:  # <eoi>: nothing left to predict
-                state.length += 1
+            if i == n_body:  # <eoi>: nothing left to predict
                 return
-            self._feed(state, token.repeat_interleave(state.twins)[:, None])
+            ids, positions, mask = self._image_inputs(state, token[:, None])
+            if graphs:  # a replay overwrites the previous outputs: tell cudagraph trees a step begins
+                torch.compiler.cudagraph_mark_step_begin()
+            token, step_entropy = step(ids, positions, mask, state.cache, constraint, body[i + 1], keys)
+            if graphs:
+                token, step_entropy = token.clone(), step_entropy.clone()
+            state.passes += 1

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
-from pure.engine import RestorationDecoder, SamplingConfig, TextPrior
+from pure.engine import SamplingConfig, TextPrior, make_decoder
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
@@ -202,7 +202,7 @@ class PureRestorer:
 
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]
-        decoder = RestorationDecoder(self.model, self.format, sampling)
+        decoder = make_decoder(self.model, self.format, sampling)
         h, w = lq_codes.shape[1:]
         out = decoder.generate(prompts, h, w, priors=priors, generators=generators, progress=progress)
 

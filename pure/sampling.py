@@ -95,38 +95,72 @@ class ImageGridConstraintLogitsProcessor(LogitsProcessor):
         self.height, self.width = height, width
         self.grid_h = vocab.grid_token(height // LATENT_PER_GRID)
         self.grid_w = vocab.grid_token(width // LATENT_PER_GRID)
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image-code mask, text-allowed mask, vocabulary ids), built once per device."""
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Built once per device: ``(allowed (kinds, V) bool, forced id (kinds,), kind of each body index
+        from -2 to n_body + 1 (n_body + 4,), text-allowed mask (V,))``.
+
+        Kinds of position: 0 image code, 1 newline, 2 ``<eoi>``, 3 height token, 4 width token.
+        """
         if device not in self._tables:
-            ids = torch.arange(self.vocab.size, device=device)
-            self._tables[device] = (self.vocab.image_mask(device), ~self.vocab.inside_image_mask(device), ids)
+            v, w = self.vocab, self.width
+            n_body = self.height * (w + 1)
+            body = torch.arange(-2, n_body + 2, device=device)
+            kind = torch.zeros_like(body)
+            kind[(body + 1) % (w + 1) == 0] = 1
+            kind[body == n_body] = 2
+            kind[0], kind[1], kind[-1] = 3, 4, 0  # the grid tokens; past <eoi>: codes (see allowed_at)
+            forced = torch.tensor([-1, v.newline, v.eoi, self.grid_h, self.grid_w], device=device)
+            ids = torch.arange(v.size, device=device)
+            allowed = torch.cat([v.image_mask(device)[None], ids[None] == forced[1:, None]])  # (5, V)
+            self._tables[device] = (allowed, forced, kind, ~v.inside_image_mask(device))
         return self._tables[device]
 
-    def forced_tokens(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: ``(in_image (B,) bool, forced (B,) id or -1 where an image code is to be sampled)``."""
-        v, w = self.vocab, self.width
+    def _kind(self, body: torch.Tensor) -> torch.Tensor:
+        # a gather, not kind[body]: indexing with a 0-d tensor would read its value on the host
+        kind = self._device_tables(body.device)[2]
+        index = (body + 2).clamp(0, kind.numel() - 1)
+        return kind.gather(0, index.flatten()).view(body.shape)
+
+    def forced_at(self, body: torch.Tensor) -> torch.Tensor:
+        """The token forced at each body index (any shape, int), ``-1`` where an image code is sampled.
+
+        Body index ``i`` is the ``i``-th token after ``<boi> <grid h> <grid w>``: ``-2`` and ``-1`` are the
+        two grid tokens, ``h * (w + 1)`` is ``<eoi>``. Indices past ``<eoi>`` (a speculative window may
+        run past the end; those positions are discarded) get the image codes.
+        """
+        kind = self._kind(body)
+        return self._device_tables(body.device)[1].gather(0, kind.flatten()).view(kind.shape)
+
+    def allowed_at(self, body: torch.Tensor) -> torch.Tensor:
+        """``(*body.shape, V)`` bool: the ids allowed at each body index (see :meth:`forced_at`).
+
+        The image-phase mechanism of :meth:`__call__`, for decoders that know where they are in the block
+        (:mod:`pure.engine` per token, :mod:`pure.jacobi` for a whole window at once): two table
+        lookups, no scan of the sequence, no host sync.
+        """
+        allowed, kind = self._device_tables(body.device)[0], self._kind(body)
+        return allowed.index_select(0, kind.flatten()).view(*kind.shape, -1)
+
+    def body_index(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, read from the ids: ``(in_image (B,) bool, body index (B,) of the next token)``."""
+        v = self.vocab
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last_boi = torch.where(input_ids == v.boi, positions, -1).amax(dim=1)  # (B,)
         last_eoi = torch.where(input_ids == v.eoi, positions, -1).amax(dim=1)
-        in_image = last_boi > last_eoi
         after = input_ids.shape[1] - 1 - last_boi  # tokens generated since <boi>
-        body = after - 2  # index of the next token inside the rows
-        forced = torch.full_like(after, -1)
-        forced = torch.where((body + 1) % (w + 1) == 0, v.newline, forced)
-        forced = torch.where(body == self.height * (w + 1), v.eoi, forced)
-        forced = torch.where(after == 1, self.grid_w, forced)
-        forced = torch.where(after == 0, self.grid_h, forced)
-        return in_image, forced
+        return last_boi > last_eoi, after - 2
+
+    def forced_tokens(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: ``(in_image (B,) bool, forced (B,) id or -1 where an image code is to be sampled)``."""
+        in_image, body = self.body_index(input_ids)
+        return in_image, self.forced_at(body)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        image_mask, text_mask, vocab_ids = self._device_tables(scores.device)
-        in_image, forced = self.forced_tokens(input_ids)
-        image_allowed = torch.where(
-            (forced >= 0)[:, None], vocab_ids[None] == forced[:, None], image_mask[None]
-        )  # (B, V)
-        allowed = torch.where(in_image[:, None], image_allowed, text_mask[None])
+        text_mask = self._device_tables(scores.device)[3]
+        in_image, body = self.body_index(input_ids.to(scores.device))
+        allowed = torch.where(in_image[:, None], self.allowed_at(body), text_mask[None])  # (B, V)
         return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -147,3 +181,91 @@ def sample_tokens(
         [torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g) for g in generators]
     )  # (B, V), Exp(1)
     return (probs / noise).argmax(dim=-1)
+
+
+# -- counter-based noise ---------------------------------------------------------------------------------
+# The image phase draws its randomness from a hash of (row key, counter, vocabulary index) instead of
+# stepping one torch.Generator per row: a pure function of tensors, so the whole per-token step can be
+# captured in a CUDA graph (a replayed graph cannot advance a list of Python-side generators), a row's
+# noise cannot depend on its neighbours in the batch, and one key per row is drawn from the caller's
+# generator, so the same seed still gives the same output.
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive indices over the 32-bit range
+_FOLD32 = 0x2C1B3C6D  # odd, below 2**30
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (Wellons' hash-prospector ``[16 21f0aaad 15 735a2d97 15]``) on int64
+    tensors holding values below 2**33. Both multipliers are below 2**31, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def noise_keys(
+    generators: list[torch.Generator] | None, batch: int, device: torch.device | str
+) -> torch.Tensor:
+    """``(B, 2)`` int64 keys in ``[0, 2**32)``, one draw from each row's generator (zeros without any).
+
+    Drawing on the generator's own device keeps this free of host syncs on CUDA.
+    """
+    if generators is None:
+        return torch.zeros((batch, 2), dtype=torch.long, device=device)
+    if len(generators) != batch:
+        raise ValueError(f"need one torch.Generator per row: got {len(generators)} for {batch} rows")
+    keys = [torch.randint(0, 2**32, (2,), generator=g, device=g.device) for g in generators]
+    return torch.stack([k.to(device) for k in keys])
+
+
+def keyed_uniform(keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...], n: int) -> torch.Tensor:
+    """Uniform noise in ``(0, 1)``, shape ``(*S, n)``, a pure function of each row's key and counter.
+
+    Args:
+        keys: ``(B, 2)`` from :func:`noise_keys`.
+        counter: ints, or int64 tensors in ``[0, 2**29)`` shaped ``(1 or B, ...)`` or 0-d (a stream id,
+            a step, a window slot ...); they broadcast to ``S = (B, ...)``. Distinct counters give
+            independent noise.
+        n: values per counter (the vocabulary size, or 1).
+    """
+    shapes = [c.shape for c in counter if torch.is_tensor(c)]
+    ndim = max([1] + [len(shape) for shape in shapes])
+    shape = torch.broadcast_shapes((keys.shape[0],) + (1,) * (ndim - 1), *shapes)
+    k0 = keys[:, 0].reshape(-1, *[1] * (ndim - 1))
+    k1 = keys[:, 1].reshape(-1, *[1] * (ndim - 1))
+    h = k0
+    for c in counter:  # an injective fold for counters below 2**29 (an odd multiplier mod 2**32)
+        h = (h * _FOLD32 + c) & _MASK32
+    h = _mix32(h ^ k1).expand(shape)
+    index = (torch.arange(n, device=keys.device) * _GOLDEN32) & _MASK32
+    return _unit_interval(_mix32(h[..., None] + index))  # (*S, n); a 33-bit sum fits the multiplies
+
+
+def _unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """32-bit integers -> float32 strictly inside (0, 1): the top 23 bits, centred. (With 24 bits the
+    largest value would round to 1.0 in float32, and -log(1.0) = -0.0 breaks the exponential race.)"""
+    return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
+def keyed_race(
+    weights: torch.Tensor, keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...]
+) -> torch.Tensor:
+    """A draw from each row of ``weights`` ``(B, ..., V)`` (non-negative, not necessarily normalised).
+
+    The exponential race: ``argmax(weights / E)`` with ``E ~ Exp(1)`` i.i.d. is a sample from
+    ``weights / weights.sum()``. Returns ``(B, ...)`` indices.
+    """
+    noise = -torch.log(keyed_uniform(keys, counter, weights.shape[-1]))  # Exp(1)
+    return (weights / noise).argmax(dim=-1)
+
+
+def sample_tokens_keyed(
+    scores: torch.Tensor, temperature: float, keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...]
+) -> torch.Tensor:
+    """:func:`sample_tokens` with counter-based noise: ``scores`` ``(B, ..., V)`` -> tokens ``(B, ...)``."""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = (scores.float() / temperature).softmax(dim=-1)
+    return keyed_race(probs, keys, counter)

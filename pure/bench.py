@@ -1,0 +1,445 @@
+"""``python -m pure.bench``: image decoding speed, side by side, on a random model. See ``--help``.
+
+Three ways to decode the same image block after the same prompt (instruction, LQ image, answer text):
+
+(a) ``model.generate`` with transformers' own classifier-free guidance (``guidance_scale`` with
+    ``negative_prompt_ids``: :class:`~transformers.UnbatchedClassifierFreeGuidanceLogitsProcessor` runs the
+    unconditional branch as a second, unbatched forward per token, like the original PURE code) plus this
+    project's processors (grid constraint, entropy top-k) and transformers' temperature warper;
+(b) :class:`pure.engine.RestorationDecoder`: guidance rows in the same batched forward, a static cache,
+    no host sync per token;
+(c) the engine with speculative Jacobi decoding (:mod:`pure.jacobi`).
+
+All three sample the same distribution: transformers' guidance mixes log-softmaxed scores, which differ
+from the engine's raw logits by a per-row constant that the softmax removes. The weights are random (no
+download): the figures are about speed and memory, not images. ``--arch 7b`` builds Chameleon-7B's
+architecture with PURE's 73,728-id vocabulary on the meta device and materialises it in bf16 on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, models
+from transformers import ChameleonConfig, LogitsProcessorList
+from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
+
+from pure.engine import RestorationDecoder, SamplingConfig
+from pure.jacobi import DEFAULT_WINDOW, JacobiRestorationDecoder
+from pure.model import PureForConditionalGeneration, default_attn_implementation
+from pure.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
+from pure.sequence import LATENT_PER_GRID, SequenceFormat
+from pure.tokenizer import PureTokenizer
+from pure.vocab import (
+    BOI_NAME,
+    BOS_NAME,
+    EOI_NAME,
+    PAD_NAME,
+    PureVocab,
+    grid_token_name,
+    image_token_name,
+)
+
+VQ_DOWNSAMPLE = 8  # LlamaGen VQ-8: one code per 8x8 px
+PURE_VOCAB = 73_728  # spec 1.5: Chameleon's 65,536 ids + 8,192 more image codes
+PURE_CODEBOOK = 16_384
+INSTRUCTION_TOKENS = 20  # PURE's instruction in Chameleon's BPE, about
+ANSWER_TOKENS = 60  # "Medium blur, small noise. The image features ..." (60-120 in practice)
+MAX_GRID = 32  # grid-size tokens named in the synthetic vocabulary (1024 px)
+
+
+@dataclass
+class Arch:
+    config: ChameleonConfig
+    tokenizer: PureTokenizer
+    dtype: torch.dtype
+
+
+def pure_like_names(vocab_size: int = PURE_VOCAB, codebook: int = PURE_CODEBOOK) -> dict[str, int]:
+    """A ``{name: id}`` map laid out like PURE's vocabulary (spec 1.1, 1.5), without its BPE text.
+
+    ``<s> <pad> </s> <unk>``, codes ``[0, K/2)`` at ids ``4..``, ``<eoss> <racm3:break>``, then
+    ``<reservedNNNNN>`` for id ``NNNNN + 4`` (so end-of-turn, row newline and grid tokens land on
+    PURE's ids), filler text names, and codes ``[K/2, K)`` in the last ``K/2`` ids.
+    """
+    half = codebook // 2
+
+    def reserved_id(name: str) -> int:  # `<reservedNNNNN>` is id NNNNN + 4 in Chameleon's vocabulary
+        return int(name.removeprefix("<reserved").removesuffix(">")) + 4
+
+    names = {BOS_NAME: 0, PAD_NAME: 1, "</s>": 2, "<unk>": 3}
+    names.update({image_token_name(c): 4 + c for c in range(half)})
+    names[EOI_NAME], names[BOI_NAME] = 4 + half, 5 + half
+    last_reserved = reserved_id(grid_token_name(MAX_GRID))
+    names.update({f"<reserved{i - 4:05d}>": i for i in range(names[BOI_NAME] + 1, last_reserved + 1)})
+    names.update({f"text{i}": i for i in range(last_reserved + 1, vocab_size - half)})
+    names.update({image_token_name(c): vocab_size - half + (c - half) for c in range(half, codebook)})
+    return names
+
+
+def build_arch(arch: str) -> Arch:
+    """The model configuration and vocabulary of ``tiny`` (the tests' model) or ``7b``."""
+    if arch == "tiny":
+        from pure.make_random_checkpoint import TINY_VQ, tiny_config
+        from pure.tokenizer import build_byte_tokenizer
+
+        text = build_byte_tokenizer(TINY_VQ.codebook_size)
+        tokenizer = PureTokenizer(text, PureVocab.from_names(text.get_vocab(with_added_tokens=True)))
+        return Arch(tiny_config(tokenizer), tokenizer, torch.float32)
+    names = pure_like_names()
+    vocab = PureVocab.from_names(names, PURE_VOCAB)
+    text = Tokenizer(models.WordLevel(vocab=names, unk_token="<unk>"))  # names only: no text to encode
+    config = ChameleonConfig(
+        vocab_size=PURE_VOCAB,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=11776,
+        bos_token_id=vocab.bos,
+        pad_token_id=vocab.pad,
+        eos_token_id=vocab.eot,
+        vocabulary_map=names,
+        vq_config={
+            "base_channels": 32,
+            "channel_multiplier": [1],
+            "num_res_blocks": 1,
+            "latent_channels": 32,
+        },
+    )
+    return Arch(config, PureTokenizer(text, vocab), torch.bfloat16)
+
+
+def build_model(arch: Arch, device: torch.device, seed: int) -> PureForConditionalGeneration:
+    """Random weights, built on the meta device and materialised on ``device`` (one copy, no download)."""
+    arch.config._attn_implementation = default_attn_implementation(device, arch.dtype)
+    with torch.device("meta"):
+        model = PureForConditionalGeneration(arch.config).to(arch.dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, arch.config.initializer_range, generator=generator)
+    model.model.rotary_emb = ChameleonRotaryEmbedding(arch.config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def synthetic_prompt(fmt: SequenceFormat, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """``<s>`` instruction, random ``h x w`` LQ block, ``<eot>``, answer text (random text ids): 1-D int64."""
+    v = fmt.vocab
+    text_ids = (~v.inside_image_mask() & ~v.image_mask()).nonzero().flatten()
+    text_ids = text_ids[~torch.isin(text_ids, torch.tensor([v.bos, v.pad, v.eot, v.boi]))]
+
+    def text(n: int) -> torch.Tensor:
+        return text_ids[torch.randint(len(text_ids), (n,), generator=gen)]
+
+    lq = torch.randint(v.codebook_size, (h, w), generator=gen)
+    bos, eot = torch.tensor([v.bos]), torch.tensor([v.eot])
+    return torch.cat([bos, text(INSTRUCTION_TOKENS), fmt.image_block(lq), eot, text(ANSWER_TOKENS)])
+
+
+class PassCounter:
+    """Counts the model's forward calls and remembers every KV cache it returned (to size them)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.caches: dict[int, object] = {}
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            self.caches[id(cache)] = cache
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for cache in self.caches.values():
+            for layer in cache.layers:
+                for t in (layer.keys, layer.values):
+                    if isinstance(t, torch.Tensor):
+                        total += t.numel() * t.element_size()
+        return total
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    steps: int  # image tokens per row
+    batch: int
+    passes: int
+    peak_bytes: int | None
+    kv_bytes: int
+    tokens: torch.Tensor  # (B, steps) the image tokens after the grid tokens
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.seconds
+
+
+def run_generate(model, fmt, prompts, h, w, s: SamplingConfig, seed: int) -> tuple[torch.Tensor, None]:
+    """(a): transformers' generate with its unbatched guidance and the project's processors."""
+    v = fmt.vocab
+    head = torch.tensor(fmt.grid_tokens(h, w), device=prompts.device).expand(prompts.shape[0], -1)
+    steps = h * (w + 1) + 1
+    torch.manual_seed(seed)  # generate samples from the global generator
+    sample = s.temperature > 0
+    out = model.generate(
+        torch.cat([prompts, head], dim=1),
+        attention_mask=torch.ones_like(prompts[:, :1]).expand(-1, prompts.shape[1] + 3),
+        logits_processor=LogitsProcessorList(
+            [ImageGridConstraintLogitsProcessor(v, h, w), EntropyTopKLogitsWarper(s.min_k, s.max_k)]
+        ),
+        guidance_scale=s.cfg_scale,
+        negative_prompt_ids=head,  # the unconditional context: the image block alone (spec 4.2)
+        do_sample=sample,
+        # transformers' default top-k 50 would cut the entropy top-k's k
+        **({"temperature": s.temperature, "top_k": 0, "top_p": 1.0} if sample else {}),
+        max_new_tokens=steps,  # <eot> cannot end it early: the constraint forbids it inside the image
+        eos_token_id=v.eot,
+        pad_token_id=v.pad,
+    )
+    return out[:, -steps:], None  # passes: counted by the model's forward hook
+
+
+def measure(name: str, fn, model, device: torch.device, steps: int, batch: int) -> Result:
+    counter = PassCounter(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        tokens, passes = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        counter.close()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    passes = counter.calls if passes is None else passes  # compiled steps bypass module hooks
+    return Result(name, seconds, steps, batch, passes, peak, counter.cache_bytes(), tokens.cpu())
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDOW) -> list[str]:
+    """Analytic memory of the 7B model, bf16, guidance on, at ``size`` px (no GPU needed)."""
+    arch = build_arch("7b")
+    c = arch.config
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in PureForConditionalGeneration(c).parameters())
+    weights = n_params * 2
+    lat = size // VQ_DOWNSAMPLE
+    block = SequenceFormat.image_block_length(lat, lat)
+    prompt = 1 + INSTRUCTION_TOKENS + block + 1
+    text = SamplingConfig().max_text_tokens
+    slot = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    capacity = prompt + text + block  # what RestorationDecoder._prefill allocates per cache row
+    kv = 2 * batch * capacity * slot
+    kv_jacobi = 2 * batch * (capacity + window) * slot
+    wasted = batch * (prompt + text) * slot  # twin rows' slots for a prompt and text they never attend
+    interleaved = batch * (prompt + text + 2 * block) * slot  # the "shared" guidance layout
+    interleaved_jacobi = batch * (prompt + text + 2 * block + 2 * window) * slot
+    logits = 2 * batch * window * c.vocab_size * 4
+    lines = [
+        f"memory estimate: 7B architecture ({n_params / 1e9:.2f} B parameters), bf16, {size}x{size} output, "
+        f"guidance on, batch {batch}",
+        f"  weights                                  {gib(weights)}",
+        f"  KV cache per token slot and row          {slot / 2**20:.2f} MiB "
+        f"({c.num_hidden_layers} layers x K,V x {c.hidden_size} x 2 B)",
+        f"  KV cache as allocated (2 rows x {capacity} slots: prompt {prompt} + text reserve {text} + "
+        f"block {block})  {gib(kv)}   (Jacobi: + {window} slots per row: {gib(kv_jacobi)})",
+        f"  fp32 logits of a Jacobi window           {gib(logits)}",
+        f"  weights + KV cache                       {gib(weights + kv)} = {(weights + kv) / 1e9:.1f} GB",
+        f"  of which the twins' prompt/text slots     {gib(wasted)} (allocated, never attended)",
+        f"  guidance_layout='shared' (twin in its row) {gib(weights + interleaved)} = "
+        f"{(weights + interleaved) / 1e9:.1f} GB (KV {gib(interleaved)}: prompt, text, 2 blocks; "
+        f"Jacobi {gib(interleaved_jacobi)})",
+    ]
+    for name, total in (("rows", weights + kv), ("shared", weights + interleaved)):
+        verdict = "fits" if total / 1e9 <= 22 else "does NOT fit"
+        lines.append(f"  22 GB peak target, '{name}' layout: weights + KV {verdict}")
+    lines.append("  (plus activations: the prompt's prefill and the logits, a few hundred MB)")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pure.bench",
+        description="Decode one image block three ways on a random model and compare speed and memory: "
+        "(a) transformers' generate with its own unbatched guidance, (b) the engine, (c) the engine "
+        "with speculative Jacobi decoding.",
+    )
+    p.add_argument("--arch", choices=["tiny", "7b"], default="tiny", help="tiny (CPU, default) or 7b (GPU)")
+    p.add_argument("--size", type=int, help="output side in px (default 128 tiny, 512 7b)")
+    p.add_argument("--batch-size", type=int, default=1, help="images decoded together (default 1)")
+    p.add_argument("--cfg", type=float, default=0.8, help="guidance scale (default 0.8; 1 = off)")
+    p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy (outputs then compared)")
+    p.add_argument("--jacobi-window", type=int, default=DEFAULT_WINDOW, help="(c)'s window (default 16)")
+    p.add_argument("--steps-limit", type=int, help="generate only the first rows, about this many tokens")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="(b) and (c) with compile=True: CUDA graphs on CUDA, no-op on CPU",
+    )
+    p.add_argument(
+        "--compile-backend", help="(b) and (c) compiled with this torch.compile backend, e.g. inductor on CPU"
+    )
+    p.add_argument(
+        "--guidance-layout",
+        choices=["rows", "shared"],
+        default="rows",
+        help="(b) and (c): a cache row per guidance twin (rows, the engine's default) or twins inside their "
+        "row's cache (shared: no slots for a prompt the twin never sees)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default 1 for tiny: its ops are too small)"
+    )
+    p.add_argument("--device", help="default: cuda for 7b, cpu for tiny")
+    p.add_argument(
+        "--repeats", type=int, help="timed runs per method, the fastest kept (default 3 tiny, 1 7b)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma-separated methods to skip, e.g. 'a'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if args.arch == "7b" else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        for line in memory_estimate(args.size or 512, args.batch_size, args.jacobi_window):
+            print(line)
+        print(f"error: --arch {args.arch} on {device} needs a CUDA GPU; the estimate above needs none")
+        return 2
+    size = args.size or (512 if args.arch == "7b" else 128)
+    grid_px = LATENT_PER_GRID * VQ_DOWNSAMPLE
+    if size <= 0 or size % grid_px:
+        print(f"error: --size must be a positive multiple of {grid_px}; got {size}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.jacobi_window < 2:
+        print("error: --batch-size must be >= 1 and --jacobi-window >= 2", file=sys.stderr)
+        return 2
+
+    if args.threads or (args.arch == "tiny" and device.type == "cpu"):
+        torch.set_num_threads(args.threads or 1)
+    arch = build_arch(args.arch)
+    fmt = SequenceFormat(arch.tokenizer)
+    lat = size // VQ_DOWNSAMPLE
+    h_out = lat
+    if args.steps_limit:  # fewer output rows; the prompt keeps its full LQ image
+        h_out = min(lat, max(LATENT_PER_GRID, math.ceil(args.steps_limit / (lat + 1) / LATENT_PER_GRID) * 4))
+    steps = h_out * (lat + 1) + 1
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = build_model(arch, device, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.stack([synthetic_prompt(fmt, lat, lat, gen) for _ in range(args.batch_size)]).to(device)
+    sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature)
+    compile_flag = args.compile_backend or bool(args.compile)
+
+    def seeds(offset: int = 0) -> list[torch.Generator]:
+        return [torch.Generator(device).manual_seed(args.seed + offset + i) for i in range(args.batch_size)]
+
+    def engine(decoder, h):
+        def run():
+            out = decoder.generate_image(prompts, h, lat, generators=seeds())
+            tokens = torch.stack([a[3:-1] for a in out.answer_ids])  # drop <boi> <grid> <grid>, <eot>
+            return tokens, out.forward_passes
+
+        return run
+
+    layout = args.guidance_layout
+    engine_b = RestorationDecoder(model, fmt, sampling, compile_flag, layout)
+    engine_c = JacobiRestorationDecoder(model, fmt, sampling, compile_flag, args.jacobi_window, layout)
+    methods = {
+        "a": (
+            "(a) transformers generate",
+            lambda h: lambda: run_generate(model, fmt, prompts, h, lat, sampling, 0),
+        ),
+        "b": ("(b) engine", lambda h: engine(engine_b, h)),
+        "c": (f"(c) engine + Jacobi {args.jacobi_window}", lambda h: engine(engine_c, h)),
+    }
+    skip = {m.strip() for m in args.skip.split(",") if m.strip()}
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = str(arch.dtype).removeprefix("torch.")
+    print(
+        f"arch {args.arch} ({n_params / 1e6:.1f} M parameters, {dtype}, "
+        f"{arch.config._attn_implementation} attention) on {device}; "
+        f"prompt {prompts.shape[1]} tokens, output {size}x{size} px = {lat}x{lat} codes"
+        + (f" (first {h_out} rows)" if h_out < lat else "")
+        + f", {steps} image tokens per row; batch {args.batch_size}, guidance {args.cfg}, "
+        f"temperature {args.temperature}, torch threads {torch.get_num_threads()}, "
+        f"compile {compile_flag if device.type == 'cuda' or isinstance(compile_flag, str) else False}, "
+        f"guidance layout {layout}"
+    )
+    results = []
+    with torch.inference_mode():
+        for key, (name, make) in methods.items():
+            if key in skip:
+                continue
+            # warm-up: allocations, lazy initialisations; compiled steps specialise on the cache's
+            # shape, so they warm up on the measured size (graphs captured before timing)
+            make(h_out if compile_flag and key != "a" else LATENT_PER_GRID)()
+            runs = [
+                measure(name, make(h_out), model, device, steps, args.batch_size)
+                for _ in range(args.repeats or (3 if args.arch == "tiny" else 1))
+            ]
+            results.append(min(runs, key=lambda r: r.seconds))
+
+    print()
+    header = (
+        f"{'method':<28} {'steps/s':>9} {'tokens/s':>9} {'passes':>7} {'s/image':>9} "
+        f"{'peak mem':>12} {'KV cache':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        peak = gib(r.peak_bytes) if r.peak_bytes is not None else "n/a (CPU)"
+        print(
+            f"{r.name:<28} {r.steps_per_s:>9.1f} {r.steps_per_s * r.batch:>9.1f} {r.passes:>7d} "
+            f"{r.seconds / r.batch:>9.2f} {peak:>12} {r.kv_bytes / 2**20:>7.1f} MiB"
+        )
+    base = next((r for r in results if r.name.startswith("(a)")), None)
+    if base is not None:
+        for r in results:
+            if r is not base:
+                print(f"{r.name.split()[0]}/(a) steps per second: {r.steps_per_s / base.steps_per_s:.2f}x")
+    for r in results:
+        if r.name.startswith("(c)"):
+            print(
+                f"(c) forward passes per image block: {r.passes} for {steps} tokens "
+                f"({steps / r.passes:.2f} per pass)"
+            )
+    if args.temperature == 0 and len(results) > 1:
+        same = all(torch.equal(results[0].tokens, r.tokens) for r in results[1:])
+        print(f"greedy: identical image tokens across methods: {same}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    if device.type == "cpu":
+        print(
+            f"process peak RSS grew by {rss / 1024:.0f} MiB over the run "
+            "(all methods together: the CPU allocator keeps no per-method peak)"
+        )
+    print()
+    for line in memory_estimate(512, args.batch_size, args.jacobi_window):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

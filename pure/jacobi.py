@@ -1,0 +1,238 @@
+"""Speculative Jacobi decoding (SJD) of the image block: several tokens per forward, same distribution.
+
+Each iteration feeds a window of ``W`` tokens to every row: the last committed token and ``W - 1``
+proposals for the next body positions. One forward gives the target distribution at every window
+position; drafts are verified left to right by speculative sampling and the first rejected one is
+replaced by a sample from the residual distribution, so every token keeps exactly the law of the
+one-token loop (:class:`pure.engine.RestorationDecoder`). What differs from PURE's original SJD path
+(spec 4.5, 8.1):
+
+* the window is anchored at the output image (it starts after ``<boi> <grid h> <grid w>`` and ends at
+  ``<eoi>``), not at an offset from the prompt;
+* drafts and targets range over the full image-code vocabulary (all the tokenizer's image ids);
+* the structural constraint is applied per window position from its body index (the same
+  :meth:`ImageGridConstraintLogitsProcessor.allowed_at` as the one-token step; forced newline and
+  ``<eoi>`` positions get the forced token as their draft and are always accepted);
+* entropy top-k is computed per position, not from the window's mean entropy: the target at each
+  position is the one-token loop's distribution, which is what makes the scheme lossless;
+* guidance uses the one-token loop's definition, in the same batched forward (twins get the same window
+  tokens at their own positions);
+* the KV cache is rolled back with the cache's ``crop``.
+
+Acceptance: a draft ``x`` proposed with distribution ``q`` is accepted with probability
+``min(1, p(x) / q(x))`` where ``p`` is the fully processed target (guidance, constraint, entropy top-k,
+temperature). Fresh drafts are uniform random image codes, treated as given tokens (``q`` one-hot, so
+``x`` is accepted with probability ``p(x)``); drafts recycled from the previous iteration's predictions
+carry the distribution they were sampled from. On rejection the token is drawn from
+``normalize(max(0, p - q))``; when every draft is accepted a bonus token is drawn from the last position.
+Under greedy decoding (temperature 0) a draft is accepted iff it is the argmax, and the output equals
+the one-token loop's exactly.
+
+Batches: rows accept different numbers of drafts. Every row advances by the smallest number of tokens
+decided in any row (at least one), so the cache keeps one length; a row that decided more keeps its
+extra tokens as fixed (already decided) proposals that the next window feeds and accepts as they are.
+Each row's tokens keep their law, and under greedy decoding a batched row equals the same row decoded
+alone; under sampling a row's random stream depends on how far its neighbours got, so batched and single
+runs are different (equally distributed) samples.
+
+Cost: one host sync per iteration (how many tokens were committed, to crop the cache), none per token
+(in eager mode transformers' sdpa mask builder also reads the mask of a multi-token query on the host;
+compiled, it does not). The window step itself has fixed shapes (the last windows are padded past
+``<eoi>``), so ``compile`` can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+
+from pure.engine import RestorationDecoder, SamplingConfig
+from pure.sampling import (
+    ImageGridConstraintLogitsProcessor,
+    entropy_top_k,
+    keyed_uniform,
+    noise_keys,
+)
+from pure.sequence import SequenceFormat
+
+DEFAULT_WINDOW = 16
+# Counter-based noise streams (pure.engine.TOKEN_STREAM is 0).
+DRAFT_STREAM, ACCEPT_STREAM, SAMPLE_STREAM = 1, 2, 3
+
+
+class RollbackStaticCache(StaticCache):
+    """transformers' :class:`StaticCache` that can drop its newest tokens: ``crop(-n)``.
+
+    A static layer writes at its ``cumulative_length``; rolling back moves that counter back. The stale
+    keys and values behind it are masked out by the decoder and overwritten by the next write: nothing
+    is reallocated or copied, so the cache keeps its addresses (capturable) and its memory.
+    """
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens (a negative count, as ``DynamicCache.crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove; got {tokens_to_remove}")
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.sub_(-tokens_to_remove)
+
+
+class JacobiRestorationDecoder(RestorationDecoder):
+    """:class:`RestorationDecoder` whose image phase is speculative Jacobi decoding (module docstring).
+
+    Args:
+        model, fmt, sampling, compile, guidance_layout: as :class:`RestorationDecoder` (``compile``
+            applies to the window step, whose shapes are fixed: the last windows are padded).
+        window: tokens fed per forward, >= 2 (default ``sampling.jacobi_window``, else 16).
+    """
+
+    def __init__(
+        self,
+        model,
+        fmt: SequenceFormat,
+        sampling: SamplingConfig | None = None,
+        compile: bool | str = False,
+        window: int | None = None,
+        guidance_layout: str = "rows",
+    ):
+        super().__init__(model, fmt, sampling, compile, guidance_layout)
+        self.window = window or self.sampling.jacobi_window or DEFAULT_WINDOW
+        if self.window < 2:
+            raise ValueError(f"the Jacobi window must be >= 2 tokens; got {self.window}")
+
+    def _make_cache(self, capacity: int):
+        return RollbackStaticCache(config=self.model.config, max_cache_len=capacity)
+
+    def _extra_capacity(self) -> int:
+        return self.window  # the padded last windows write past <eoi> before being cropped
+
+    def _window_step(self, ids, positions, mask, cache, constraint, body, keys, iteration, drafts, q, fixed):
+        """Forward a window and verify its drafts. No host sync; fixed shapes (what ``compile`` captures).
+
+        Args:
+            ids, positions, mask: from :meth:`_image_inputs` for the last committed token and the
+                ``W - 1`` drafts. body: ``(W,)`` body index predicted at each window position.
+            keys: ``(B, 2)`` noise keys. iteration: 0-d int64, the noise counter of this iteration.
+            drafts: ``(B, W-1)`` ids. q: ``(B, W-1, V)`` their draft distributions (``None`` when greedy).
+            fixed: ``(B, W-1)`` drafts accepted without test (already decided, or forced by the grammar).
+
+        Returns:
+            ``tokens (B, W)``: position ``i < accepted`` holds the accepted draft, ``accepted`` the
+            corrected or bonus token, later positions a prediction sampled from a wrong prefix;
+            ``accepted (B,)``; ``probs (B, W, V)`` the targets (``None`` when greedy); ``entropy (B, W)``.
+        """
+        s = self.sampling
+        batch, width = drafts.shape[0], drafts.shape[1] + 1
+        logits = self._forward(ids, positions, mask, cache, ids.shape[1])  # (R, W, V) or (B, 2W, V)
+        scores = self._guide(logits).masked_fill(~constraint.allowed_at(body), float("-inf"))  # (B, W, V)
+        scores, entropy = entropy_top_k(scores.flatten(0, 1), s.min_k, s.max_k)  # per position
+        scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
+        slots = torch.arange(width, device=ids.device)
+        if s.temperature == 0:
+            probs = None
+            best = scores.argmax(dim=-1)  # (B, W)
+            ok = fixed | (drafts == best[:, :-1])
+            predicted = corrected = best
+        else:
+            probs = (scores / s.temperature).softmax(dim=-1)  # (B, W, V)
+            p_x = probs[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, W-1)
+            q_x = q.gather(-1, drafts[..., None])[..., 0]
+            coin = keyed_uniform(keys, (ACCEPT_STREAM, iteration, slots[None, :-1]), 1)[..., 0]
+            ok = fixed | (coin * q_x < p_x)  # probability min(1, p(x) / q(x))
+            residual = (probs[:, :-1] - q).clamp_min(0.0)  # (B, W-1, V)
+            # p == q leaves nothing (and cannot reject, up to rounding): fall back to p
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])
+            # A slot keeps at most one of its corrected and predicted tokens: they can share the noise.
+            noise = -torch.log(keyed_uniform(keys, (SAMPLE_STREAM, iteration, slots[None]), probs.shape[-1]))
+            predicted = (probs / noise).argmax(dim=-1)  # (B, W) exponential races
+            corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (B, W-1)
+            corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
+        accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) leading accepted drafts
+        at = slots[None]
+        drafts_w = torch.cat([drafts, drafts[:, -1:]], dim=1)  # (B, W); the pad column is never chosen
+        tokens = torch.where(
+            at < accepted[:, None],
+            drafts_w,
+            torch.where(at == accepted[:, None], corrected, predicted),
+        )
+        return tokens, accepted, probs, entropy
+
+    def _image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
+        """REstore, up to ``window`` tokens per forward (module docstring)."""
+        s, vocab = self.sampling, self.fmt.vocab
+        batch, height, width = entropy.shape
+        total = height * (width + 1) + 1  # body tokens, <eoi> included
+        w_len, device = self.window, state.seq.device
+        greedy = s.temperature == 0
+        keys = noise_keys(None if greedy else generators, batch, device)
+        code_ids = vocab.code_to_id.to(device)
+        body_ids = torch.arange(total + w_len, device=device)
+        step = self._compiled_fn("_window_step", device)
+
+        tokens = torch.empty((batch, total), dtype=torch.long, device=device)
+        entropies = torch.zeros((batch, total), device=device)
+        # The first token comes from the <boi> <grid h> <grid w> forward, exactly as in the one-token loop.
+        first, first_entropy = self._select(self.guided_scores(state), constraint, body_ids[0], keys)
+        tokens[:, 0], entropies[:, 0] = first, first_entropy
+        last, done, iteration = first, 1, 0
+        counter = torch.zeros((), dtype=torch.long, device=device)  # iteration, on the device
+        vocab_size = state.logits.shape[-1]
+        # Proposals for body indices done, done + 1, ...: ids, draft distributions, fixed flags.
+        proposed = torch.empty((batch, 0), dtype=torch.long, device=device)
+        proposed_q = None if greedy else torch.empty((batch, 0, vocab_size), device=device)
+        proposed_fixed = torch.empty((batch, 0), dtype=torch.bool, device=device)
+        rows_done = 0
+        while done < total:
+            n_drafts = w_len - 1
+            missing = n_drafts - proposed.shape[1]
+            if missing > 0:  # fresh drafts: uniform random image codes, taken as given (q one-hot)
+                u = keyed_uniform(
+                    keys, (DRAFT_STREAM, iteration, torch.arange(missing, device=device)[None]), 1
+                )
+                fresh = code_ids[(u[..., 0] * code_ids.numel()).long().clamp_max(code_ids.numel() - 1)]
+                proposed = torch.cat([proposed, fresh], dim=1)
+                proposed_fixed = torch.cat([proposed_fixed, torch.zeros_like(fresh, dtype=torch.bool)], dim=1)
+                if not greedy:
+                    one_hot = torch.nn.functional.one_hot(fresh, vocab_size).float()
+                    proposed_q = torch.cat([proposed_q, one_hot], dim=1)
+            body = body_ids[done - 1 : done - 1 + w_len] + 1  # body index predicted at each position
+            forced = constraint.forced_at(body[:-1])  # (W-1,) the grammar's newlines and <eoi>
+            drafts = torch.where(forced >= 0, forced, proposed)
+            fixed = proposed_fixed | (forced >= 0)
+
+            ids, positions, mask = self._image_inputs(state, torch.cat([last[:, None], drafts], dim=1))
+            state.passes += 1
+            out, accepted, probs, step_entropy = step(
+                ids,
+                positions,
+                mask,
+                state.cache,
+                constraint,
+                body,
+                keys,
+                counter,
+                drafts,
+                proposed_q,
+                fixed,
+            )
+            decided = accepted + 1  # (B,) accepted drafts and the corrected/bonus token
+            commit = min(int(decided.min()), total - done)  # the one host sync of the iteration
+            tokens[:, done : done + commit] = out[:, :commit]
+            entropies[:, done : done + commit] = step_entropy[:, :commit]
+            self._rollback(state, w_len - commit)  # keep the last committed token and those before it
+
+            proposed = out[:, commit:]
+            proposed_fixed = torch.arange(commit, w_len, device=device)[None] < decided[:, None]
+            if not greedy:
+                proposed_q = probs[:, commit:]
+            last = out[:, commit - 1]
+            done += commit
+            iteration += 1
+            counter += 1
+            rows_now = min(done // (width + 1), height)
+            bar.update(rows_now - rows_done)
+            rows_done = rows_now
+
+        state.seq[:, state.block_start + 3 : state.block_start + 3 + total] = tokens
+        codes = entropies[:, : total - 1].view(batch, height, width + 1)[:, :, :width]
+        entropy.copy_(codes)

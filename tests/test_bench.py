@@ -1,0 +1,77 @@
+"""``python -m pure.bench``: runs on a CPU with the tiny model, prints every column and ratio."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pure.bench import build_arch, memory_estimate, pure_like_names
+
+
+def run_bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pure.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_bench_runs_on_cpu_and_prints_the_table():
+    done = run_bench("--size", "64", "--temperature", "0", "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    for column in ("steps/s", "tokens/s", "passes", "s/image", "peak mem", "KV cache"):
+        assert column in out
+    lines = {
+        line.split()[0] + " " + line.split()[1]: line for line in out.splitlines() if line.startswith("(")
+    }
+    assert {"(a) transformers", "(b) engine", "(c) engine"} <= set(lines)
+    assert "(b)/(a) steps per second:" in out and "(c)/(a) steps per second:" in out
+    assert "n/a (CPU)" in lines["(b) engine"]
+    # 64 px: 8 x 8 codes, 8 x 9 + 1 = 73 image tokens; the engine: prefill, <boi> grid, 72 steps
+    assert lines["(b) engine"].split()[4] == "74"
+    assert lines["(a) transformers"].split()[5] == "146"  # two forwards per token
+    assert "greedy: identical image tokens across methods: True" in out
+    assert "memory estimate: 7B architecture" in out and "22 GB peak target" in out
+
+
+def test_bench_refuses_7b_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the 7b run is the gpu-marked test")
+    done = run_bench("--arch", "7b")
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stdout and "weights" in done.stdout
+
+
+def test_synthetic_vocabulary_has_pure_ids():
+    names = pure_like_names()
+    arch = build_arch("7b")
+    v = arch.tokenizer.vocab
+    assert len(names) == v.size == 73_728 and v.codebook_size == 16_384
+    assert (v.bos, v.pad, v.eoi, v.boi, v.eot, v.newline) == (0, 1, 8196, 8197, 8710, 8803)
+    assert v.grid_token(16) == 8820  # spec 1.4: a 512 px image has 16 grid cells a side
+    assert v.code_to_id[0] == 4 and v.code_to_id[8191] == 8195
+    assert v.code_to_id[8192] == 65_536 and v.code_to_id[16_383] == 73_727
+
+
+def test_memory_estimate_of_7b_at_512():
+    lines = "\n".join(memory_estimate(512))
+    assert "7.08 B parameters" in lines
+    assert "weights                                  13.19 GiB" in lines
+    assert "0.50 MiB" in lines  # per token slot and row: 32 layers x K,V x 4096 x 2 bytes
+    assert "block 4164" in lines  # spec 1.4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_7b_on_gpu():
+    done = run_bench("--arch", "7b", "--steps-limit", "260", "--skip", "a", timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(b) engine" in done.stdout and "GiB" in done.stdout
