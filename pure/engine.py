@@ -106,6 +106,11 @@ class DecodeState:
     twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
 
 
+# "Medium blur, small noise." is about 8 tokens; with a user caption, the model's own degradation sentence
+# is cut here if it has not ended by then, so the caption is always used.
+DEGRADATION_TOKEN_BUDGET = 32
+
+
 class _TextRow:
     """Host-side state of one row during the text phase."""
 
@@ -128,6 +133,10 @@ class _TextRow:
         return len(self.pending) + len(self.caption_after_sentence)
 
     def choose(self, proposed: int, max_tokens: int) -> int:
+        boi = self.fmt.vocab.boi
+        if self.caption_after_sentence and (proposed == boi or len(self.tokens) >= DEGRADATION_TOKEN_BUDGET):
+            # the model ended (or never finished) its degradation sentence: the user's caption goes in now
+            self.pending, self.caption_after_sentence = self.caption_after_sentence, []
         if self.pending:
             token = self.pending.pop(0)
         else:  # a runaway caption hands over to the image anyway

@@ -172,6 +172,8 @@ def sample_tokens(
     Each row draws its noise from its own generator (an exponential race, equivalent to a multinomial
     draw), so a row's tokens do not depend on which other rows share the batch.
     """
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
     if temperature == 0:
         return scores.argmax(dim=-1)
     if generators is None or len(generators) != scores.shape[0]:
@@ -265,6 +267,8 @@ def sample_tokens_keyed(
     scores: torch.Tensor, temperature: float, keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...]
 ) -> torch.Tensor:
     """:func:`sample_tokens` with counter-based noise: ``scores`` ``(B, ..., V)`` -> tokens ``(B, ...)``."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
     if temperature == 0:
         return scores.argmax(dim=-1)
     probs = (scores.float() / temperature).softmax(dim=-1)

@@ -136,3 +136,19 @@ def test_entropy_map_matches_codes_grid(tiny_restorer, tiny_format, prompt):
 def test_sampling_config_validation(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "text, boi_after_text",
+    [("x" * 60, False), ("Medium blur", True)],
+    ids=["never-ends-its-sentence", "starts-the-image-early"],
+)
+def test_caption_alone_is_always_fed_to_the_model(tiny_restorer, tiny_format, prompt, text, boi_after_text):
+    model = ScriptedModel(tiny_restorer.model.config, tiny_format, text, boi_after_text=boi_after_text)
+    decoder = RestorationDecoder(model, tiny_format, SamplingConfig(temperature=0.0, cfg_scale=1.0))
+    out = decoder.generate(prompt, H, W, priors=[TextPrior(caption="A red brick wall.")])
+    parsed = tiny_format.parse_answer(out.answer_ids[0], strict=True)
+    assert parsed.text.endswith(" A red brick wall.")
+    caption_ids = tiny_format.encode_text(" A red brick wall. ")
+    boi = out.answer_ids[0].tolist().index(tiny_format.vocab.boi)
+    assert out.answer_ids[0][boi - len(caption_ids) : boi].tolist() == caption_ids

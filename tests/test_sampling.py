@@ -429,3 +429,10 @@ def test_sampling_needs_one_generator_per_row():
         sample_tokens(scores, 0.9, None)
     with pytest.raises(ValueError, match="Generator"):
         sample_tokens(scores, 0.9, [torch.Generator()])
+
+
+@pytest.mark.parametrize("temperature", [-0.9, float("nan")])
+def test_sample_tokens_rejects_negative_or_nan_temperature(temperature):
+    scores = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_tokens(scores, temperature, [torch.Generator().manual_seed(0)])
