@@ -38,7 +38,7 @@ from pure.sampling import (
     sample_tokens,
     sample_tokens_keyed,
 )
-from pure.sequence import SequenceFormat
+from pure.sequence import LATENT_PER_GRID, SequenceFormat
 
 TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.jacobi uses others)
 CAPACITY_ALIGN = 256  # cache slots are allocated in multiples of this when compiling
@@ -364,6 +364,22 @@ class RestorationDecoder:
         ``answer_ids`` are then the image block and ``<eot>``. Arguments as :meth:`generate`.
         """
         return self._decode(prompts, height, width, None, generators, progress)
+
+    @torch.inference_mode()
+    def describe(
+        self,
+        prompts: torch.Tensor,
+        priors: list[TextPrior] | None = None,
+        generators: list[torch.Generator] | None = None,
+    ) -> list[list[int]]:
+        """Only Perceive and Understand: each row's answer text ids (up to its ``<boi>``), no image."""
+        rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(prompts.shape[0])])]
+        # Only the constraint's text-phase mask is used here, so any grid will do.
+        constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, LATENT_PER_GRID, LATENT_PER_GRID)
+        budget = self.sampling.max_text_tokens + max(r.forced_length for r in rows)
+        state = self._prefill(prompts, budget, 0)
+        self._text_phase(state, rows, constraint, generators)
+        return [row.tokens for row in rows]
 
     def _decode(self, prompts, height, width, rows, generators, progress) -> DecodeOutput:
         batch = prompts.shape[0]

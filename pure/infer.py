@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import pure
+from pure import viz
 from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
 
@@ -82,7 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative Jacobi decoding of the image, N tokens per forward (N default 16): fewer "
         "forward passes, same output distribution (same image when greedy)",
     )
+    pictures = p.add_argument_group("pictures (written beside each output)")
+    pictures.add_argument(
+        "--compare",
+        action="store_true",
+        help="<output>_compare.png: bicubic input | restored, with a zoomed crop",
+    )
+    pictures.add_argument(
+        "--entropy-map",
+        action="store_true",
+        help="<output>_entropy.png: the entropy of every image token (what sets its top-k) as a heat map",
+    )
     steer = p.add_argument_group("steering (use your text instead of the model's)")
+    steer.add_argument(
+        "--describe-only",
+        action="store_true",
+        help="only Perceive and Understand: print each image's degradation estimate and caption, no image",
+    )
     steer.add_argument("--caption", help='the image description, e.g. "A lion standing in tall grass."')
     steer.add_argument("--degradation", help='the degradation estimate, e.g. "Large blur, small noise."')
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -118,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pure.engine import SamplingConfig
-    from pure.restorer import GRID_PX, PureRestorer
+    from pure.restorer import GRID_PX
 
     checks = (
         ("--cfg", args.cfg, 0),
@@ -145,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     except ImageLoadError as err:
         raise CliError(err) from None
     single = len(inputs) == 1 and Path(args.input).is_file()
+    if args.describe_only:
+        return describe(args, inputs, sampling)
     jobs = plan_outputs(inputs, args.output, single)
     todo = [(src, dst) for src, dst in jobs if args.overwrite or not dst.exists()]
     skipped = len(jobs) - len(todo)
@@ -159,18 +179,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             raise CliError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    try:
-        restorer = PureRestorer.from_pretrained(
-            args.model,
-            vq=args.vq,
-            tokenizer=args.tokenizer,
-            device=args.device,
-            dtype=DTYPES.get(args.dtype),
-        )
-    except (ModelLoadError, FileNotFoundError, ValueError) as err:
-        raise CliError(err) from None
+    restorer = load_restorer(args)
 
     failed: list[str] = []
     done = 0
@@ -208,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
                 save_json(
                     sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True
                 )
+                for path, picture in pictures(args, dst, result):
+                    save_image(picture, path, overwrite=True)
             except OSError as err:  # full disk, permissions, a file appearing meanwhile ...
                 failed.append(f"{src}: {err}")
                 print(f"error: {dst}: cannot write: {err.strerror or err}", file=sys.stderr)
@@ -224,6 +235,48 @@ def run(args: argparse.Namespace) -> int:
     if len(jobs) > 1 or failed:
         print(f"restored {done}, skipped {skipped} existing, failed {len(failed)}")
     return 1 if failed else 0
+
+
+def load_restorer(args: argparse.Namespace):
+    from pure.restorer import PureRestorer
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return PureRestorer.from_pretrained(
+            args.model, vq=args.vq, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES.get(args.dtype)
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as err:
+        raise CliError(err) from None
+
+
+def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
+    """``--describe-only``: one line per image, ``file: degradation | caption``; nothing is written."""
+    restorer = load_restorer(args)
+    failed = 0
+    for src in inputs:
+        try:
+            image = load_image(src)
+        except ImageLoadError as err:
+            print(f"error: {src}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        ((degradation, caption),) = restorer.describe([image], sampling, seeds=[args.seed], size=args.size)
+        caption = " ".join(caption.split())  # one line per image, whatever the model wrote
+        print(f"{src.name}: {degradation or '(no degradation sentence)'} | {caption}")
+    return 1 if failed else 0
+
+
+def pictures(args: argparse.Namespace, dst: Path, result) -> list[tuple[Path, Image.Image]]:
+    """The optional pictures of one restoration, with their paths."""
+    out = []
+    if args.compare:
+        panels = [("input (bicubic)", result.lq_upsampled), ("restored", result.image)]
+        out.append((dst.with_name(dst.stem + "_compare.png"), viz.comparison(panels, focus=result.entropy)))
+    if args.entropy_map:
+        heat = viz.entropy_map(result.entropy, size=result.image.size)
+        out.append((dst.with_name(dst.stem + "_entropy.png"), heat))
+    return out
 
 
 def sidecar(src: Path, dst: Path, result, restorer, notices: list[str]) -> dict:

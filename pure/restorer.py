@@ -13,7 +13,7 @@ from PIL import Image
 from pure.colorfix import wavelet_color_fix
 from pure.engine import SamplingConfig, TextPrior, make_decoder
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
-from pure.sequence import LATENT_PER_GRID, SequenceFormat
+from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
 from pure.tokenizer import PureTokenizer
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
 
@@ -156,6 +156,38 @@ class PureRestorer:
             [image], seeds=[seed], captions=[caption], degradations=[degradation], **kwargs
         )[0]
 
+    def _check_size(self, size: int) -> None:
+        grid_px = LATENT_PER_GRID * self.vq.config.downsample
+        if size <= 0 or size % grid_px:
+            raise ValueError(f"size must be a positive multiple of {grid_px}; got {size}")
+
+    def _prompts(self, images: list[Image.Image], size: int):
+        """Upsampled inputs with their notices, LQ codes ``(B, h, w)`` and prompt ids ``(B, T)``."""
+        prepared = [self.upsample_input(img, size) for img in images]
+        pixels = torch.stack([pil_to_pixels(up) for up, _ in prepared]).to(self.device)
+        lq_codes = self.vq.encode(pixels)  # (B, h, w)
+        prompts = torch.stack([self.format.prompt_ids(c) for c in lq_codes]).to(self.device)
+        return prepared, lq_codes, prompts
+
+    @torch.inference_mode()
+    def describe(
+        self,
+        images: list[Image.Image],
+        sampling: SamplingConfig | None = None,
+        seeds: list[int] | None = None,
+        size: int = OUTPUT_SIZE,
+    ) -> list[tuple[str | None, str]]:
+        """Perceive and Understand only (cheap: no image tokens): ``(degradation, caption)`` per image."""
+        self._check_size(size)
+        if not images:
+            return []
+        seeds = [0] * len(images) if seeds is None else seeds
+        _, _, prompts = self._prompts(images, size)
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        decoder = make_decoder(self.model, self.format, sampling or SamplingConfig())
+        texts = decoder.describe(prompts, generators=generators)
+        return [split_answer_text(self.tokenizer.decode(ids)) for ids in texts]
+
     @torch.inference_mode()
     def restore_batch(
         self,
@@ -179,9 +211,7 @@ class PureRestorer:
             color_fix: apply the wavelet colour fix against the upsampled input.
             size: output side in px (a multiple of :data:`GRID_PX`); PURE was trained at 512.
         """
-        grid_px = LATENT_PER_GRID * self.vq.config.downsample
-        if size <= 0 or size % grid_px:
-            raise ValueError(f"size must be a positive multiple of {grid_px}; got {size}")
+        self._check_size(size)
         sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
         n = len(images)
         if n == 0:
@@ -194,10 +224,7 @@ class PureRestorer:
         device = self.device
         start = time.perf_counter()
 
-        prepared = [self.upsample_input(img, size) for img in images]
-        pixels = torch.stack([pil_to_pixels(up) for up, _ in prepared]).to(device)
-        lq_codes = self.vq.encode(pixels)  # (B, h, w)
-        prompts = torch.stack([self.format.prompt_ids(c) for c in lq_codes]).to(device)
+        prepared, lq_codes, prompts = self._prompts(images, size)
         encoded = time.perf_counter()
 
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]

@@ -454,3 +454,38 @@ def test_full_size_folder_run(full_size_run, tiny_checkpoint):
         assert timings["batch_size"] == 3 and timings["total_s"] > 0
         assert {"encode_s", "text_s", "image_s", "decode_s", "forward_passes"} <= set(timings)
         assert sidecar["notices"] == []  # 128, 256 and 512 px squares are native: no resize notice
+
+
+def test_describe_only_prints_text_and_writes_nothing(cli, tiny_restorer, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_astronaut(folder / "a.png", 64)
+    save_coffee(folder / "b.png", 32)
+    (folder / "broken.png").write_bytes(b"not an image")
+
+    run = cli("--input", str(folder), "--describe-only", "--seed", "3")
+
+    assert run.returncode == 1  # one bad file
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("a.png:", "b.png:"))]
+    assert len(lines) == 2 and all(" | " in line for line in lines)
+    assert len(run.error_lines) == 1 and "broken.png" in run.error_lines[0]
+    assert names(folder) == {"a.png", "b.png", "broken.png"}  # nothing written
+    # the same text as a full restoration's (the text phase is shared)
+    image = Image.open(folder / "a.png")
+    degradation, caption = tiny_restorer.describe([image], seeds=[3], size=64)[0]
+    one_line = " ".join(caption.split())
+    assert lines[0] == f"a.png: {degradation or '(no degradation sentence)'} | {one_line}"
+    result = tiny_restorer.restore(image, seed=3, size=64)
+    assert (result.degradation, result.caption) == (degradation, caption)
+
+
+def test_compare_and_entropy_map_pictures(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 32)
+    out = tmp_path / "out.png"
+
+    run = cli("--input", str(image), "--output", str(out), "--compare", "--entropy-map")
+
+    assert run.returncode == 0
+    compare, heat = Image.open(tmp_path / "out_compare.png"), Image.open(tmp_path / "out_entropy.png")
+    assert compare.width >= 2 * 64  # two panels side by side
+    assert heat.width >= 64 and heat.height >= 64
