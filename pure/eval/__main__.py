@@ -1,0 +1,5 @@
+import sys
+
+from pure.eval.cli import main
+
+sys.exit(main())

@@ -1,0 +1,306 @@
+"""Score a folder of restorations: pairing, per-image scores, summary JSON and Markdown table.
+
+Layout of a results folder written by `evaluate`:
+
+    RESULTS/
+      per_image.csv       stem, pred, gt, one column per per-image metric
+      summary.json        metric names, pyiqa names and settings, backend and version, means, counts
+      table.md            this run next to the PURE paper's reported numbers for the same set
+      scores_cache.json   per-image scores with file signatures, so a rerun only scores what is new
+
+Pairing is by file stem: ``pred/0001.png`` goes with ``gt/0001.png`` (or ``.jpg`` ...). FID compares
+the two folders as wholes (every image file in each).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pure.eval.metrics import METRICS, MetricBackend, MetricSpec, MetricUnavailable
+from pure.eval.reported import REPORTED, SET_NAMES, SOURCE, canonical_set
+from pure.imageio import ImageLoadError, atomic_write, list_images, load_image, save_json
+
+RESULT_FORMAT = "pure.eval/1"
+CHUNK = 16  # images scored between two cache writes: an interrupted run loses at most this many
+_SHOW = 5  # names listed in an error message before "... and N more"
+
+
+class EvalError(ValueError):
+    """A problem with the inputs, in one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A restored image and its reference (None for no-reference evaluation), matched by file stem."""
+
+    stem: str
+    pred: Path
+    gt: Path | None
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def _by_stem(folder: Path, role: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise EvalError(f"--{role} {folder}: not a folder; give the folder of {role} images")
+    try:
+        files = list_images(folder)
+    except ImageLoadError as err:
+        raise EvalError(f"--{role} {folder}: folder has no image files") from err
+    stems: dict[str, Path] = {}
+    for path in files:
+        if path.stem in stems:
+            raise EvalError(
+                f"--{role}: {stems[path.stem].name} and {path.name} share the stem {path.stem!r}; "
+                "keep one image per name"
+            )
+        stems[path.stem] = path
+    return stems
+
+
+def pair_images(pred_dir: str | Path, gt_dir: str | Path | None) -> list[Pair]:
+    """Match restorations to references by file stem, sorted by stem.
+
+    Raises:
+        EvalError: a folder is missing or empty, two files share a stem, a reference has no restoration
+            (the restoration run is incomplete) or a restoration has no reference.
+    """
+    preds = _by_stem(Path(pred_dir), "pred")
+    if gt_dir is None:
+        return [Pair(stem, preds[stem], None) for stem in sorted(preds)]
+    gts = _by_stem(Path(gt_dir), "gt")
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise EvalError(
+            f"{len(missing)} reference image(s) in {gt_dir} have no restoration in {pred_dir}: "
+            f"{_names(missing)}; restore them first (or drop them from --gt)"
+        )
+    extra = sorted(set(preds) - set(gts))
+    if extra:
+        raise EvalError(
+            f"{len(extra)} restoration(s) in {pred_dir} have no reference in {gt_dir}: {_names(extra)}; "
+            "pairs are matched by file stem"
+        )
+    return [Pair(stem, preds[stem], gts[stem]) for stem in sorted(preds)]
+
+
+def check_sizes(pairs: Sequence[Pair]) -> None:
+    """Full-reference metrics compare pixels: each restoration must have its reference's size.
+
+    Raises:
+        EvalError: sizes differ (listed), or an image cannot be read (its one-line reason).
+    """
+    wrong: list[str] = []
+    for pair in pairs:
+        if pair.gt is None:
+            continue
+        try:
+            pred_size, gt_size = load_image(pair.pred).size, load_image(pair.gt).size
+        except ImageLoadError as err:
+            raise EvalError(str(err)) from err
+        if pred_size != gt_size:
+            wrong.append(f"{pair.stem} ({pred_size[0]}x{pred_size[1]} vs GT {gt_size[0]}x{gt_size[1]})")
+    if wrong:
+        raise EvalError(
+            f"{len(wrong)} restoration(s) differ in size from their reference: {_names(wrong)}; "
+            "restore at the GT size (e.g. --size 512 for the StableSR RealSR/DRealSR protocol)"
+        )
+
+
+def _signature(path: Path | None) -> str:
+    if path is None:
+        return ""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _load_cache(path: Path, protocol: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Cached per-image scores whose metric settings and backend still match `protocol`."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images = data["images"]
+        old_protocol = data["protocol"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # unreadable cache: score again rather than trust it
+    stale = {name for name, desc in protocol.items() if old_protocol.get(name) != desc}
+    for entry in images.values():
+        entry["scores"] = {k: v for k, v in entry.get("scores", {}).items() if k not in stale}
+    return images
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def evaluate(
+    pred_dir: str | Path,
+    gt_dir: str | Path | None,
+    metrics: Sequence[MetricSpec],
+    backend: MetricBackend,
+    out_dir: str | Path,
+    test_set: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    restoration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score `pred_dir` (against `gt_dir`) and write per_image.csv, summary.json and table.md in `out_dir`.
+
+    Scores already in ``out_dir/scores_cache.json`` for unchanged files and settings are reused unless
+    `overwrite`. `restoration` (model and sampling settings, benchmark mode) is copied into the summary.
+    A metric the backend cannot set up is logged and listed under ``"skipped"``; the others
+    go on. Full-reference metrics are skipped (with the reason) when `gt_dir` is None.
+
+    Returns:
+        The summary (also written to summary.json).
+    """
+    pred_dir = Path(pred_dir)
+    gt_dir = Path(gt_dir) if gt_dir is not None else None
+    out_dir = Path(out_dir)
+    pairs = pair_images(pred_dir, gt_dir)
+    skipped: dict[str, str] = {}
+    runnable: list[MetricSpec] = []
+    for spec in metrics:
+        if spec.needs_reference and gt_dir is None:
+            skipped[spec.name] = "needs reference images (--gt)"
+        else:
+            runnable.append(spec)
+    if any(spec.needs_reference for spec in runnable):
+        check_sizes(pairs)
+
+    protocol = {
+        spec.name: {**spec.describe(), "backend": f"{backend.name} {backend.version}"} for spec in metrics
+    }
+    cache_path = out_dir / "scores_cache.json"
+    cache = {} if overwrite else _load_cache(cache_path, protocol)
+    entries: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        sig = {"pred": str(pair.pred), "pred_sig": _signature(pair.pred), "gt": str(pair.gt or "")}
+        sig["gt_sig"] = _signature(pair.gt)
+        old = cache.get(pair.stem)
+        same = old is not None and all(old.get(k) == v for k, v in sig.items())
+        entries[pair.stem] = {**sig, "scores": dict(old["scores"]) if same else {}}
+
+    def save_cache() -> None:
+        save_json({"protocol": protocol, "images": entries}, cache_path, overwrite=True)
+
+    folder_scores: dict[str, float] = {}
+    for spec in runnable:
+        try:
+            if spec.folder_level:
+                assert gt_dir is not None
+                log(f"{spec.name}: {pred_dir} against {gt_dir}")
+                folder_scores[spec.name] = float(backend.score_folders(spec, pred_dir, gt_dir))
+                continue
+            todo = [p for p in pairs if spec.name not in entries[p.stem]["scores"]]
+            log(f"{spec.name}: {len(todo)} to score, {len(pairs) - len(todo)} reused")
+            for start in range(0, len(todo), CHUNK):
+                chunk = todo[start : start + CHUNK]
+                gts = [p.gt for p in chunk] if spec.needs_reference else None
+                scores = backend.score_pairs(spec, [p.pred for p in chunk], gts)
+                if len(scores) != len(chunk):
+                    raise RuntimeError(
+                        f"{backend.name} returned {len(scores)} {spec.name} scores for {len(chunk)} images"
+                    )
+                for pair, score in zip(chunk, scores, strict=True):
+                    entries[pair.stem]["scores"][spec.name] = float(score)
+                save_cache()
+        except MetricUnavailable as err:
+            log(f"skipped {spec.name}: {err.reason}")
+            skipped[spec.name] = err.reason
+    save_cache()
+
+    per_image = [spec for spec in runnable if not spec.folder_level and spec.name not in skipped]
+    _write_csv(out_dir / "per_image.csv", pairs, entries, per_image)
+    summary = _summary(
+        pred_dir, gt_dir, test_set, pairs, entries, metrics, per_image, folder_scores, skipped, backend
+    )
+    if restoration is not None:
+        summary["restoration"] = restoration
+    save_json(summary, out_dir / "summary.json", overwrite=True)
+    table = format_table(summary)
+    atomic_write(out_dir / "table.md", lambda f: f.write(table.encode("utf-8")), overwrite=True)
+    return summary
+
+
+def _write_csv(path: Path, pairs: Sequence[Pair], entries: dict, specs: Sequence[MetricSpec]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["stem", "pred", "gt", *(spec.name for spec in specs)])
+    for pair in pairs:
+        scores = entries[pair.stem]["scores"]
+        writer.writerow([pair.stem, pair.pred, pair.gt or "", *(repr(scores[spec.name]) for spec in specs)])
+    data = buffer.getvalue().encode("utf-8")
+    atomic_write(path, lambda f: f.write(data), overwrite=True)
+
+
+def _summary(pred_dir, gt_dir, test_set, pairs, entries, metrics, per_image, folder_scores, skipped, backend):
+    results: dict[str, Any] = {}
+    for spec in metrics:
+        if spec.name in skipped:
+            continue
+        if spec.folder_level:
+            mean, count = folder_scores[spec.name], len(pairs)
+        else:
+            values = [entries[p.stem]["scores"][spec.name] for p in pairs]
+            mean, count = _mean(values), sum(1 for v in values if math.isfinite(v))
+        results[spec.name] = {"label": spec.label, "mean": mean, "count": count, **spec.describe()}
+    key = canonical_set(test_set) if test_set else None
+    summary: dict[str, Any] = {
+        "format": RESULT_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pred_dir": str(pred_dir),
+        "gt_dir": str(gt_dir) if gt_dir is not None else None,
+        "set": key,
+        "count": len(pairs),
+        "backend": {"name": backend.name, "version": backend.version},
+        "metrics": results,
+        "skipped": skipped,
+    }
+    if key in REPORTED:
+        summary["reported"] = {"source": SOURCE, "scores": dict(REPORTED[key])}
+    return summary
+
+
+def _cell(value: float | None, spec: MetricSpec) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{spec.decimals}f}"
+
+
+def format_table(summary: dict[str, Any], run_label: str | None = None) -> str:
+    """Markdown table: this run's means, and the PURE paper's reported row for the same set, if known."""
+    names = [name for name in METRICS if name in summary["metrics"] or name in summary.get("skipped", {})]
+    specs = [METRICS[name] for name in names]
+    header = "| | " + " | ".join(f"{spec.label} {spec.arrow}" for spec in specs) + " |"
+    lines = [header, "|---|" + "---|" * len(specs)]
+    n = summary["count"]
+    label = run_label or f"this run ({n} image{'s' * (n != 1)})"
+    run = [_cell(summary["metrics"].get(s.name, {}).get("mean"), s) for s in specs]
+    lines.append(f"| {label} | " + " | ".join(run) + " |")
+    reported = summary.get("reported")
+    set_name = SET_NAMES.get(summary.get("set") or "", summary.get("set"))
+    if reported:
+        row = [_cell(reported["scores"].get(s.name), s) for s in specs]
+        lines.append(f"| PURE, reported ({set_name}) | " + " | ".join(row) + " |")
+    protocol = [f"{summary['backend']['name']} {summary['backend']['version']}"]
+    if {"psnr", "ssim"} & set(summary["metrics"]):
+        protocol.append("PSNR/SSIM on the Y channel (BT.601 YCbCr)")
+    if "fid" in summary["metrics"]:
+        protocol.append("FID folder against folder")
+    notes = [f"Test set: {set_name or 'not given'}. Metrics: {'; '.join(protocol)}."]
+    if reported:
+        notes.append(f'"reported" rows are copied from the {reported["source"]}, not measured here.')
+    notes += [f"{name} skipped: {reason}." for name, reason in summary.get("skipped", {}).items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"

@@ -1,0 +1,394 @@
+"""Evaluation: registry, pairing errors, scoring with an injected backend, tables, CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pure.eval import (
+    FULL_REFERENCE,
+    METRICS,
+    NO_REFERENCE,
+    EvalError,
+    MetricBackend,
+    MetricUnavailable,
+    PyiqaBackend,
+    evaluate,
+    format_table,
+    get_metric,
+    pair_images,
+    parse_metrics,
+)
+from pure.eval.cli import main as eval_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+class FakeBackend:
+    """Deterministic stand-in: FR score = mean |pred - gt|, NR score = mean pixel, FID = mean-pixel gap."""
+
+    name = "fake"
+    version = "1.0"
+
+    def __init__(self, unavailable: tuple[str, ...] = ()) -> None:
+        self.unavailable = unavailable
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def score_pairs(self, spec, preds, gts):
+        if spec.name in self.unavailable:
+            raise MetricUnavailable(spec.name, "weights unreachable")
+        self.calls.append((spec.name, [Path(p).stem for p in preds]))
+        if spec.needs_reference:
+            return [float(np.abs(_pixels(p) - _pixels(g)).mean()) for p, g in zip(preds, gts, strict=True)]
+        return [float(_pixels(p).mean()) for p in preds]
+
+    def score_folders(self, spec, pred_dir, gt_dir):
+        self.calls.append((spec.name, []))
+        mean = lambda d: np.mean([_pixels(p).mean() for p in sorted(Path(d).iterdir())])  # noqa: E731
+        return float(abs(mean(pred_dir) - mean(gt_dir)))
+
+
+def _write(folder: Path, name: str, value: int, size=(16, 12)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    Image.new("RGB", size, (value, value, value)).save(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for stem, p, g in (("a", 10, 20), ("b", 100, 70), ("c", 200, 200)):
+        _write(pred, f"{stem}.png", p)
+        _write(gt, f"{stem}.png", g)
+    return pred, gt
+
+
+# ---- registry -------------------------------------------------------------------------------------------
+
+
+def test_registry_directions_and_reference_flags():
+    lower = {name for name, spec in METRICS.items() if spec.lower_better}
+    assert lower == {"lpips", "dists", "fid", "niqe"}
+    assert set(FULL_REFERENCE) == {"psnr", "ssim", "lpips", "dists", "fid"}
+    assert set(NO_REFERENCE) == {"niqe", "musiq", "maniqa", "clipiqa", "topiq_nr"}
+    assert [n for n, s in METRICS.items() if s.folder_level] == ["fid"]
+    assert METRICS["maniqa"].pyiqa_name == "maniqa-pipal"
+    assert METRICS["topiq_nr"].pyiqa_name == "topiq_nr"
+    for name in ("psnr", "ssim"):  # Y channel of YCbCr, set explicitly (pyiqa's defaults differ)
+        assert METRICS[name].settings == {"test_y_channel": True, "color_space": "ycbcr"}
+    assert METRICS["niqe"].arrow == "↓" and METRICS["musiq"].arrow == "↑"
+
+
+def test_parse_metrics_aliases_order_and_errors():
+    assert [s.name for s in parse_metrics("SSIM, psnr,topiq,maniqa-pipal,psnr")] == [
+        "ssim",
+        "psnr",
+        "topiq_nr",
+        "maniqa",
+    ]
+    assert get_metric("TOPIQ_NR").name == "topiq_nr"
+    with pytest.raises(ValueError, match="unknown metric 'brisque'; choose from: psnr"):
+        parse_metrics("psnr,brisque")
+    with pytest.raises(ValueError, match="names no metric"):
+        parse_metrics(" , ")
+
+
+def test_fake_backend_satisfies_protocol_and_pyiqa_is_lazy():
+    assert isinstance(FakeBackend(), MetricBackend)
+    assert isinstance(PyiqaBackend(), MetricBackend)
+    code = "import sys, pure.eval, pure.eval.cli; print('pyiqa' in sys.modules, 'torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is not None, reason="pyiqa is installed here")
+def test_pyiqa_backend_without_pyiqa_reports_the_metric(folders):
+    pred, _ = folders
+    backend = PyiqaBackend(device="cpu")
+    with pytest.raises(MetricUnavailable, match="pyiqa cannot be imported") as info:
+        backend.score_pairs(METRICS["niqe"], [pred / "a.png"], None)
+    assert info.value.metric == "niqe"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyiqa") is None, reason="needs pyiqa (pip install 'pure[eval]')"
+)
+def test_pyiqa_psnr_ssim_y_channel(folders):
+    pred, gt = folders
+    backend = PyiqaBackend(device="cpu")
+    psnr = backend.score_pairs(METRICS["psnr"], [pred / "b.png"], [gt / "b.png"])[0]
+    # grey images: Y = 16 + 219/255 * v, so |dY| = 30 * 219/255 on a 0..255 scale
+    assert psnr == pytest.approx(10 * np.log10(255**2 / (30 * 219 / 255) ** 2), abs=0.05)
+    ssim = backend.score_pairs(METRICS["ssim"], [pred / "c.png"], [gt / "c.png"])[0]
+    assert ssim == pytest.approx(1.0, abs=1e-4)
+
+
+# ---- pairing --------------------------------------------------------------------------------------------
+
+
+def test_pairing_by_stem_across_suffixes(tmp_path):
+    _write(tmp_path / "pred", "x.png", 1)
+    _write(tmp_path / "gt", "x.jpg", 1)
+    pairs = pair_images(tmp_path / "pred", tmp_path / "gt")
+    assert [(p.stem, p.pred.name, p.gt.name) for p in pairs] == [("x", "x.png", "x.jpg")]
+    assert pair_images(tmp_path / "pred", None)[0].gt is None
+
+
+def test_pairing_errors(folders, tmp_path):
+    pred, gt = folders
+    _write(gt, "d.png", 5)
+    with pytest.raises(EvalError, match=r"1 reference image\(s\) .* no restoration .*: d; restore them"):
+        pair_images(pred, gt)
+    (gt / "d.png").unlink()
+    _write(pred, "e.png", 5)
+    with pytest.raises(EvalError, match=r"no reference .*: e; pairs are matched by file stem"):
+        pair_images(pred, gt)
+    _write(pred, "e.jpg", 5)
+    with pytest.raises(EvalError, match="share the stem 'e'"):
+        pair_images(pred, gt)
+    (pred / "e.jpg").unlink()
+    (pred / "e.png").unlink()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match=r"--gt .*empty: folder has no image files"):
+        pair_images(pred, tmp_path / "empty")
+    with pytest.raises(EvalError, match=r"--pred .*nowhere: not a folder"):
+        pair_images(tmp_path / "nowhere", gt)
+
+
+def test_size_mismatch_is_reported_before_scoring(folders, tmp_path):
+    pred, gt = folders
+    _write(pred, "b.png", 100, size=(8, 8))
+    backend = FakeBackend()
+    with pytest.raises(EvalError, match=r"b \(8x8 vs GT 16x12\).*--size 512"):
+        evaluate(pred, gt, parse_metrics("psnr"), backend, tmp_path / "out", log=lambda _: None)
+    assert backend.calls == []
+    # no-reference metrics do not compare sizes
+    evaluate(pred, None, parse_metrics("niqe"), backend, tmp_path / "out", log=lambda _: None)
+
+
+# ---- scoring, summary, table ----------------------------------------------------------------------------
+
+
+def test_evaluate_writes_csv_summary_and_table(folders, tmp_path):
+    pred, gt = folders
+    out = tmp_path / "results"
+    specs = parse_metrics("psnr,niqe,fid,lpips")
+    summary = evaluate(
+        pred, gt, specs, FakeBackend(unavailable=("lpips",)), out, "RealSR", log=lambda _: None
+    )
+
+    assert summary["metrics"]["psnr"]["mean"] == pytest.approx((10 + 30 + 0) / 3)
+    assert summary["metrics"]["niqe"]["mean"] == pytest.approx((10 + 100 + 200) / 3)
+    assert summary["metrics"]["fid"]["mean"] == pytest.approx(abs(310 / 3 - 290 / 3))
+    assert summary["metrics"]["psnr"]["count"] == 3 and summary["count"] == 3
+    assert summary["metrics"]["psnr"]["settings"] == {"test_y_channel": True, "color_space": "ycbcr"}
+    assert summary["metrics"]["niqe"]["lower_better"] is True
+    assert summary["skipped"] == {"lpips": "weights unreachable"}
+    assert summary["backend"] == {"name": "fake", "version": "1.0"}
+    assert summary["set"] == "realsr" and summary["reported"]["scores"]["psnr"] == 22.83
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert [r["stem"] for r in rows] == ["a", "b", "c"]
+    assert set(rows[0]) == {"stem", "pred", "gt", "psnr", "niqe"}
+    assert float(rows[1]["psnr"]) == pytest.approx(30.0) and float(rows[2]["niqe"]) == pytest.approx(200)
+
+    table = (out / "table.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == "| | PSNR ↑ | LPIPS ↓ | FID ↓ | NIQE ↓ |"
+    assert lines[2] == "| this run (3 images) | 13.33 | – | 6.67 | 103.3333 |"
+    assert lines[3] == "| PURE, reported (RealSR) | 22.83 | 0.3821 | 188.33 | 5.4090 |"
+    assert '"reported" rows are copied from the PURE paper' in table
+    assert "lpips skipped: weights unreachable." in table
+    assert "Metrics: fake 1.0; PSNR/SSIM on the Y channel (BT.601 YCbCr); FID folder against folder." in table
+
+
+@pytest.mark.parametrize(
+    ("test_set", "row"),
+    [
+        ("OST-Val", "| PURE, reported (OST-Val) | 18.52 | 0.4181 | 4.7977 | 0.6424 |"),
+        ("drealsr", "| PURE, reported (DRealSR) | 24.73 | 0.6459 | 5.4846 | 0.5251 |"),
+        ("RealLQ250", "| PURE, reported (RealLQ250) | – | – | 4.5054 | 0.5409 |"),
+    ],
+)
+def test_reported_rows_for_each_set(test_set, row):
+    from pure.eval.reported import REPORTED, canonical_set
+
+    summary = {
+        "count": 2,
+        "set": canonical_set(test_set),
+        "backend": {"name": "fake", "version": "1"},
+        "metrics": {name: {"mean": 1.0} for name in ("psnr", "ssim", "niqe", "maniqa")},
+        "skipped": {},
+        "reported": {"source": "PURE paper, reported", "scores": REPORTED[canonical_set(test_set)]},
+    }
+    assert format_table(summary).splitlines()[3] == row
+
+
+def test_no_reference_run_skips_full_reference_metrics(folders, tmp_path):
+    pred, _ = folders
+    summary = evaluate(
+        pred, None, parse_metrics("psnr,musiq"), FakeBackend(), tmp_path / "o", log=lambda _: None
+    )
+    assert summary["skipped"] == {"psnr": "needs reference images (--gt)"}
+    assert summary["gt_dir"] is None and "reported" not in summary
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "Test set: not given. Metrics: fake 1.0." in table and "Y channel" not in table
+
+
+def test_rerun_scores_only_new_or_changed_images(folders, tmp_path):
+    pred, gt = folders
+    out, quiet = tmp_path / "out", lambda _: None
+    evaluate(pred, gt, parse_metrics("psnr"), FakeBackend(), out, log=quiet)
+    backend = FakeBackend()
+    evaluate(pred, gt, parse_metrics("psnr,niqe"), backend, out, log=quiet)
+    assert backend.calls == [("niqe", ["a", "b", "c"])]  # psnr reused, niqe new
+
+    _write(pred, "b.png", 90)
+    os.utime(pred / "b.png", ns=(1, 1))  # a different signature even on coarse-mtime file systems
+    backend = FakeBackend()
+    summary = evaluate(pred, gt, parse_metrics("psnr,niqe"), backend, out, log=quiet)
+    assert backend.calls == [("psnr", ["b"]), ("niqe", ["b"])]
+    assert summary["metrics"]["psnr"]["mean"] == pytest.approx((10 + 20 + 0) / 3)
+
+    backend = FakeBackend()
+    evaluate(pred, gt, parse_metrics("psnr"), backend, out, overwrite=True, log=quiet)
+    assert backend.calls == [("psnr", ["a", "b", "c"])]
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+
+
+def test_cli_help_runs_without_pyiqa():
+    out = subprocess.run(
+        [sys.executable, "-m", "pure.eval", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert "--pred" in out.stdout and "maniqa" in out.stdout and "per_image.csv" in out.stdout
+
+
+def test_cli_scores_with_injected_backend_and_reports_errors(folders, tmp_path, capsys):
+    pred, gt = folders
+    out = tmp_path / "res"
+    argv = [
+        "--pred",
+        str(pred),
+        "--gt",
+        str(gt),
+        "--out",
+        str(out),
+        "--metrics",
+        "psnr,ssim",
+        "--set",
+        "realsr",
+    ]
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    assert (out / "table.md").is_file() and (out / "per_image.csv").is_file()
+
+    _write(gt, "zz.png", 1)
+    assert eval_main(argv, backend=FakeBackend()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 1 reference image(s)")
+
+    assert eval_main([*argv[:-4], "--metrics", "nope"], backend=FakeBackend()) == 2
+    (gt / "zz.png").unlink()
+    assert eval_main([*argv, "--overwrite"], backend=FakeBackend(unavailable=("psnr", "ssim"))) == 1
+
+
+# ---- benchmark mode -------------------------------------------------------------------------------------
+
+
+def test_benchmark_mode_restores_resumably_then_scores(tiny_checkpoint, tmp_path, capsys):
+    lq, gt, pred, out = (tmp_path / name for name in ("lq", "gt", "pred", "res"))
+    rng = np.random.default_rng(0)
+    for stem in ("0001", "0002"):
+        lq.mkdir(exist_ok=True)
+        gt.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(lq / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(gt / f"{stem}.png")
+    argv = ["--model", str(tiny_checkpoint), "--lq", str(lq), "--pred", str(pred), "--gt", str(gt)]
+    argv += ["--out", str(out), "--metrics", "psnr,niqe", "--size", "32", "--batch-size", "2"]
+    argv += ["--device", "cpu", "--max-text-tokens", "8"]  # the tiny random model would babble 256 tokens
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    assert "2 image(s) to restore" in capsys.readouterr().out
+    assert sorted(p.name for p in pred.iterdir()) == ["0001.png", "0002.png"]
+    assert Image.open(pred / "0001.png").size == (32, 32)
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
+    assert pictures == ["0001_compare.png", "0001_entropy.png", "0002_compare.png", "0002_entropy.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restoration"]["size"] == 32 and summary["restoration"]["cfg_scale"] == 0.8
+    assert summary["metrics"]["psnr"]["count"] == 2
+
+    (pred / "0002.png").unlink()
+    assert eval_main([*argv, "--no-pictures"], backend=FakeBackend()) == 0
+    assert "1 image(s) to restore" in capsys.readouterr().out
+    assert (pred / "0002.png").is_file()
+
+
+def test_benchmark_mode_needs_lq(tmp_path, capsys):
+    argv = ["--model", "x", "--pred", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
+    assert eval_main(argv, backend=FakeBackend()) == 2
+    assert "--model needs --lq" in capsys.readouterr().err
+
+
+def test_pyiqa_backend_call_paths_with_a_stand_in_module(folders, tmp_path, monkeypatch):
+    """The real backend on a stand-in `pyiqa`: settings passed, tensors in [0, 1], failures per metric."""
+    import types
+
+    import torch
+
+    created = []
+
+    class StandIn:
+        def __init__(self, name, kwargs):
+            self.name, self.kwargs = name, kwargs
+
+        def __call__(self, x, y=None):
+            if isinstance(x, str):  # folder-level: FID(pred_dir, gt_dir)
+                return torch.tensor(7.0)
+            assert x.shape[:2] == (1, 3) and float(x.min()) >= 0 and float(x.max()) <= 1
+            return (x - y).abs().mean() * 255 if y is not None else x.mean() * 255
+
+    def create_metric(name, device=None, as_loss=False, **kwargs):
+        if name == "maniqa-pipal":
+            raise OSError("cannot download maniqa weights\nsecond line")
+        created.append((name, str(device), kwargs))
+        return StandIn(name, kwargs)
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    pred, gt = folders
+    specs = parse_metrics("psnr,fid,musiq,maniqa")
+    logs = []
+    summary = evaluate(pred, gt, specs, PyiqaBackend(device="cpu"), tmp_path / "r", log=logs.append)
+    assert created[0] == ("psnr", "cpu", {"test_y_channel": True, "color_space": "ycbcr"})
+    assert summary["metrics"]["psnr"]["mean"] == pytest.approx(40 / 3, abs=1e-3)
+    assert summary["metrics"]["musiq"]["mean"] == pytest.approx(310 / 3, abs=1e-3)
+    assert summary["metrics"]["fid"]["mean"] == 7.0
+    assert summary["skipped"] == {"maniqa": "OSError: cannot download maniqa weights"}
+    assert "skipped maniqa: OSError: cannot download maniqa weights" in logs
+
+
+def test_protocol_warnings_for_stablesr_sets(tmp_path):
+    from pure.eval.benchmark import protocol_warnings
+
+    ok, small = (
+        _write(tmp_path, "ok.png", 1, size=(128, 128)),
+        _write(tmp_path, "small.png", 1, size=(64, 64)),
+    )
+    assert protocol_warnings("RealSR", [ok]) == []
+    [line] = protocol_warnings("drealsr", [ok, small])
+    assert line.startswith("warning: small.png is 64x64; the drealsr protocol (StableSR) uses 128 px")
+    assert protocol_warnings("reallq250", [small]) == protocol_warnings(None, [small]) == []
