@@ -21,9 +21,12 @@ examples:
   python -m pure.infer --input lq.png                       # {HUB_MODEL_ID} + LlamaGen VQ, writes lq_pure.png
   python -m pure.infer --input photos/ --output restored/ --vq vq_ds8_c2i.pt --batch-size 4
   python -m pure.infer --input lq.png --caption "A red brick wall with ivy."   # steer the restoration
+  python -m pure.infer --input photo.jpg --scale 2          # any size: overlapping 512 px tiles, blended
 
 Inputs of 128, 256 or 512 px square give a 512x512 restoration (x4, x2, x1); other sizes are resized to
-512x512 (with a notice). Each output PNG gets a JSON sidecar with the degradation estimate, the caption,
+512x512 (with a notice), unless tiling is on: --scale or --outscale always tiles (output = input size x
+factor, aspect ratio kept); --tile alone tiles every input that is not a native square, at x1.
+Each output PNG gets a JSON sidecar with the degradation estimate, the caption,
 every sampling setting, the seed, the model identity and timings.
 """
 
@@ -84,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative Jacobi decoding of the image, N tokens per forward (N default 16): fewer "
         "forward passes, same output distribution (same image when greedy)",
     )
+    tiling = p.add_argument_group("any size and scale (tiled restoration, see pure.tiling)")
+    tiling.add_argument(
+        "--scale", type=int, choices=(1, 2, 4), help="output = input size x 1, 2 or 4, restored by tiles"
+    )
+    tiling.add_argument("--outscale", type=float, help="output = input size x any factor, restored by tiles")
+    tiling.add_argument(
+        "--tile",
+        type=int,
+        help="tile side in px (default --size); given alone, it tiles inputs that are not native squares",
+    )
+    tiling.add_argument("--tile-overlap", type=int, help="px shared by neighbouring tiles (default tile / 8)")
+    tiling.add_argument("--tile-batch", type=int, default=4, help="tiles restored together (default 4)")
     pictures = p.add_argument_group("pictures (written beside each output)")
     pictures.add_argument(
         "--compare",
@@ -158,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.size <= 0 or args.size % GRID_PX:
         raise CliError(f"--size must be a positive multiple of {GRID_PX}; got {args.size}")
+    check_tiling(args)
     try:
         inputs = list_images(args.input)
     except ImageLoadError as err:
@@ -196,16 +212,7 @@ def run(args: argparse.Namespace) -> int:
         if not batch:
             continue
         try:
-            results = restorer.restore_batch(
-                [image for _, _, image in batch],
-                sampling=sampling,
-                seeds=[args.seed] * len(batch),
-                captions=[args.caption] * len(batch),
-                degradations=[args.degradation] * len(batch),
-                color_fix=not args.no_color_fix,
-                size=args.size,
-                progress=not args.quiet,
-            )
+            results = restore_images(restorer, args, sampling, [image for _, _, image in batch])
         except ValueError as err:  # e.g. steering text that spells special tokens
             raise CliError(err) from None
         for (src, dst, image), result in zip(batch, results, strict=True):
@@ -235,6 +242,81 @@ def run(args: argparse.Namespace) -> int:
     if len(jobs) > 1 or failed:
         print(f"restored {done}, skipped {skipped} existing, failed {len(failed)}")
     return 1 if failed else 0
+
+
+def check_tiling(args: argparse.Namespace) -> None:
+    """Validate the tiling options and fill in their defaults (tile = --size, overlap = tile / 8)."""
+    from pure.restorer import GRID_PX
+
+    if args.scale is not None and args.outscale is not None:
+        raise CliError("give either --scale or --outscale, not both")
+    if args.outscale is not None and not (0 < args.outscale < float("inf")):
+        raise CliError(f"--outscale must be a positive number; got {args.outscale}")
+    tile = args.size if args.tile is None else args.tile
+    if tile <= 0 or tile % GRID_PX:
+        raise CliError(f"--tile must be a positive multiple of {GRID_PX}; got {tile}")
+    overlap = tile // 8 if args.tile_overlap is None else args.tile_overlap
+    if not 0 <= overlap < tile:
+        raise CliError(f"--tile-overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    if args.tile_batch < 1:
+        raise CliError(f"--tile-batch must be >= 1; got {args.tile_batch}")
+    args.tiling = args.scale is not None or args.outscale is not None or args.tile is not None
+    args.tile, args.tile_overlap = tile, overlap
+
+
+def uses_tiling(args: argparse.Namespace, image: Image.Image) -> bool:
+    """--scale / --outscale: always; --tile alone: inputs that are not a native square (--size x 1, 1/2,
+    1/4); otherwise never, so the default behaviour is the single 512 px restoration."""
+    from pure.restorer import NATIVE_SCALES
+
+    if args.scale is not None or args.outscale is not None:
+        return True
+    w, h = image.size
+    native = w == h and args.size % w == 0 and args.size // w in NATIVE_SCALES
+    return args.tiling and not native
+
+
+def restore_images(restorer, args: argparse.Namespace, sampling, images: list[Image.Image]) -> list:
+    """Restore one batch of loaded images: together at --size, or one by one by tiles (see uses_tiling)."""
+    from pure.tiling import restore_tiled
+
+    tiled = [uses_tiling(args, image) for image in images]
+    whole = [image for image, t in zip(images, tiled, strict=True) if not t]
+    results = iter(
+        restorer.restore_batch(
+            whole,
+            sampling=sampling,
+            seeds=[args.seed] * len(whole),
+            captions=[args.caption] * len(whole),
+            degradations=[args.degradation] * len(whole),
+            color_fix=not args.no_color_fix,
+            size=args.size,
+            progress=not args.quiet,
+        )
+    )
+    out = []
+    for image, t in zip(images, tiled, strict=True):
+        if not t:
+            out.append(next(results))
+            continue
+        out.append(
+            restore_tiled(
+                restorer,
+                image,
+                scale=args.scale,
+                outscale=args.outscale,
+                tile=args.tile,
+                overlap=args.tile_overlap,
+                tile_batch=args.tile_batch,
+                seed=args.seed,
+                color_fix=not args.no_color_fix,
+                sampling=sampling,
+                progress=not args.quiet,
+                caption=args.caption,
+                degradation=args.degradation,
+            )
+        )
+    return out
 
 
 def load_restorer(args: argparse.Namespace):

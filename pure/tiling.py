@@ -1,0 +1,244 @@
+"""Any size, any scale: restore an image tile by tile and blend the tiles without seams.
+
+The input is bicubic-upsampled to the target size (``input size x scale``), cut into overlapping square
+tiles of ``tile`` px (the last tile of a row or column flush with the border), and the tiles are restored in
+batches of ``tile_batch`` with :meth:`pure.restorer.PureRestorer.restore_batch` at ``size=tile``, so each
+crop is restored at its native size and colour-fixed against itself (the upsampled input crop).
+
+Every tile gets the same global understanding: the degradation text and the caption are produced once,
+by :meth:`~pure.restorer.PureRestorer.describe` on a downscaled view of the whole image, and forced into
+every tile's answer. Tiles are blended into a float canvas with :func:`blend_window` (raised-cosine ramps
+over the overlap) and divided by the summed weights, so neighbouring tiles fade into each other.
+
+Memory: the upsampled input, one float canvas and one weight sum (all of the output's size), plus one
+batch of tiles; it does not grow with the number of tiles.
+
+Targets smaller than a tile (in either direction) are padded by edge replication up to one tile, restored,
+and cropped back, so a 100x60 target with 64 px tiles is two tiles wide and one tile high after padding
+to 100x64. Transparency is blended onto white for the restoration, and the alpha channel, upsampled
+bicubically, is attached again to the result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pure.restorer import GRID_PX, NATIVE_SCALES
+from pure.vq import to_rgb
+
+__all__ = ["TiledResult", "blend_window", "plan_tiles", "restore_tiled", "target_size"]
+
+
+@dataclass
+class TiledResult:
+    """A tiled restoration.
+
+    Attributes:
+        image: the stitched restoration, ``(W * factor, H * factor)`` px; RGBA when the input had alpha.
+        lq_upsampled: the RGB input after bicubic upsampling to the output size (what the tiles saw).
+        degradation, caption: the texts forced into every tile (described once, or given by the caller).
+        tiles: how many tiles were restored.
+        entropy: ``(h, w)`` float nats per image token over the whole output (latent grid, 1/8 px).
+        notices: what was done to the input, one line each.
+    """
+
+    image: Image.Image
+    lq_upsampled: Image.Image
+    degradation: str | None
+    caption: str
+    tiles: int
+    entropy: torch.Tensor
+    seed: int
+    settings: dict
+    timings: dict
+    text: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+
+def plan_tiles(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """``(left, top)`` of every ``tile x tile`` tile covering a ``width x height`` image, row by row.
+
+    Neighbours overlap by at least ``overlap`` px (stride ``tile - overlap``); the last tile of each row and
+    column is flush with the right / bottom border, so it may overlap its neighbour by more. A side shorter
+    than ``tile`` gets one tile at 0 that reaches past the border: the caller pads the image to ``tile``.
+    """
+    if tile <= 0:
+        raise ValueError(f"tile must be positive; got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive; got {width}x{height}")
+    return [(left, top) for top in _starts(height, tile, overlap) for left in _starts(width, tile, overlap)]
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    return [*starts, length - tile]
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """``(tile, tile)`` float32 blending weights: 1 in the middle, raised-cosine ramps ``overlap`` px wide
+    at each edge, strictly positive everywhere (so pixels at the image border, covered by one tile only,
+    still have a weight to divide by)."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    ramp = np.ones(tile, dtype=np.float64)
+    if overlap:
+        # sample the half cosine at pixel centres: (0, 1) exclusive, so never 0
+        rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        ramp[:overlap] = rise
+        ramp[tile - overlap :] = rise[::-1]
+    return np.outer(ramp, ramp).astype(np.float32)  # (tile, tile)
+
+
+def target_size(size: tuple[int, int], scale: int | None = None, outscale: float | None = None):
+    """``(W, H)`` of the output for an input of ``size``: x ``scale`` (1, 2 or 4) or x ``outscale`` (any
+    positive factor, rounded to whole pixels); x1 when neither is given. Returns ``((W, H), factor)``."""
+    if scale is not None and outscale is not None:
+        raise ValueError("give either scale or outscale, not both")
+    if scale is not None and scale not in NATIVE_SCALES:
+        raise ValueError(f"scale must be 1, 2 or 4; got {scale} (use outscale for other factors)")
+    if outscale is not None and not (math.isfinite(outscale) and outscale > 0):
+        raise ValueError(f"outscale must be a positive number; got {outscale}")
+    factor = float(outscale if outscale is not None else (scale or 1))
+    w, h = size
+    return (max(1, round(w * factor)), max(1, round(h * factor))), factor
+
+
+@torch.inference_mode()
+def restore_tiled(
+    restorer,
+    image: Image.Image,
+    scale: int | None = None,
+    outscale: float | None = None,
+    tile: int = 512,
+    overlap: int = 64,
+    tile_batch: int = 4,
+    seed: int = 0,
+    color_fix: bool = True,
+    sampling=None,
+    progress: bool = False,
+    caption: str | None = None,
+    degradation: str | None = None,
+) -> TiledResult:
+    """Restore ``image`` of any size at ``x scale`` (1, 2, 4) or ``x outscale`` (any factor) by tiles.
+
+    Args:
+        restorer: a :class:`~pure.restorer.PureRestorer` (or anything with its ``describe`` and
+            ``restore_batch``).
+        image: RGB or RGBA PIL image (EXIF orientation already applied, as by ``load_image``).
+        tile: tile side in px, a multiple of 32 (512 as PURE was trained). overlap: px shared by neighbours.
+        tile_batch: tiles restored together; memory for restorations never exceeds one batch.
+        seed: tile ``i`` (row by row) uses seed ``seed + i``.
+        caption, degradation: steering text; what is not given is described once from the whole image
+            (resized to ``tile`` px on its long side; ``describe`` stretches that to a square).
+    """
+    if tile <= 0 or tile % GRID_PX:
+        raise ValueError(f"tile must be a positive multiple of {GRID_PX}; got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1; got {tile_batch}")
+    (width, height), factor = target_size(image.size, scale, outscale)
+    start = time.perf_counter()
+    notices = []
+    alpha = image.getchannel("A") if image.mode == "RGBA" else None
+    rgb = to_rgb(image)
+    if image.mode not in ("RGB", "RGBA"):
+        notices.append(f"{image.mode} input converted to RGB")
+
+    if caption is None or degradation is None:
+        long_side = max(rgb.size)
+        view_size = (
+            max(1, round(rgb.width * tile / long_side)),
+            max(1, round(rgb.height * tile / long_side)),
+        )
+        view = rgb.resize(view_size, Image.BICUBIC)  # the whole image, `tile` px on its long side
+        ((described_degradation, described_caption),) = restorer.describe(
+            [view], sampling, seeds=[seed], size=tile
+        )
+        degradation = described_degradation if degradation is None else degradation
+        caption = described_caption if caption is None else caption
+    described = time.perf_counter()
+
+    lq_up = rgb.resize((width, height), Image.BICUBIC) if rgb.size != (width, height) else rgb
+    padded_w, padded_h = max(width, tile), max(height, tile)
+    lq = np.asarray(lq_up)  # (H, W, 3) uint8
+    if (padded_w, padded_h) != (width, height):
+        lq = np.pad(lq, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="edge")
+        notices.append(f"{width}x{height} px output is smaller than a {tile} px tile: padded, then cropped")
+
+    boxes = plan_tiles(padded_w, padded_h, tile, overlap)
+    window = blend_window(tile, overlap)[..., None]  # (tile, tile, 1)
+    canvas = np.zeros((padded_h, padded_w, 3), dtype=np.float32)
+    weights = np.zeros((padded_h, padded_w, 1), dtype=np.float32)
+    entropy = None
+    bar = tqdm(total=len(boxes), desc="tiles", unit="tile", disable=not progress)
+    for first in range(0, len(boxes), tile_batch):
+        batch = boxes[first : first + tile_batch]
+        crops = [Image.fromarray(lq[top : top + tile, left : left + tile]) for left, top in batch]
+        results = restorer.restore_batch(
+            crops,
+            sampling=sampling,
+            seeds=[seed + first + i for i in range(len(batch))],
+            captions=[caption] * len(batch),
+            degradations=[degradation] * len(batch),
+            color_fix=color_fix,
+            size=tile,
+        )
+        for (left, top), result in zip(batch, results, strict=True):
+            restored = np.asarray(result.image.convert("RGB"), dtype=np.float32)  # (tile, tile, 3)
+            canvas[top : top + tile, left : left + tile] += restored * window
+            weights[top : top + tile, left : left + tile] += window
+            entropy = _paste_entropy(entropy, result.entropy, left, top, tile, padded_w, padded_h)
+        bar.update(len(batch))
+    bar.close()
+
+    per = tile // results[0].entropy.shape[-1]  # px per latent
+    stitched = canvas[:height, :width] / weights[:height, :width]  # > 0 everywhere: see blend_window
+    out = Image.fromarray(np.clip(np.rint(stitched), 0, 255).astype(np.uint8), "RGB")
+    if alpha is not None:
+        out = Image.merge("RGBA", (*out.split(), alpha.resize((width, height), Image.BICUBIC)))
+    settings = {
+        "color_fix": color_fix,
+        "tile": tile,
+        "tile_overlap": overlap,
+        "tile_batch": tile_batch,
+        "scale": factor,
+        "size": [width, height],
+        "tiles": len(boxes),
+    }
+    timings = {"describe_s": described - start, "total_s": time.perf_counter() - start}
+    return TiledResult(
+        image=out,
+        lq_upsampled=lq_up,
+        degradation=degradation.strip() if degradation else degradation,
+        caption=caption.strip(),
+        tiles=len(boxes),
+        entropy=entropy[: math.ceil(height / per), : math.ceil(width / per)],
+        seed=seed,
+        settings=settings,
+        timings=timings,
+        notices=notices,
+    )
+
+
+def _paste_entropy(canvas, tile_entropy, left, top, tile, width, height):
+    """Paste one tile's ``(h, w)`` entropy into the whole image's latent grid (later tiles win)."""
+    tile_entropy = torch.as_tensor(tile_entropy, dtype=torch.float32).cpu()
+    per = tile // tile_entropy.shape[-1]  # px per latent
+    if canvas is None:
+        canvas = torch.zeros(math.ceil(height / per), math.ceil(width / per))
+    y, x = top // per, left // per
+    h, w = tile_entropy.shape
+    canvas[y : y + h, x : x + w] = tile_entropy[: canvas.shape[0] - y, : canvas.shape[1] - x]
+    return canvas

@@ -1,0 +1,328 @@
+"""Tiled restoration (``pure.tiling``): tile plans, the blending window, sizes, alpha, seams, and the CLI.
+
+Seams and the describe-once / batch-size contract use a stand-in restorer (same ``describe`` and
+``restore_batch`` interface) that returns each tile with a per-tile brightness offset, so a seam is
+measurable; sizes and alpha run the tiny random model at 64 px tiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pure import infer
+from pure.tiling import blend_window, plan_tiles, restore_tiled, target_size
+
+TILE, OVERLAP = 64, 16
+DESCRIBED = ("Small noise.", "A smooth colour ramp.")
+
+
+def smooth_image(width: int, height: int) -> Image.Image:
+    """A smooth synthetic RGB image (ramps and a slow sine), kept within [30, 225] so offsets do not clip."""
+    x = np.arange(width)[None, :]
+    y = np.arange(height)[:, None]
+    red = 40 + 0.5 * x + 0 * y
+    green = 60 + 0.6 * y + 0 * x
+    blue = 128 + 60 * np.sin(x / 25.0) * np.cos(y / 30.0)
+    return Image.fromarray(np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8), "RGB")
+
+
+class OffsetRestorer:
+    """Stand-in restorer: every tile comes back as given, plus a per-tile constant brightness offset."""
+
+    def __init__(self, seed: int = 0, amplitude: float = 20.0):
+        self.rng = np.random.default_rng(seed)
+        self.amplitude = amplitude
+        self.describe_calls: list[dict] = []
+        self.batches: list[dict] = []
+        self.offsets: list[float] = []
+
+    def describe(self, images, sampling=None, seeds=None, size=512):
+        self.describe_calls.append({"n": len(images), "size": size, "view": images[0].size})
+        return [DESCRIBED] * len(images)
+
+    def restore_batch(self, images, sampling=None, seeds=None, captions=None, degradations=None, **kwargs):
+        size = kwargs["size"]
+        self.batches.append(
+            {
+                "n": len(images),
+                "sizes": [im.size for im in images],
+                "size": size,
+                "captions": captions,
+                "degradations": degradations,
+            }
+        )
+        results = []
+        for image in images:
+            offset = float(self.rng.uniform(-self.amplitude, self.amplitude))
+            self.offsets.append(offset)
+            pixels = np.asarray(image, dtype=np.float64) + offset
+            results.append(
+                SimpleNamespace(
+                    image=Image.fromarray(np.rint(pixels).clip(0, 255).astype(np.uint8), "RGB"),
+                    entropy=torch.zeros(size // 8, size // 8),
+                )
+            )
+        return results
+
+
+# ---------------------------------------------------------------- the plan and the window
+
+
+def tiles_per_side(length: int) -> int:
+    return 1 if length <= TILE else math.ceil((length - TILE) / (TILE - OVERLAP)) + 1
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(64, 64), (112, 64), (113, 64), (200, 120), (640, 480), (1000, 333)]
+)
+def test_plan_covers_the_image_with_overlapping_tiles_flush_with_the_border(width, height):
+    boxes = plan_tiles(width, height, TILE, OVERLAP)
+
+    assert len(boxes) == tiles_per_side(width) * tiles_per_side(height)
+    covered = np.zeros((height, width), dtype=int)
+    for left, top in boxes:
+        assert 0 <= left <= width - TILE and 0 <= top <= height - TILE
+        covered[top : top + TILE, left : left + TILE] += 1
+    assert (covered >= 1).all()
+    lefts, tops = sorted({b[0] for b in boxes}), sorted({b[1] for b in boxes})
+    assert lefts[-1] == width - TILE and tops[-1] == height - TILE  # last tile flush with the border
+    for starts in (lefts, tops):
+        assert all(0 < b - a <= TILE - OVERLAP for a, b in itertools.pairwise(starts))
+
+
+def test_plan_for_a_side_shorter_than_a_tile_is_one_tile_at_zero():
+    assert plan_tiles(40, 30, TILE, OVERLAP) == [(0, 0)]
+    assert plan_tiles(100, 60, TILE, OVERLAP) == [(0, 0), (36, 0)]
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(0, 0), (64, 64), (64, -1)])
+def test_plan_refuses_bad_settings(tile, overlap):
+    with pytest.raises(ValueError, match=r"tile|overlap"):
+        plan_tiles(100, 100, tile, overlap)
+
+
+def test_window_is_one_inside_smooth_positive_and_sums_to_one_across_an_overlap():
+    window = blend_window(TILE, OVERLAP)
+
+    assert window.shape == (TILE, TILE) and window.dtype == np.float32
+    assert (window > 0).all() and (window <= 1).all()
+    assert (window[OVERLAP:-OVERLAP, OVERLAP:-OVERLAP] == 1).all()
+    np.testing.assert_allclose(window, window.T)
+    np.testing.assert_allclose(window, window[::-1, ::-1])
+    ramp = window[TILE // 2, :OVERLAP]
+    assert (np.diff(ramp) > 0).all()
+    # the falling edge of one tile and the rising edge of the next add up to 1 (no bump, no dip)
+    np.testing.assert_allclose(ramp + ramp[::-1], 1.0, rtol=1e-6)
+    assert (blend_window(TILE, 0) == 1).all()
+
+
+def test_target_size_keeps_the_aspect_ratio():
+    assert target_size((100, 60), scale=2) == ((200, 120), 2.0)
+    assert target_size((100, 60), scale=4) == ((400, 240), 4.0)
+    assert target_size((100, 60), outscale=1.5) == ((150, 90), 1.5)
+    assert target_size((100, 60)) == ((100, 60), 1.0)
+    for kwargs, word in (
+        ({"scale": 3}, "scale"),
+        ({"outscale": 0}, "outscale"),
+        ({"scale": 2, "outscale": 2}, "either"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            target_size((100, 60), **kwargs)
+
+
+# ---------------------------------------------------------------- the stand-in restorer: contract and seams
+
+
+def test_describe_once_and_every_tile_gets_the_same_text_in_small_batches():
+    fake = OffsetRestorer()
+
+    result = restore_tiled(fake, smooth_image(100, 60), scale=2, tile=TILE, overlap=OVERLAP, tile_batch=5)
+
+    assert len(fake.describe_calls) == 1
+    assert fake.describe_calls[0]["size"] == TILE and fake.describe_calls[0]["view"] == (TILE, 38)
+    assert result.tiles == 12 == sum(b["n"] for b in fake.batches)
+    assert [b["n"] for b in fake.batches] == [5, 5, 2]  # never more than tile_batch at once
+    for batch in fake.batches:
+        assert batch["size"] == TILE and all(size == (TILE, TILE) for size in batch["sizes"])
+        assert batch["degradations"] == [DESCRIBED[0]] * batch["n"]
+        assert batch["captions"] == [DESCRIBED[1]] * batch["n"]
+    assert (result.degradation, result.caption) == DESCRIBED
+    assert result.image.size == (200, 120) and result.entropy.shape == (15, 25)
+
+
+def test_given_caption_and_degradation_skip_describe():
+    fake = OffsetRestorer()
+
+    result = restore_tiled(
+        fake, smooth_image(100, 60), tile=TILE, overlap=OVERLAP, caption="A wall.", degradation="Blur."
+    )
+
+    assert fake.describe_calls == []
+    assert all(b["captions"] == ["A wall."] * b["n"] for b in fake.batches)
+    assert (result.degradation, result.caption) == ("Blur.", "A wall.")
+
+
+def test_target_smaller_than_a_tile_is_padded_and_cropped_back():
+    fake = OffsetRestorer(amplitude=0)
+
+    result = restore_tiled(fake, smooth_image(40, 30), tile=TILE, overlap=OVERLAP)
+
+    assert result.tiles == 1 and result.image.size == (40, 30)
+    assert any("padded" in notice for notice in result.notices)
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(smooth_image(40, 30)))
+
+
+def step_gradients(image: np.ndarray, axis: int) -> np.ndarray:
+    """Mean absolute gradient of each pixel step along ``axis`` (1: columns, 0: rows), shape (W - 1,) or
+    (H - 1,): step c is between pixels c and c + 1."""
+    other = 1 - axis
+    return np.abs(np.diff(image.astype(np.float64), axis=axis)).mean(axis=(other, 2))
+
+
+@pytest.mark.parametrize("axis", [1, 0], ids=["vertical-seams", "horizontal-seams"])
+def test_blending_hides_the_seams_that_a_hard_paste_shows(axis):
+    width, height = 232, 136  # 5 x 3 tiles of 64 px with 16 px overlap
+    lq = smooth_image(width, height)
+    fake = OffsetRestorer(seed=1)
+
+    blended = np.asarray(restore_tiled(fake, lq, tile=TILE, overlap=OVERLAP, tile_batch=4).image)
+
+    boxes = plan_tiles(width, height, TILE, OVERLAP)
+    pixels = np.asarray(lq, dtype=np.float64)
+    hard = pixels.copy()
+    for (left, top), offset in zip(boxes, fake.offsets, strict=True):  # later tiles cover earlier ones
+        crop = pixels[top : top + TILE, left : left + TILE]
+        hard[top : top + TILE, left : left + TILE] = np.rint(crop + offset).clip(0, 255)
+    starts = sorted({box[1 - axis] for box in boxes if box[1 - axis] > 0})
+    band = np.zeros(pixels.shape[axis] - 1, dtype=bool)  # steps within an overlap, where a seam can be
+    for start in starts:
+        band[start - 1 : start + OVERLAP] = True
+    interior = step_gradients(pixels, axis)[~band].mean()  # the smooth input, away from any border
+    hard_seam = step_gradients(hard, axis)[band].max()  # the worst step in any overlap
+    blended_seam = step_gradients(blended, axis)[band].max()
+
+    # measured (interior, hard paste, blended): vertical seams 0.48, 22.1, 2.6; horizontal 0.45, 9.5, 1.3
+    assert hard_seam > 5 * interior  # the per-tile offsets make visible seams when pasted
+    assert blended_seam < hard_seam / 4
+    # comparable to the image's own gradient: a 40-level jump spread by a cosine over 16 px is <= 3.9
+    assert blended_seam < 3 * interior + 1.5
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("kwargs", "size"), [({"scale": 2}, (200, 120)), ({"outscale": 1.5}, (150, 90))])
+def test_tiny_model_output_size_for_scale_and_outscale(tiny_restorer, kwargs, size):
+    result = restore_tiled(tiny_restorer, smooth_image(100, 60), tile=TILE, overlap=OVERLAP, **kwargs)
+
+    assert result.image.size == size and result.image.mode == "RGB"
+    assert result.lq_upsampled.size == size
+    assert result.tiles == tiles_per_side(size[0]) * tiles_per_side(size[1])
+    assert isinstance(result.caption, str)
+
+
+def test_tiny_model_carries_alpha_through(tiny_restorer):
+    rgb = np.asarray(smooth_image(100, 60))
+    alpha = np.zeros((60, 100), dtype=np.uint8)
+    alpha[:, :50] = 255
+    alpha[20:40, 60:90] = 128
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+
+    result = restore_tiled(tiny_restorer, rgba, scale=2, tile=TILE, overlap=OVERLAP, tile_batch=6)
+
+    assert result.image.mode == "RGBA" and result.image.size == (200, 120)
+    expected = Image.fromarray(alpha).resize((200, 120), Image.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(result.image.getchannel("A")), np.asarray(expected))
+
+
+# ---------------------------------------------------------------- the CLI (in-process, as test_infer_cli.py)
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def cli(capsys, tiny_checkpoint):
+    """``cli(*argv)``: ``pure.infer.main`` in-process on the tiny checkpoint at 64 px."""
+
+    def run(*args: str) -> CliRun:
+        capsys.readouterr()
+        try:
+            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        result = CliRun(code, captured.out, captured.err)
+        assert "Traceback" not in result.stderr
+        return result
+
+    return run
+
+
+def test_cli_scale_restores_by_tiles_and_native_inputs_keep_the_single_pass(cli, tmp_path):
+    smooth_image(100, 60).save(tmp_path / "wide.png")
+    smooth_image(32, 32).save(tmp_path / "native.png")
+
+    run = cli("--input", str(tmp_path / "wide.png"), "--scale", "2", "--tile-overlap", str(OVERLAP))
+
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "wide_pure.png") as restored:
+        assert restored.size == (200, 120)
+    settings = json.loads((tmp_path / "wide_pure.json").read_text())["settings"]
+    assert settings["tiles"] == 12 and settings["tile"] == 64 and settings["scale"] == 2.0
+
+    native = cli("--input", str(tmp_path / "native.png"), "--tile", "64")  # 32 px = x2 of --size 64
+
+    assert native.returncode == 0, native.stderr
+    with Image.open(tmp_path / "native_pure.png") as restored:
+        assert restored.size == (64, 64)
+    assert "tiles" not in json.loads((tmp_path / "native_pure.json").read_text())["settings"]
+
+    both = cli("--input", str(tmp_path / "wide.png"), "--scale", "2", "--outscale", "1.5", "--overwrite")
+
+    assert both.returncode == 2
+    assert len(both.error_lines) == 1 and "--outscale" in both.error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (("--tile", "48"), "--tile"),
+        (("--tile", "64", "--tile-overlap", "64"), "--tile-overlap"),
+        (("--scale", "2", "--tile-batch", "0"), "--tile-batch"),
+        (("--outscale", "-1"), "--outscale"),
+    ],
+)
+def test_cli_bad_tiling_option_is_one_error_line_and_exit_2(cli, tmp_path, args, word):
+    smooth_image(100, 60).save(tmp_path / "wide.png")
+
+    run = cli("--input", str(tmp_path / "wide.png"), *args)
+
+    assert run.returncode == 2
+    assert len(run.error_lines) == 1 and word in run.error_lines[0]
+    assert not (tmp_path / "wide_pure.png").exists()
