@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only Perceive and Understand: print each image's degradation estimate and caption, no image",
     )
-    steer.add_argument("--caption", help='the image description, e.g. "A lion standing in tall grass."')
-    steer.add_argument("--degradation", help='the degradation estimate, e.g. "Large blur, small noise."')
+    steer.add_argument(
+        "--caption",
+        help='the image description, e.g. "A lion standing in tall grass."; or a .json file mapping '
+        "file names (or stems) to per-image captions",
+    )
+    steer.add_argument(
+        "--degradation",
+        help='the degradation estimate, e.g. "Large blur, small noise."; or a .json file of per-image texts',
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -179,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     except ImageLoadError as err:
         raise CliError(err) from None
     single = len(inputs) == 1 and Path(args.input).is_file()
+    args.caption_for = per_image_texts(args.caption, "--caption")
+    args.degradation_for = per_image_texts(args.degradation, "--degradation")
     if args.describe_only:
         return describe(args, inputs, sampling)
     jobs = plan_outputs(inputs, args.output, single)
@@ -212,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         if not batch:
             continue
         try:
-            results = restore_images(restorer, args, sampling, [image for _, _, image in batch])
+            results = restore_images(restorer, args, sampling, [(src, image) for src, _, image in batch])
         except ValueError as err:  # e.g. steering text that spells special tokens
             raise CliError(err) from None
         for (src, dst, image), result in zip(batch, results, strict=True):
@@ -276,26 +287,29 @@ def uses_tiling(args: argparse.Namespace, image: Image.Image) -> bool:
     return args.tiling and not native
 
 
-def restore_images(restorer, args: argparse.Namespace, sampling, images: list[Image.Image]) -> list:
+def restore_images(
+    restorer, args: argparse.Namespace, sampling, batch: list[tuple[Path, Image.Image]]
+) -> list:
     """Restore one batch of loaded images: together at --size, or one by one by tiles (see uses_tiling)."""
     from pure.tiling import restore_tiled
 
+    images = [image for _, image in batch]
     tiled = [uses_tiling(args, image) for image in images]
-    whole = [image for image, t in zip(images, tiled, strict=True) if not t]
+    whole = [src for (src, _), t in zip(batch, tiled, strict=True) if not t]
     results = iter(
         restorer.restore_batch(
-            whole,
+            [image for image, t in zip(images, tiled, strict=True) if not t],
             sampling=sampling,
             seeds=[args.seed] * len(whole),
-            captions=[args.caption] * len(whole),
-            degradations=[args.degradation] * len(whole),
+            captions=[args.caption_for(src) for src in whole],
+            degradations=[args.degradation_for(src) for src in whole],
             color_fix=not args.no_color_fix,
             size=args.size,
             progress=not args.quiet,
         )
     )
     out = []
-    for image, t in zip(images, tiled, strict=True):
+    for (src, image), t in zip(batch, tiled, strict=True):
         if not t:
             out.append(next(results))
             continue
@@ -312,11 +326,26 @@ def restore_images(restorer, args: argparse.Namespace, sampling, images: list[Im
                 color_fix=not args.no_color_fix,
                 sampling=sampling,
                 progress=not args.quiet,
-                caption=args.caption,
-                degradation=args.degradation,
+                caption=args.caption_for(src),
+                degradation=args.degradation_for(src),
             )
         )
     return out
+
+
+def per_image_texts(value: str | None, flag: str) -> Callable[[Path], str | None]:
+    """``--caption``/``--degradation``: one text for every image, or a ``.json`` file of per-image texts
+    (``{"photo.jpg": "A red brick wall.", ...}``, keyed by file name or stem; missing images get none)."""
+    path = Path(value) if value else None
+    if path is None or path.suffix.lower() != ".json" or not path.is_file():
+        return lambda src: value
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CliError(f"{flag} {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise CliError(f'{flag} {path}: expected a JSON object of file name -> text, e.g. {{"a.png": "..."}}')
+    return lambda src: mapping.get(src.name, mapping.get(src.stem))
 
 
 def load_restorer(args: argparse.Namespace):

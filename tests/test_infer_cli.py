@@ -489,3 +489,33 @@ def test_compare_and_entropy_map_pictures(cli, tmp_path):
     compare, heat = Image.open(tmp_path / "out_compare.png"), Image.open(tmp_path / "out_entropy.png")
     assert compare.width >= 2 * 64  # two panels side by side
     assert heat.width >= 64 and heat.height >= 64
+
+
+def test_per_image_captions_from_a_json_file(cli, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_astronaut(folder / "a.png", 32)
+    save_coffee(folder / "b.png", 32)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"a.png": "An astronaut in a suit.", "b": "A cup of coffee."}))
+    out = tmp_path / "out"
+
+    run = cli(
+        "--input", str(folder), "--output", str(out), "--caption", str(captions), "--degradation", DEGRADATION
+    )
+
+    assert run.returncode == 0
+    sidecars = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
+    assert sidecars["a"]["caption"] == "An astronaut in a suit."  # by file name
+    assert sidecars["b"]["caption"] == "A cup of coffee."  # by stem
+    assert {s["degradation"] for s in sidecars.values()} == {DEGRADATION}
+
+
+def test_unreadable_caption_file_is_one_error_line(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 32)
+    bad = tmp_path / "captions.json"
+    bad.write_text("[1, 2")
+
+    run = cli("--input", str(image), "--caption", str(bad))
+
+    assert run.returncode == 2 and len(run.error_lines) == 1 and "captions.json" in run.error_lines[0]
