@@ -235,7 +235,8 @@ class PureRestorer:
 
         parsed = [self.format.parse_answer(ids, strict=True) for ids in out.answer_ids]
         hq_codes = torch.stack([p.codes for p in parsed]).to(device)
-        restored = self.vq.decode(hq_codes).cpu()
+        # one image at a time: batched convolutions may round differently, and a batch must equal single runs
+        restored = torch.cat([self.vq.decode(codes[None]) for codes in hq_codes]).cpu()
         decoded = time.perf_counter()
 
         results = []
