@@ -100,6 +100,9 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
     return np.outer(ramp, ramp).astype(np.float32)  # (tile, tile)
 
 
+MAX_OUTPUT_PIXELS = 256_000_000  # 16000x16000: ~6 GB of float canvas and weights while stitching
+
+
 def target_size(size: tuple[int, int], scale: int | None = None, outscale: float | None = None):
     """``(W, H)`` of the output for an input of ``size``: x ``scale`` (1, 2 or 4) or x ``outscale`` (any
     positive factor, rounded to whole pixels); x1 when neither is given. Returns ``((W, H), factor)``."""
@@ -111,7 +114,13 @@ def target_size(size: tuple[int, int], scale: int | None = None, outscale: float
         raise ValueError(f"outscale must be a positive number; got {outscale}")
     factor = float(outscale if outscale is not None else (scale or 1))
     w, h = size
-    return (max(1, round(w * factor)), max(1, round(h * factor))), factor
+    out = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if out[0] * out[1] > MAX_OUTPUT_PIXELS:  # the float canvas alone would take ~24 bytes a pixel
+        raise ValueError(
+            f"a {w}x{h} px input at x{factor:g} would be {out[0]}x{out[1]} px, over the "
+            f"{MAX_OUTPUT_PIXELS // 1_000_000} MP limit of one output; use a smaller scale"
+        )
+    return out, factor
 
 
 @torch.inference_mode()

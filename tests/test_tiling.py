@@ -326,3 +326,12 @@ def test_cli_bad_tiling_option_is_one_error_line_and_exit_2(cli, tmp_path, args,
     assert run.returncode == 2
     assert len(run.error_lines) == 1 and word in run.error_lines[0]
     assert not (tmp_path / "wide_pure.png").exists()
+
+
+def test_outputs_over_the_size_limit_are_refused():
+    from pure.tiling import MAX_OUTPUT_PIXELS, target_size
+
+    side = int(MAX_OUTPUT_PIXELS**0.5)
+    assert target_size((side // 4, side // 4), scale=4)[0] == (side // 4 * 4, side // 4 * 4)
+    with pytest.raises(ValueError, match="MP limit"):
+        target_size((side // 4 + 8, side // 4 + 8), scale=4)
