@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from cli_run import CliRun
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +37,23 @@ def tiny_vocab(tiny_restorer):
 @pytest.fixture
 def cpu_generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def cli(capsys, tiny_checkpoint):
+    """``cli(*argv)``: run ``pure.infer.main`` in-process on the tiny checkpoint at 64 px (argv can
+    override both), returning its exit code and captured output."""
+    from pure import infer
+
+    def run(*args: str) -> CliRun:
+        capsys.readouterr()  # drop anything printed before
+        try:
+            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
+        except SystemExit as exit_:  # argparse: --help, bad option syntax
+            code = exit_.code
+        captured = capsys.readouterr()
+        result = CliRun(code, captured.out, captured.err)
+        assert "Traceback" not in result.stderr
+        return result
+
+    return run

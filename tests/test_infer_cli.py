@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 from bad_inputs import EXPECTED, make_bad_inputs
+from cli_run import CliRun
 from PIL import Image
 from skimage import data
-
-from pure import infer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 FULL_SIZE_TEST = "test_full_size_folder_run"
@@ -45,21 +44,6 @@ DEGRADATION = "Large blur, small noise."
 NOTED_CONVERSIONS = {"animated.gif": "animated", "sixteen_bit.png": "16-bit", "cmyk.jpg": "CMYK"}
 
 
-@dataclass
-class CliRun:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-    @property
-    def note_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("note:")]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """One thread is several times faster than two for these tiny matmuls, and leaves a core to the
@@ -68,25 +52,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def cli(capsys, tiny_checkpoint):
-    """``cli(*argv)``: run ``pure.infer.main`` in-process on the tiny checkpoint at 64 px (argv can
-    override both), returning its exit code and captured output."""
-
-    def run(*args: str) -> CliRun:
-        capsys.readouterr()  # drop anything printed before
-        try:
-            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
-        except SystemExit as exit_:  # argparse: --help, bad option syntax
-            code = exit_.code
-        captured = capsys.readouterr()
-        result = CliRun(code, captured.out, captured.err)
-        assert "Traceback" not in result.stderr
-        return result
-
-    return run
 
 
 def save_astronaut(path: Path, side: int) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pure import infer
 from pure.tiling import blend_window, plan_tiles, restore_tiled, target_size
 
 TILE, OVERLAP = 64, 16
@@ -253,35 +251,6 @@ def test_tiny_model_carries_alpha_through(tiny_restorer):
 
 
 # ---------------------------------------------------------------- the CLI (in-process, as test_infer_cli.py)
-
-
-@dataclass
-class CliRun:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture
-def cli(capsys, tiny_checkpoint):
-    """``cli(*argv)``: ``pure.infer.main`` in-process on the tiny checkpoint at 64 px."""
-
-    def run(*args: str) -> CliRun:
-        capsys.readouterr()
-        try:
-            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        result = CliRun(code, captured.out, captured.err)
-        assert "Traceback" not in result.stderr
-        return result
-
-    return run
 
 
 def test_cli_scale_restores_by_tiles_and_native_inputs_keep_the_single_pass(cli, tmp_path):
