@@ -43,20 +43,26 @@ class FakeBackend:
     name = "fake"
     version = "1.0"
 
-    def __init__(self, unavailable: tuple[str, ...] = ()) -> None:
+    def __init__(self, unavailable: tuple[str, ...] = (), fail: dict | None = None) -> None:
         self.unavailable = unavailable
+        self.fail = fail or {}  # (metric, stem or None for the folder metric) -> exception raised at runtime
         self.calls: list[tuple[str, list[str]]] = []
 
     def score_pairs(self, spec, preds, gts):
         if spec.name in self.unavailable:
             raise MetricUnavailable(spec.name, "weights unreachable")
         self.calls.append((spec.name, [Path(p).stem for p in preds]))
+        for p in preds:
+            if (spec.name, Path(p).stem) in self.fail:
+                raise self.fail[(spec.name, Path(p).stem)]
         if spec.needs_reference:
             return [float(np.abs(_pixels(p) - _pixels(g)).mean()) for p, g in zip(preds, gts, strict=True)]
         return [float(_pixels(p).mean()) for p in preds]
 
     def score_folders(self, spec, pred_dir, gt_dir):
         self.calls.append((spec.name, []))
+        if (spec.name, None) in self.fail:
+            raise self.fail[(spec.name, None)]
         mean = lambda d: np.mean([_pixels(p).mean() for p in sorted(Path(d).iterdir())])  # noqa: E731
         return float(abs(mean(pred_dir) - mean(gt_dir)))
 
@@ -270,6 +276,99 @@ def test_rerun_scores_only_new_or_changed_images(folders, tmp_path):
     assert backend.calls == [("psnr", ["a", "b", "c"])]
 
 
+# ---- runtime failures of a metric -----------------------------------------------------------------------
+
+OOM = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(GPU 0; 79 GiB total capacity)")
+
+
+def test_a_metric_failing_on_one_image_costs_only_that_cell(folders, tmp_path):
+    pred, gt = folders
+    out, logs = tmp_path / "out", []
+    backend = FakeBackend(fail={("musiq", "b"): OOM})
+    summary = evaluate(pred, gt, parse_metrics("psnr,musiq"), backend, out, "realsr", log=logs.append)
+
+    # the failing chunk is retried image by image, so a and c keep their scores
+    assert backend.calls == [
+        ("psnr", ["a", "b", "c"]),
+        ("musiq", ["a", "b", "c"]),
+        *[("musiq", [s]) for s in "abc"],
+    ]
+    error = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert summary["failures"] == [{"metric": "musiq", "image": "b", "error": error}]
+    assert summary["metrics"]["musiq"]["mean"] == pytest.approx((10 + 200) / 2)
+    assert (summary["metrics"]["musiq"]["count"], summary["metrics"]["musiq"]["failed"]) == (2, 1)
+    assert summary["metrics"]["psnr"]["failed"] == 0 and summary["metrics"]["psnr"]["count"] == 3
+    assert f"musiq: could not score b: {error}" in logs
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    rows = {r["stem"]: r for r in csv.DictReader((out / "per_image.csv").open())}
+    assert rows["b"]["musiq"] == "" and float(rows["c"]["musiq"]) == 200 and float(rows["b"]["psnr"]) == 30
+
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[2] == "| this run (3 images) | 13.33 | 105.00* |"
+    assert (
+        f"musiq could not score 1 of 3 images (* = mean over the others): b; first error: {error}." in table
+    )
+
+    # failures are not cached: a rerun retries exactly the failed cell
+    backend = FakeBackend()
+    summary = evaluate(pred, gt, parse_metrics("psnr,musiq"), backend, out, "realsr", log=logs.append)
+    assert backend.calls == [("musiq", ["b"])]
+    assert summary["failures"] == [] and summary["metrics"]["musiq"]["mean"] == pytest.approx(310 / 3)
+    assert "*" not in (out / "table.md").read_text().splitlines()[2]
+
+
+def test_folder_metric_failure_and_wrong_score_counts_are_recorded(folders, tmp_path):
+    pred, gt = folders
+
+    class ShortBackend(FakeBackend):  # returns one score too few for the whole chunk, right ones alone
+        def score_pairs(self, spec, preds, gts):
+            scores = super().score_pairs(spec, preds, gts)
+            return scores[:-1] if len(preds) > 1 and spec.name == "niqe" else scores
+
+    backend = ShortBackend(fail={("fid", None): ValueError("Inception weights: checksum mismatch")})
+    summary = evaluate(pred, gt, parse_metrics("fid,niqe"), backend, tmp_path / "o", log=lambda _: None)
+    assert summary["failures"] == [
+        {"metric": "fid", "image": None, "error": "ValueError: Inception weights: checksum mismatch"}
+    ]
+    assert summary["metrics"]["fid"] | {"settings": None} == summary["metrics"]["fid"] | {
+        "mean": None,
+        "count": 0,
+        "failed": 3,
+        "settings": None,
+    }
+    assert summary["metrics"]["niqe"]["count"] == 3 and summary["metrics"]["niqe"]["failed"] == 0
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert table.splitlines()[2] == "| this run (3 images) | – | 103.3333 |"
+    assert "- fid failed: ValueError: Inception weights: checksum mismatch." in table
+
+
+def test_interrupt_is_not_recorded_as_a_failure(folders, tmp_path):
+    pred, _ = folders
+    backend = FakeBackend(fail={("niqe", "a"): KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(pred, None, parse_metrics("niqe"), backend, tmp_path / "o", log=lambda _: None)
+
+
+def test_cli_exit_status_with_failed_cells(folders, tmp_path, capsys):
+    pred, gt = folders
+    argv = ["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "r"), "--metrics", "psnr,niqe"]
+    assert eval_main(argv, backend=FakeBackend(fail={("niqe", "c"): OOM})) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: 1 score(s) could not be computed (niqe 1); their cells are empty, listed under "
+        '"failures" in summary.json and in table.md; a rerun retries them'
+    ]
+    assert eval_main([*argv, "--strict"], backend=FakeBackend(fail={("niqe", "c"): OOM})) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --strict: scores missing for niqe"
+    assert eval_main([*argv, "--strict"], backend=FakeBackend(unavailable=("niqe",))) == 1
+    assert eval_main([*argv, "--strict", "--overwrite"], backend=FakeBackend()) == 0
+
+    everything = {(m, s): OOM for m in ("psnr", "niqe") for s in "abc"}
+    assert eval_main([*argv, "--overwrite"], backend=FakeBackend(fail=everything)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no metric could be computed")
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 
@@ -333,9 +432,93 @@ def test_benchmark_mode_restores_resumably_then_scores(tiny_checkpoint, tmp_path
     assert summary["metrics"]["psnr"]["count"] == 2
 
     (pred / "0002.png").unlink()
-    assert eval_main([*argv, "--no-pictures"], backend=FakeBackend()) == 0
+    # the options python -m pure.infer has, on the real (tiny) model: Jacobi decoding, dtype, tokenizer
+    tokenizer = tmp_path / "my_tokenizer.json"  # not the checkpoint's default path, so it must be passed
+    tokenizer.write_bytes((tiny_checkpoint / "tokenizer.json").read_bytes())
+    flags = ["--jacobi", "4", "--dtype", "float32", "--tokenizer", str(tokenizer)]
+    assert eval_main([*argv, "--no-pictures", *flags], backend=FakeBackend()) == 0
     assert "1 image(s) to restore" in capsys.readouterr().out
     assert (pred / "0002.png").is_file()
+    restoration = json.loads((out / "summary.json").read_text())["restoration"]
+    assert restoration["jacobi_window"] == 4 and restoration["dtype"] == "float32"
+    assert restoration["model_identity"]["tokenizer"] == str(tokenizer)
+    assert restoration["model_identity"]["dtype"] == "torch.float32"
+
+
+FAKE_IDENTITY = {"model": "fake", "dtype": "torch.float16"}
+
+
+class _FakeRestorer:
+    """Records what benchmark mode hands the restorer; restores to flat grey images."""
+
+    def __init__(self) -> None:
+        self.identity = dict(FAKE_IDENTITY)
+        self.calls: list[dict] = []
+
+    def restore_batch(self, images, seeds, size, **kwargs):
+        import types
+
+        self.calls.append({"n": len(images), "seeds": seeds, "size": size, **kwargs})
+        return [types.SimpleNamespace(image=Image.new("RGB", (size, size), (9, 9, 9))) for _ in images]
+
+
+def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypatch):
+    import torch
+
+    from pure import infer
+    from pure.eval.cli import DTYPE_NAMES
+    from pure.restorer import PureRestorer
+
+    assert sorted(DTYPE_NAMES) == sorted(infer.DTYPES)  # the same names, so the same flag values work
+    loaded, restorer = [], _FakeRestorer()
+
+    def from_pretrained(model, **kwargs):
+        loaded.append((model, kwargs))
+        return restorer
+
+    monkeypatch.setattr(PureRestorer, "from_pretrained", staticmethod(from_pretrained))
+    _write(tmp_path / "lq", "0001.png", 50, size=(8, 8))
+    base = ["--model", "ckpt", "--lq", str(tmp_path / "lq"), "--pred", str(tmp_path / "p")]
+    base += ["--out", str(tmp_path / "o"), "--metrics", "niqe", "--size", "16", "--device", "cpu"]
+    base += ["--no-pictures", "--overwrite"]
+    flags = ["--vq", "vq.pt", "--tokenizer", "tok.json", "--dtype", "bfloat16", "--jacobi"]
+    assert eval_main([*base, *flags], backend=FakeBackend()) == 0
+    assert loaded == [
+        ("ckpt", {"vq": "vq.pt", "tokenizer": "tok.json", "device": "cpu", "dtype": torch.bfloat16})
+    ]
+    [call] = restorer.calls
+    assert call["sampling"].jacobi_window == 16  # bare --jacobi: pure.infer's default window
+    assert (call["size"], call["seeds"], call["color_fix"]) == (16, [0], True)
+    restoration = json.loads((tmp_path / "o" / "summary.json").read_text())["restoration"]
+    assert restoration["jacobi_window"] == 16 and restoration["tokenizer"] == "tok.json"
+    assert restoration["model_identity"] == FAKE_IDENTITY
+
+    # without the flags: pure.infer's defaults (no Jacobi; the restorer picks dtype and tokenizer)
+    loaded.clear()
+    restorer.calls.clear()
+    assert eval_main(base, backend=FakeBackend()) == 0
+    assert loaded == [("ckpt", {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None})]
+    assert restorer.calls[0]["sampling"].jacobi_window == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--jacobi", "1"], "--jacobi must be 0 (off) or a window of >= 2 tokens; got 1"),
+        (["--jacobi", "-3"], "--jacobi must be 0 (off) or a window of >= 2 tokens; got -3"),
+    ],
+)
+def test_benchmark_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    _write(tmp_path / "lq", "0001.png", 50, size=(8, 8))
+    argv = ["--model", "x", "--lq", str(tmp_path / "lq"), "--pred", str(tmp_path / "p")]
+    assert eval_main([*argv, "--out", str(tmp_path / "o"), *flags], backend=FakeBackend()) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_benchmark_dtype_choices_are_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--model", "x", "--pred", "p", "--out", "o", "--dtype", "float64"])
+    assert info.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
 
 
 def test_benchmark_mode_needs_lq(tmp_path, capsys):
@@ -392,3 +575,34 @@ def test_protocol_warnings_for_stablesr_sets(tmp_path):
     [line] = protocol_warnings("drealsr", [ok, small])
     assert line.startswith("warning: small.png is 64x64; the drealsr protocol (StableSR) uses 128 px")
     assert protocol_warnings("reallq250", [small]) == protocol_warnings(None, [small]) == []
+
+
+def test_pyiqa_backend_out_of_memory_on_one_image(folders, tmp_path, monkeypatch):
+    """The real backend on a stand-in `pyiqa` that runs out of CUDA memory on image b: the cache is given
+    back, b is recorded, a and c keep their scores."""
+    import types
+
+    import torch
+
+    def metric(x, y=None):
+        if round(float(x.mean()) * 255) == 100:  # image b
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return x.mean() * 255
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    stand_in = types.SimpleNamespace(create_metric=lambda name, device=None, as_loss=False, **kw: metric)
+    monkeypatch.setitem(sys.modules, "pyiqa", stand_in)
+    pred, _ = folders
+    summary = evaluate(
+        pred, None, parse_metrics("musiq"), PyiqaBackend(device="cpu"), tmp_path / "r", log=print
+    )
+    assert summary["failures"] == [
+        {
+            "metric": "musiq",
+            "image": "b",
+            "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB",
+        }
+    ]
+    assert summary["metrics"]["musiq"]["mean"] == pytest.approx(105, abs=1e-3)
+    assert len(emptied) == 2  # the chunk of three, then b alone

@@ -1,6 +1,7 @@
 """Evaluation: metric registry (pyiqa, imported only when a metric is computed), scoring, result tables.
 
 python -m pure.eval --pred restored/ --gt RealSR/gt --metrics psnr,ssim,lpips --out results/ --set realsr
+python -m pure.eval.prepare realsr "RealSR(V3)" RealSR   # raw test set -> StableSR centre crops gt/ + lq/
 """
 
 from pure.eval.metrics import (

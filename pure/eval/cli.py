@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from pure.eval.metrics import (
     FULL_REFERENCE,
@@ -29,10 +30,28 @@ folders: restorations and references are paired by file stem (pred/0001.png <-> 
 outputs in --out: per_image.csv, summary.json, table.md (next to the PURE paper's reported numbers
   for --set {{{",".join(SET_NAMES)}}}), scores_cache.json (a rerun only scores new or changed images).
 
+a metric that fails while scoring (e.g. CUDA out of memory or a pyiqa error on one image) does not stop
+  the run: its cell is left empty, the failure (metric, image, one-line error) is listed in summary.json
+  under "failures" and in table.md (a mean over fewer images is marked *), and a rerun retries exactly
+  those cells. A metric that cannot load at all (no pyiqa, weights unreachable) is listed under "skipped".
+
+exit status: 0 scored (possibly with failed cells, reported as above); 1 nothing could be scored, or
+  --strict and a requested score is missing (failed cell or skipped metric); 2 bad input; 130 interrupted.
+
+test sets in their raw download form (RealSR v3, DRealSR): cut the StableSR centre crops first with
+  python -m pure.eval.prepare {{realsr,drealsr}} RAW_DIR OUT_DIR   (writes OUT_DIR/gt and OUT_DIR/lq)
+
 examples:
   python -m pure.eval --pred out/realsr --gt RealSR/gt --out results/realsr --set realsr
   python -m pure.eval --pred out/reallq250 --metrics niqe,musiq,maniqa,clipiqa,topiq_nr --out results/lq250
+  python -m pure.eval --model nonwhy/PURE --vq vq_ds8_c2i.pt --lq RealSR/lq --gt RealSR/gt \\
+      --pred out/realsr --out results/realsr --set realsr --jacobi --dtype bfloat16
 """
+
+# The names `python -m pure.infer --dtype` takes (its DTYPES maps them to torch dtypes); spelled out here
+# so that `--help` needs no torch import.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+JACOBI_DEFAULT_WINDOW = 16  # tokens per forward for a bare --jacobi, as in python -m pure.infer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="device for the model and pyiqa (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="score (and restore) everything again")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 unless every requested metric scored every image (for CI); without it a failed "
+        "cell is reported and the exit status is 0",
+    )
     bench = p.add_argument_group("benchmark mode (restore the test set first; done images are skipped)")
     bench.add_argument("--model", help="checkpoint folder or Hub id to restore --lq with")
     bench.add_argument("--lq", help="folder of LQ inputs (required with --model)")
     bench.add_argument("--vq", help="VQ tokenizer (default: <model>/vq)")
+    bench.add_argument("--tokenizer", help="tokenizer.json overriding the checkpoint's own")
+    bench.add_argument(
+        "--dtype", choices=DTYPE_NAMES, help="model dtype (default bfloat16 on CUDA, float32 on CPU)"
+    )
     bench.add_argument("--seed", type=int, default=0, help="seed of every image (default 0)")
     bench.add_argument("--size", type=int, default=512, help="output side in px (default 512)")
     bench.add_argument("--batch-size", type=int, default=1, help="images restored together (default 1)")
@@ -70,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     bench.add_argument(
+        "--jacobi",
+        type=int,
+        nargs="?",
+        const=JACOBI_DEFAULT_WINDOW,
+        default=0,
+        metavar="N",
+        help=f"speculative Jacobi decoding of the image, N tokens per forward (N default "
+        f"{JACOBI_DEFAULT_WINDOW}): fewer forward passes, same output distribution",
+    )
+    bench.add_argument(
         "--no-pictures", action="store_true", help="skip <out>/pictures/ (comparison grids, entropy maps)"
     )
     return p
@@ -81,21 +120,29 @@ def _restore(args: argparse.Namespace) -> dict:
 
     from pure.engine import SamplingConfig
     from pure.eval.benchmark import plan_restorations, protocol_warnings, restore_set
-    from pure.restorer import PureRestorer
 
     if not args.lq:
         raise EvalError("--model needs --lq, the folder of LQ inputs to restore")
+    if args.jacobi == 1 or args.jacobi < 0:
+        raise EvalError(f"--jacobi must be 0 (off) or a window of >= 2 tokens; got {args.jacobi}")
     sampling = SamplingConfig(
-        cfg_scale=args.cfg, temperature=args.temperature, max_text_tokens=args.max_text_tokens
+        cfg_scale=args.cfg,
+        temperature=args.temperature,
+        max_text_tokens=args.max_text_tokens,
+        jacobi_window=args.jacobi,
     )
     settings = {
         "model": args.model,
+        "vq": args.vq,
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
         "lq_dir": args.lq,
         "seed": args.seed,
         "size": args.size,
         "cfg_scale": args.cfg,
         "temperature": args.temperature,
         "max_text_tokens": args.max_text_tokens,
+        "jacobi_window": args.jacobi,
         "color_fix": not args.no_color_fix,
     }
     Path(args.pred).mkdir(parents=True, exist_ok=True)
@@ -104,7 +151,8 @@ def _restore(args: argparse.Namespace) -> dict:
         print(line)
     print(f"{len(jobs)} image(s) to restore into {args.pred}")
     if jobs:
-        restorer = PureRestorer.from_pretrained(args.model, vq=args.vq, device=args.device)
+        restorer = _load_restorer(args)
+        settings["model_identity"] = dict(getattr(restorer, "identity", {}))  # resolved paths and dtype
         restore_set(
             restorer,
             jobs,
@@ -117,6 +165,44 @@ def _restore(args: argparse.Namespace) -> dict:
             color_fix=not args.no_color_fix,
         )
     return settings
+
+
+def _load_restorer(args: argparse.Namespace) -> Any:
+    """The restorer for benchmark mode, loaded as `python -m pure.infer` loads it (same --vq, --tokenizer,
+    --device, --dtype), so a benchmark measures what users run; load errors become one-line EvalErrors."""
+    import torch
+
+    from pure.infer import DTYPES
+    from pure.model import ModelLoadError
+    from pure.restorer import PureRestorer
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return PureRestorer.from_pretrained(
+            args.model,
+            vq=args.vq,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=DTYPES.get(args.dtype) if args.dtype else None,
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as err:
+        raise EvalError(str(err)) from None
+
+
+def _failure_report(summary: dict[str, Any]) -> str | None:
+    """One stderr line when some cells could not be scored, or None."""
+    failures = summary.get("failures", [])
+    if not failures:
+        return None
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[failure["metric"]] = counts.get(failure["metric"], 0) + 1
+    per_metric = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return (
+        f"warning: {len(failures)} score(s) could not be computed ({per_metric}); their cells are empty, "
+        'listed under "failures" in summary.json and in table.md; a rerun retries them'
+    )
 
 
 def main(argv: list[str] | None = None, backend: MetricBackend | None = None) -> int:
@@ -143,8 +229,15 @@ def main(argv: list[str] | None = None, backend: MetricBackend | None = None) ->
     except KeyboardInterrupt:
         print("interrupted; finished restorations and scores are kept, a rerun continues", file=sys.stderr)
         return 130
-    if not summary["metrics"]:
+    print(f"wrote {args.out}/per_image.csv, summary.json, table.md")
+    report = _failure_report(summary)
+    if report:
+        print(report, file=sys.stderr)
+    if not any(entry.get("count") for entry in summary["metrics"].values()):
         print(f"error: no metric could be computed; see {args.out}/summary.json", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}/per_image.csv, summary.json, table.md")
+    if args.strict and (summary.get("failures") or summary.get("skipped")):
+        missing = sorted({f["metric"] for f in summary.get("failures", [])} | set(summary.get("skipped", {})))
+        print(f"error: --strict: scores missing for {', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0

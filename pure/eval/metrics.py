@@ -102,6 +102,16 @@ def parse_metrics(text: str | Sequence[str]) -> list[MetricSpec]:
     return specs
 
 
+ERROR_CHARS = 300  # a recorded error is cut here: a CUDA or pyiqa message can run to pages
+
+
+def one_line(err: BaseException) -> str:
+    """``"TypeName: first line of the message"``, at most `ERROR_CHARS` long: what a results table and a
+    log line can hold, and enough to tell an out-of-memory from a missing file."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
 class MetricUnavailable(RuntimeError):
     """A metric could not be set up (pyiqa missing, weights unreachable); the others go on."""
 
@@ -122,7 +132,9 @@ class MetricBackend(Protocol):
         """One score per prediction; `gts` is aligned with `preds` (None for no-reference metrics).
 
         Raises:
-            MetricUnavailable: the metric cannot be set up here.
+            MetricUnavailable: the metric cannot be set up here (it is skipped as a whole).
+            Exception: anything else is a runtime failure of these images only: `evaluate` retries them
+                one by one and records the images that still fail, leaving their cells empty.
         """
         ...
 
@@ -164,7 +176,7 @@ class PyiqaBackend:
                 model = pyiqa.create_metric(spec.pyiqa_name, device=device, as_loss=False, **spec.settings)
                 self._models[spec.name] = (model, device)
             except Exception as err:  # any failure to build one metric must not stop the others
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                reason = one_line(err)
                 if isinstance(err, ImportError):
                     reason = f"pyiqa cannot be imported ({err}); install it with pip install 'pure[eval]'"
                 self._failed[spec.name] = reason
@@ -186,15 +198,20 @@ class PyiqaBackend:
 
         model, device = self._model(spec)
         scores: list[float] = []
-        with torch.inference_mode():
-            for i, pred in enumerate(preds):
-                x = self._tensor(pred).to(device)
-                if spec.needs_reference:
-                    assert gts is not None, "full-reference metric called without references"
-                    score = model(x, self._tensor(gts[i]).to(device))
-                else:
-                    score = model(x)
-                scores.append(float(torch.as_tensor(score).float().mean()))
+        try:
+            with torch.inference_mode():
+                for i, pred in enumerate(preds):
+                    x = self._tensor(pred).to(device)
+                    if spec.needs_reference:
+                        assert gts is not None, "full-reference metric called without references"
+                        score = model(x, self._tensor(gts[i]).to(device))
+                    else:
+                        score = model(x)
+                    scores.append(float(torch.as_tensor(score).float().mean()))
+        except torch.cuda.OutOfMemoryError:
+            # give the cached blocks back, so the image-by-image retry and the next metric can still fit
+            torch.cuda.empty_cache()
+            raise
         return scores
 
     def score_folders(self, spec: MetricSpec, pred_dir: Path, gt_dir: Path) -> float:

@@ -24,12 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pure.eval.metrics import METRICS, MetricBackend, MetricSpec, MetricUnavailable
+from pure.eval.metrics import METRICS, MetricBackend, MetricSpec, MetricUnavailable, one_line
 from pure.eval.reported import REPORTED, SET_NAMES, SOURCE, canonical_set
 from pure.imageio import ImageLoadError, atomic_write, list_images, load_image, save_json
 
 RESULT_FORMAT = "pure.eval/1"
 CHUNK = 16  # images scored between two cache writes: an interrupted run loses at most this many
+PARTIAL_MARK = "*"  # after a mean in table.md that leaves out images a metric failed on
 _SHOW = 5  # names listed in an error message before "... and N more"
 
 
@@ -141,7 +142,7 @@ def _load_cache(path: Path, protocol: dict[str, Any]) -> dict[str, dict[str, Any
     return images
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
 
@@ -163,6 +164,13 @@ def evaluate(
     `overwrite`. `restoration` (model and sampling settings, benchmark mode) is copied into the summary.
     A metric the backend cannot set up is logged and listed under ``"skipped"``; the others
     go on. Full-reference metrics are skipped (with the reason) when `gt_dir` is None.
+
+    A metric that raises while scoring (a CUDA out-of-memory on one large image, a pyiqa error on one
+    file) costs only the cells it could not fill: a failing chunk is retried image by image, every
+    failure is recorded under ``"failures"`` as ``{"metric", "image", "error"}`` (``image`` is None for a
+    folder-level metric), its CSV cell stays empty, and the table marks the affected means. Failures
+    are not cached, so a rerun retries exactly those cells. Hours of restoration and the other metrics'
+    scores are never thrown away because of one bad cell.
 
     Returns:
         The summary (also written to summary.json).
@@ -198,25 +206,34 @@ def evaluate(
         save_json({"protocol": protocol, "images": entries}, cache_path, overwrite=True)
 
     folder_scores: dict[str, float] = {}
+    failures: list[dict[str, Any]] = []
+
+    def record(spec: MetricSpec, stem: str | None, err: Exception) -> None:
+        failures.append({"metric": spec.name, "image": stem, "error": one_line(err)})
+        shown = sum(1 for f in failures if f["metric"] == spec.name)
+        if shown <= _SHOW:
+            log(f"{spec.name}: could not score {stem or 'the folders'}: {one_line(err)}")
+        elif shown == _SHOW + 1:
+            log(f"{spec.name}: more images failed; every failure is listed in summary.json")
+
     for spec in runnable:
         try:
             if spec.folder_level:
                 assert gt_dir is not None
                 log(f"{spec.name}: {pred_dir} against {gt_dir}")
-                folder_scores[spec.name] = float(backend.score_folders(spec, pred_dir, gt_dir))
+                try:
+                    folder_scores[spec.name] = float(backend.score_folders(spec, pred_dir, gt_dir))
+                except MetricUnavailable:
+                    raise
+                except Exception as err:  # one metric's runtime error must not end the run
+                    record(spec, None, err)
                 continue
             todo = [p for p in pairs if spec.name not in entries[p.stem]["scores"]]
             log(f"{spec.name}: {len(todo)} to score, {len(pairs) - len(todo)} reused")
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start : start + CHUNK]
-                gts = [p.gt for p in chunk] if spec.needs_reference else None
-                scores = backend.score_pairs(spec, [p.pred for p in chunk], gts)
-                if len(scores) != len(chunk):
-                    raise RuntimeError(
-                        f"{backend.name} returned {len(scores)} {spec.name} scores for {len(chunk)} images"
-                    )
-                for pair, score in zip(chunk, scores, strict=True):
-                    entries[pair.stem]["scores"][spec.name] = float(score)
+                for stem, score in _score_chunk(backend, spec, chunk, record).items():
+                    entries[stem]["scores"][spec.name] = score
                 save_cache()
         except MetricUnavailable as err:
             log(f"skipped {spec.name}: {err.reason}")
@@ -228,6 +245,10 @@ def evaluate(
     summary = _summary(
         pred_dir, gt_dir, test_set, pairs, entries, metrics, per_image, folder_scores, skipped, backend
     )
+    summary["failures"] = [f for f in failures if f["metric"] not in skipped]
+    for name, entry in summary["metrics"].items():
+        failed = [f for f in summary["failures"] if f["metric"] == name]
+        entry["failed"] = len(pairs) if failed and failed[0]["image"] is None else len(failed)
     if restoration is not None:
         summary["restoration"] = restoration
     save_json(summary, out_dir / "summary.json", overwrite=True)
@@ -236,15 +257,58 @@ def evaluate(
     return summary
 
 
+def _score_chunk(
+    backend: MetricBackend,
+    spec: MetricSpec,
+    chunk: Sequence[Pair],
+    record: Callable[[MetricSpec, str | None, Exception], None],
+) -> dict[str, float]:
+    """Scores of `chunk` by stem. If the backend raises on the whole chunk, each image is tried alone,
+    so one bad image (or one that runs out of memory) loses only its own cell; `record` hears of each
+    image that still fails. `MetricUnavailable` passes through: the metric cannot run at all."""
+
+    def score(part: Sequence[Pair]) -> dict[str, float]:
+        gts = [p.gt for p in part] if spec.needs_reference else None
+        scores = backend.score_pairs(spec, [p.pred for p in part], gts)
+        if len(scores) != len(part):
+            raise RuntimeError(f"{backend.name} returned {len(scores)} scores for {len(part)} images")
+        return {pair.stem: float(value) for pair, value in zip(part, scores, strict=True)}
+
+    try:
+        return score(chunk)
+    except MetricUnavailable:
+        raise
+    except Exception as err:  # any runtime error of one metric: isolate the image(s) that cause it
+        if len(chunk) == 1:
+            record(spec, chunk[0].stem, err)
+            return {}
+    scored: dict[str, float] = {}
+    for pair in chunk:
+        try:
+            scored.update(score([pair]))
+        except MetricUnavailable:
+            raise
+        except Exception as err:
+            record(spec, pair.stem, err)
+    return scored
+
+
 def _write_csv(path: Path, pairs: Sequence[Pair], entries: dict, specs: Sequence[MetricSpec]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["stem", "pred", "gt", *(spec.name for spec in specs)])
     for pair in pairs:
         scores = entries[pair.stem]["scores"]
-        writer.writerow([pair.stem, pair.pred, pair.gt or "", *(repr(scores[spec.name]) for spec in specs)])
+        writer.writerow(
+            [pair.stem, pair.pred, pair.gt or "", *(_csv_cell(scores.get(spec.name)) for spec in specs)]
+        )
     data = buffer.getvalue().encode("utf-8")
     atomic_write(path, lambda f: f.write(data), overwrite=True)
+
+
+def _csv_cell(value: float | None) -> str:
+    """Full precision for a score; empty for a cell whose metric failed on that image."""
+    return "" if value is None else repr(value)
 
 
 def _summary(pred_dir, gt_dir, test_set, pairs, entries, metrics, per_image, folder_scores, skipped, backend):
@@ -253,10 +317,12 @@ def _summary(pred_dir, gt_dir, test_set, pairs, entries, metrics, per_image, fol
         if spec.name in skipped:
             continue
         if spec.folder_level:
-            mean, count = folder_scores[spec.name], len(pairs)
+            mean = folder_scores.get(spec.name)
+            count = len(pairs) if mean is not None else 0
         else:
-            values = [entries[p.stem]["scores"][spec.name] for p in pairs]
-            mean, count = _mean(values), sum(1 for v in values if math.isfinite(v))
+            values = [entries[p.stem]["scores"].get(spec.name) for p in pairs]
+            mean = _mean(values)
+            count = sum(1 for v in values if v is not None and math.isfinite(v))
         results[spec.name] = {"label": spec.label, "mean": mean, "count": count, **spec.describe()}
     key = canonical_set(test_set) if test_set else None
     summary: dict[str, Any] = {
@@ -279,6 +345,35 @@ def _cell(value: float | None, spec: MetricSpec) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{spec.decimals}f}"
 
 
+def _run_cell(entry: dict[str, Any], spec: MetricSpec) -> str:
+    """This run's mean; `PARTIAL_MARK` when it covers only the images the metric could score."""
+    cell = _cell(entry.get("mean"), spec)
+    return cell + PARTIAL_MARK if entry.get("failed") and entry.get("mean") is not None else cell
+
+
+def _failure_notes(summary: dict[str, Any]) -> list[str]:
+    """One note per metric that failed at runtime: how many images, which, and the first error."""
+    by_metric: dict[str, list[dict[str, Any]]] = {}
+    for failure in summary.get("failures", []):
+        by_metric.setdefault(failure["metric"], []).append(failure)
+    notes = []
+    for name, failed in by_metric.items():
+        if failed[0]["image"] is None:
+            notes.append(f"{name} failed: {failed[0]['error']}.")
+            continue
+        stems = _names([f["image"] for f in failed])
+        partial = (
+            f" ({PARTIAL_MARK} = mean over the others)"
+            if summary["metrics"].get(name, {}).get("mean") is not None
+            else ""
+        )
+        notes.append(
+            f"{name} could not score {len(failed)} of {summary['count']} images{partial}: {stems}; "
+            f"first error: {failed[0]['error']}."
+        )
+    return notes
+
+
 def format_table(summary: dict[str, Any], run_label: str | None = None) -> str:
     """Markdown table: this run's means, and the PURE paper's reported row for the same set, if known."""
     names = [name for name in METRICS if name in summary["metrics"] or name in summary.get("skipped", {})]
@@ -287,7 +382,7 @@ def format_table(summary: dict[str, Any], run_label: str | None = None) -> str:
     lines = [header, "|---|" + "---|" * len(specs)]
     n = summary["count"]
     label = run_label or f"this run ({n} image{'s' * (n != 1)})"
-    run = [_cell(summary["metrics"].get(s.name, {}).get("mean"), s) for s in specs]
+    run = [_run_cell(summary["metrics"].get(s.name, {}), s) for s in specs]
     lines.append(f"| {label} | " + " | ".join(run) + " |")
     reported = summary.get("reported")
     set_name = SET_NAMES.get(summary.get("set") or "", summary.get("set"))
@@ -303,4 +398,5 @@ def format_table(summary: dict[str, Any], run_label: str | None = None) -> str:
     if reported:
         notes.append(f'"reported" rows are copied from the {reported["source"]}, not measured here.')
     notes += [f"{name} skipped: {reason}." for name, reason in summary.get("skipped", {}).items()]
+    notes += _failure_notes(summary)
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
