@@ -1,0 +1,306 @@
+"""`pure.eval.holdout`: Y-channel PSNR/SSIM against references, deterministic crops and baselines, the
+beats-bicubic sentence following the numbers, and the CLI end to end on the tiny random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.metrics import structural_similarity
+
+from pure.eval import holdout
+from pure.eval.holdout import (
+    BORDER,
+    SETTINGS,
+    crop_boxes,
+    measure_holdout,
+    native_size,
+    psnr_y,
+    render_markdown,
+    rgb_to_y,
+    ssim_y,
+    summarise,
+    verdict,
+)
+from pure.vq import pil_to_pixels, pixels_to_pil
+
+CROP = 64  # small multiple of 32: the tiny model restores 16 px LQ -> 64 px in about a second
+SKIMAGE_TOLERANCE = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """1 torch thread, as on the 2-core test machine; restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def astronaut(width: int = 96, height: int = 96) -> Image.Image:
+    return Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
+
+
+def coffee(width: int = 100, height: int = 80) -> Image.Image:
+    return Image.fromarray(data.coffee()).resize((width, height), Image.BICUBIC)
+
+
+@pytest.fixture
+def holdout_folder(tmp_path):
+    folder = tmp_path / "holdout"
+    folder.mkdir()
+    astronaut().save(folder / "astronaut.png")
+    coffee().save(folder / "coffee.png")
+    return folder
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_y_channel_is_bt601_studio_range():
+    black = np.zeros((4, 4, 3), np.uint8)
+    white = np.full((4, 4, 3), 255, np.uint8)
+    assert np.allclose(rgb_to_y(black), 16.0)
+    assert np.allclose(rgb_to_y(white), 235.0)  # 16 + 65.481 + 128.553 + 24.966
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    assert rgb_to_y(red)[0, 0] == pytest.approx(16.0 + 65.481)
+
+
+def test_identical_images_give_inf_and_one():
+    image = np.asarray(astronaut())
+    assert psnr_y(image, image) == math.inf
+    assert ssim_y(image, image) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_constant_offset_gives_the_analytic_psnr():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 200, size=(48, 48, 3), dtype=np.uint8)
+    offset = 10  # on every channel: Y moves by offset * (65.481 + 128.553 + 24.966) / 255
+    pred = ref + np.uint8(offset)
+    y_offset = offset * 219.0 / 255.0
+    assert psnr_y(pred, ref) == pytest.approx(20 * math.log10(255.0 / y_offset), abs=1e-9)
+
+
+def test_ssim_matches_scikit_image_on_the_same_y():
+    rng = np.random.default_rng(1)
+    ref = np.asarray(astronaut())
+    noisy = np.clip(ref.astype(np.int16) + rng.normal(0, 12, ref.shape).round(), 0, 255).astype(np.uint8)
+    blurred = np.asarray(Image.fromarray(ref).resize((24, 24), Image.BILINEAR).resize((96, 96)))
+    for pred in (noisy, blurred):
+        a = rgb_to_y(pred)[BORDER:-BORDER, BORDER:-BORDER]
+        b = rgb_to_y(ref)[BORDER:-BORDER, BORDER:-BORDER]
+        expected = structural_similarity(
+            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255.0
+        )
+        assert ssim_y(pred, ref) == pytest.approx(expected, abs=SKIMAGE_TOLERANCE)
+        assert ssim_y(pred, ref) < 1.0
+
+
+def test_border_is_cut_before_scoring():
+    ref = np.full((32, 32, 3), 128, np.uint8)
+    pred = ref.copy()
+    pred[:BORDER] = 0  # only inside the border
+    assert psnr_y(pred, ref) == math.inf
+    assert psnr_y(pred, ref, border=0) < 30
+
+
+# -- crops, sizes, settings ----------------------------------------------------------------------------------
+
+
+def test_crop_boxes_are_a_fixed_grid_inside_the_image():
+    assert crop_boxes(100, 80, 64, 1) == [(8, 18)]  # the centre
+    boxes = crop_boxes(300, 200, 64, 4)
+    assert boxes == crop_boxes(300, 200, 64, 4) and len(set(boxes)) == 4
+    assert all(0 <= t <= 200 - 64 and 0 <= left <= 300 - 64 for t, left in boxes)
+    assert len(crop_boxes(300, 200, 64, 3)) == 3
+    with pytest.raises(ValueError, match="smaller than"):
+        crop_boxes(50, 80, 64, 1)
+
+
+def test_native_size_prefers_the_restorer_then_the_config():
+    assert native_size(SimpleNamespace(image_size=128)) == 128
+    with_config = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(pure_image_size=256)))
+    assert native_size(with_config) == 256
+    assert native_size(SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()))) == 512
+
+
+def test_settings_switch_off_one_thing_each():
+    default = SETTINGS["pure"]
+    assert SETTINGS["pure-no-entropy"].min_k == SETTINGS["pure-no-entropy"].max_k  # fixed k
+    assert SETTINGS["pure-no-cfg"].cfg_scale == 1.0
+    assert SETTINGS["pure-greedy"].temperature == 0.0
+    assert default.min_k < default.max_k and default.cfg_scale != 1.0
+
+
+# -- the verdict follows the numbers -------------------------------------------------------------------------
+
+
+def _rows(method: str, psnrs: list[float], ssims: list[float]) -> list[dict]:
+    return [
+        {"method": method, "crop": f"img_{i:03d}", "psnr_y": p, "ssim_y": s, "seconds": 0.5}
+        for i, (p, s) in enumerate(zip(psnrs, ssims, strict=True))
+    ]
+
+
+def _results(rows: list[dict]) -> dict:
+    summary = summarise(rows)
+    return {
+        "methods": summary,
+        "verdict": verdict(summary),
+        "protocol": {
+            "crops_per_image": 1,
+            "crop": 128,
+            "lq_size": 32,
+            "scale": 4,
+            "degradation_preset": "realesrgan",
+            "seeds": [0, 1],
+            "color_fix": "wavelet (restorer default)",
+        },
+        "checkpoint": {"model": "ckpt"},
+        "images": ["a", "b"],
+        "skipped": [],
+    }
+
+
+def test_verdict_says_beats_only_when_both_means_are_higher():
+    bicubic = _rows("bicubic", [24.0, 26.0], [0.60, 0.70])
+    better = _results([*bicubic, *_rows("pure", [25.0, 27.0], [0.65, 0.75])])
+    assert better["verdict"].startswith("pure beats bicubic on both PSNR-Y and SSIM-Y")
+    assert "26.00 vs 25.00 dB" in better["verdict"]
+
+    sharper_not_faithful = _results([*bicubic, *_rows("pure", [25.0, 27.0], [0.55, 0.60])])
+    text = sharper_not_faithful["verdict"]
+    assert text.startswith("pure does not beat bicubic on both: not on SSIM-Y")
+    assert "PSNR-Y" not in text.split("(")[0].split("not on")[1]
+
+    worse = _results([*bicubic, *_rows("pure", [20.0, 21.0], [0.40, 0.50])])
+    assert "not on PSNR-Y nor SSIM-Y" in worse["verdict"]
+
+    markdown = render_markdown(better)
+    assert "| method | PSNR-Y (dB) | SSIM-Y | s/image |" in markdown
+    assert "| pure | 26.00 ± 1.00 | 0.7000 ± 0.0500 | 0.5 |" in markdown
+    assert better["verdict"] in markdown
+
+
+def test_verdict_without_pure_says_so():
+    results = _results(_rows("bicubic", [24.0], [0.6]))
+    assert "not measured" in results["verdict"]
+
+
+# -- measurement on the tiny checkpoint ---------------------------------------------------------------------
+
+
+def test_baselines_are_deterministic_and_plausible(tiny_restorer):
+    images = {"astronaut.png": astronaut(), "coffee.png": coffee()}
+    first = measure_holdout(tiny_restorer, images, crop=CROP, seeds=[0, 1], methods=["bicubic", "vq"])
+    again = measure_holdout(tiny_restorer, images, crop=CROP, seeds=[0, 1], methods=["bicubic", "vq"])
+    strip = ("seconds", "degrade_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in first["rows"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in again["rows"]
+    ]
+    assert len(first["rows"]) == 2 * 2 * 2  # images x seeds x methods
+
+    bicubic = [r for r in first["rows"] if r["method"] == "bicubic"]
+    assert all(math.isfinite(r["psnr_y"]) and r["psnr_y"] > 10 and 0 < r["ssim_y"] < 1 for r in bicubic)
+    by_seed = {(r["crop"], r["seed"]): r["psnr_y"] for r in bicubic}
+    assert by_seed[("astronaut_000", 0)] != by_seed[("astronaut_000", 1)]  # each seed, another LQ
+
+    # the VQ ceiling is the decode of the HQ crop's own codes, whatever the seed
+    vq_rows = [r for r in first["rows"] if r["method"] == "vq" and r["crop"] == "astronaut_000"]
+    box = vq_rows[0]["box"]
+    hq = astronaut().crop((box["left"], box["top"], box["left"] + CROP, box["top"] + CROP))
+    vq = tiny_restorer.vq
+    decoded = pixels_to_pil(vq.decode(vq.encode(pil_to_pixels(hq)[None]))[0])
+    assert [r["psnr_y"] for r in vq_rows] == [pytest.approx(psnr_y(decoded, hq))] * 2
+    assert first["methods"]["vq"]["psnr_y"]["n"] == 4
+    assert first["protocol"]["color_fix"] == "wavelet (restorer default)"
+
+
+def test_bad_api_input_is_a_holdout_error(tiny_restorer):
+    with pytest.raises(holdout.HoldoutError, match="multiple of 32"):
+        measure_holdout(tiny_restorer, {"a": astronaut()}, crop=48)
+    with pytest.raises(holdout.HoldoutError, match="no usable"):
+        measure_holdout(tiny_restorer, {"small": astronaut(40, 40)}, crop=CROP, methods=["bicubic"])
+    with pytest.raises(holdout.HoldoutError, match="unknown method"):
+        measure_holdout(tiny_restorer, {"a": astronaut()}, crop=CROP, methods=["nearest"])
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = holdout.main(list(argv))
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_cli_writes_results_markdown_and_pictures(tiny_checkpoint, holdout_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), "--holdout", str(holdout_folder), "--out", str(out)]
+    code, stdout, _ = _run(
+        capsys, *args, "--crop", str(CROP), "--seeds", "0,1", "--methods", "bicubic,vq,pure", "--quiet"
+    )
+    assert code == 0, stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["bicubic", "vq", "pure"]
+    assert results["protocol"]["seeds"] == [0, 1] and results["protocol"]["crop"] == CROP
+    assert len(results["rows"]) == 2 * 2 * 3
+    assert results["checkpoint"]["files"]["model.safetensors"]["sha256"]
+    assert results["settings"]["pure"]["sampling"]["cfg_scale"] == SETTINGS["pure"].cfg_scale
+    pure_rows = [r for r in results["rows"] if r["method"] == "pure"]
+    assert all(r["seconds"] > 0 and "degradation" in r for r in pure_rows)
+
+    # the sentence follows the numbers written beside it
+    means = {m: (s["psnr_y"]["mean"], s["ssim_y"]["mean"]) for m, s in results["methods"].items()}
+    beats = means["pure"][0] > means["bicubic"][0] and means["pure"][1] > means["bicubic"][1]
+    markdown = (out / "results.md").read_text()
+    assert ("pure beats bicubic on both" in markdown) == beats
+    assert ("pure does not beat bicubic" in markdown) == (not beats)
+    assert "| method | PSNR-Y (dB) | SSIM-Y | s/image |" in markdown
+    assert "colour fix: wavelet" in markdown
+
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
+    assert pictures == ["astronaut_000_seed0.png", "coffee_000_seed0.png"]
+    with Image.open(out / "pictures" / pictures[0]) as picture:
+        assert picture.width > 5 * CROP  # five labelled panels
+
+    code, _, stderr = _run(capsys, *args, "--crop", str(CROP), "--methods", "bicubic")
+    assert code == 2 and "--overwrite" in stderr  # an earlier measurement is never silently replaced
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--crop", "48"], "multiple of 32"),
+        (["--crop", "64", "--seeds", "0,x"], "--seeds"),
+        (["--crop", "64", "--methods", "bicubic,nearest"], "--methods"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(
+    tiny_checkpoint, holdout_folder, tmp_path, capsys, extra, message
+):
+    argv = ["--model", str(tiny_checkpoint), "--holdout", str(holdout_folder), "--out", str(tmp_path / "o")]
+    code, _, stderr = _run(capsys, *argv, *extra)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:") and message in stderr
+
+
+def test_cli_empty_or_unusable_folder_exits_2(tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--crop", "64", "--quiet"]
+    code, _, stderr = _run(capsys, *argv, "--holdout", str(empty))
+    assert code == 2 and stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1
+
+    small = tmp_path / "small"
+    small.mkdir()
+    astronaut(40, 40).save(small / "tiny.png")
+    code, _, stderr = _run(capsys, *argv, "--holdout", str(small), "--methods", "bicubic")
+    assert code == 2 and "no usable" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "results.json").exists()
