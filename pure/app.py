@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'pure[app]'"
 AUTO_SCALE = "auto"
-# Radio label -> upscaling factor. The output is always ``size`` px square (PURE is trained at 512): "x4"
-# treats the upload as a size/4 px low-quality image (resized to that first), as the x4 benchmarks do;
-# "auto" hands the upload to the restorer as it is (128/256/512 px squares are its native x4/x2/x1).
+# Radio label -> upscaling factor. The output is always ``size`` px square (default the checkpoint's native
+# size: 512 for PURE): "x4" treats the upload as a size/4 px low-quality image (resized to that first), as
+# the x4 benchmarks do; "auto" hands the upload to the restorer as it is (size/4, size/2 and size px
+# squares are its native x4/x2/x1).
 SCALES: dict[str, int] = {AUTO_SCALE: 0, "x1": 1, "x2": 2, "x4": 4}
 MAX_SEED = 2**31 - 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,9 +72,12 @@ def restore_for_demo(
     caption: str | None = None,
     degradation: str | None = None,
     color_fix: bool = True,
-    size: int = 512,
+    size: int | None = None,
 ) -> DemoOutput:
     """One restoration as the page shows it (no Gradio needed; the page's button calls this).
+
+    ``size``: the output side, default the restorer's native ``image_size`` (what its checkpoint was
+    trained at).
 
     Empty ``caption``/``degradation`` let the model write its own; ``cfg_scale``/``temperature`` of ``None``
     keep the :class:`~pure.engine.SamplingConfig` defaults. Raises ``ValueError`` with a message for the user.
@@ -88,6 +92,7 @@ def restore_for_demo(
         raise ValueError(f"seed must be within 0..{MAX_SEED}; got {seed}")
     overrides = {"cfg_scale": cfg_scale, "temperature": temperature}
     overrides = {k: float(v) for k, v in overrides.items() if v is not None}
+    size = restorer.image_size if size is None else size
     lq, notices = prepare_input(image, SCALES[scale], size)
     result = restorer.restore(
         lq,
@@ -121,8 +126,10 @@ def restore_for_demo(
     )
 
 
-def build_demo(restorer: PureRestorer, size: int = 512) -> gr.Blocks:
+def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
     """The page as a ``gr.Blocks`` (not launched): ``build_demo(r).launch(server_name="127.0.0.1")``.
+
+    ``size``: the output side, default the restorer's native ``image_size``.
 
     Element ids for scripts and tests: ``#lq`` (upload), ``#restore`` (button), ``#result`` (slider with the
     upsampled input and the restoration), ``#degradation`` and ``#caption`` (text boxes), ``#entropy``
@@ -132,8 +139,11 @@ def build_demo(restorer: PureRestorer, size: int = 512) -> gr.Blocks:
 
     from pure.engine import SamplingConfig
     from pure.imageio import ImageLoadError, load_image
+    from pure.restorer import native_input_sides
 
     defaults = SamplingConfig()
+    size = restorer.image_size if size is None else size
+    natives = ", ".join(str(side) for side in native_input_sides(size))
 
     def on_restore(path, scale, cfg_scale, temperature, seed, caption, degradation, color_fix):
         if not path:
@@ -176,7 +186,7 @@ def build_demo(restorer: PureRestorer, size: int = 512) -> gr.Blocks:
                     value=AUTO_SCALE,
                     label="Scale",
                     info=f"x2/x4: the upload is treated as a {size // 2}/{size // 4} px image; "
-                    "auto: as it is (128, 256, 512 px squares are x4, x2, x1 at 512)",
+                    f"auto: as it is ({natives} px squares are x4, x2, x1 at {size})",
                     elem_id="scale",
                 )
                 with gr.Row():
@@ -258,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq", help="VQ tokenizer: LlamaGen's vq_ds8_c2i.pt or a folder (default: <model>/vq)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--size", type=int, default=512, help="output side in px (default 512, as trained)")
+    p.add_argument(
+        "--size",
+        type=int,
+        help="output side in px (default: the checkpoint's native size, 512 for PURE; see pure.infer)",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)"
     )
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from pure.model import ModelLoadError
     from pure.restorer import GRID_PX, PureRestorer
 
-    if args.size <= 0 or args.size % GRID_PX:
+    if args.size is not None and (args.size <= 0 or args.size % GRID_PX):
         print(f"error: --size must be a positive multiple of {GRID_PX}; got {args.size}", file=sys.stderr)
         return 2
     if not 0 < args.port < 65536:

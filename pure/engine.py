@@ -22,6 +22,7 @@ it with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA; see :cl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,18 @@ class _TextRow:
             if self.caption_after_sentence and "." in self.fmt.tokenizer.decode(self.tokens):
                 self.pending, self.caption_after_sentence = self.caption_after_sentence, []
         return token
+
+
+class _TokenCounter:
+    """Stands in for the image-row bar: reports each increment of rows as image tokens to a callback."""
+
+    def __init__(self, callback: Callable[[int], None], tokens_per_row: int):
+        self.callback = callback
+        self.tokens_per_row = tokens_per_row
+
+    def update(self, rows: int) -> None:
+        if rows:
+            self.callback(rows * self.tokens_per_row)
 
 
 def make_decoder(
@@ -337,7 +350,7 @@ class RestorationDecoder:
         width: int,
         priors: list[TextPrior] | None = None,
         generators: list[torch.Generator] | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int], None] = False,
     ) -> DecodeOutput:
         """Decode one answer per prompt.
 
@@ -346,6 +359,8 @@ class RestorationDecoder:
             height, width: latent grid of the output image (64 x 64 for 512 px).
             priors: per-row forced text (default: none).
             generators: one ``torch.Generator`` per row on the model's device (needed unless greedy).
+            progress: ``True`` shows a bar over image rows; a callable is called instead with each increment
+                of image tokens decoded (all rows together, a grid row at a time), for a caller's own bar.
         """
         rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(prompts.shape[0])])]
         return self._decode(prompts, height, width, rows, generators, progress)
@@ -357,7 +372,7 @@ class RestorationDecoder:
         height: int,
         width: int,
         generators: list[torch.Generator] | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int], None] = False,
     ) -> DecodeOutput:
         """Only the image block, after prompts that already hold the answer's text (no text phase).
 
@@ -398,8 +413,11 @@ class RestorationDecoder:
         passes_before_image = state.passes
         self._start_image(state, height, width)
         entropy = torch.zeros((batch, height, width), device=prompts.device)
-        with tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False) as bar:
-            self._image_phase(state, constraint, generators, entropy, bar)
+        if callable(progress):
+            self._image_phase(state, constraint, generators, entropy, _TokenCounter(progress, batch * width))
+        else:
+            with tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False) as bar:
+                self._image_phase(state, constraint, generators, entropy, bar)
         image_done = time.perf_counter()
 
         eot = torch.tensor([self.fmt.vocab.eot])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import pure
 from pure import viz
 from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
+from pure.restorer import IMAGE_SIZE_KEY
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPILOG = f"""
@@ -23,10 +25,11 @@ examples:
   python -m pure.infer --input lq.png                       # {HUB_MODEL_ID} + LlamaGen VQ, writes lq_pure.png
   python -m pure.infer --input photos/ --output restored/ --vq vq_ds8_c2i.pt --batch-size 4
   python -m pure.infer --input lq.png --caption "A red brick wall with ivy."   # steer the restoration
-  python -m pure.infer --input photo.jpg --scale 2          # any size: overlapping 512 px tiles, blended
+  python -m pure.infer --input photo.jpg --scale 2          # any size: overlapping native-size tiles
 
-Inputs of 128, 256 or 512 px square give a 512x512 restoration (x4, x2, x1); other sizes are resized to
-512x512 (with a notice), unless tiling is on: --scale or --outscale always tiles (output = input size x
+The native size N is the checkpoint's (config.json "{IMAGE_SIZE_KEY}"; 512 for PURE). Inputs of N/4, N/2 or
+N px square give an NxN restoration (x4, x2, x1: 128, 256, 512 px for PURE); other sizes are resized to
+--size (with a notice), unless tiling is on: --scale or --outscale always tiles (output = input size x
 factor, aspect ratio kept); --tile alone tiles every input that is not a native square, at x1.
 Each output PNG gets a JSON sidecar with the degradation estimate, the caption,
 every sampling setting, the seed, the model identity and timings.
@@ -76,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same output"
     )
-    sampling.add_argument("--size", type=int, default=512, help="output side in px (default 512, as trained)")
+    sampling.add_argument(
+        "--size",
+        type=int,
+        help="output side in px (default: the checkpoint's native size, its config.json "
+        f"{IMAGE_SIZE_KEY}; 512 for PURE, which names none)",
+    )
     sampling.add_argument("--batch-size", type=int, default=1, help="images restored together (default 1)")
     sampling.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     sampling.add_argument(
@@ -99,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tile side in px (default --size); given alone, it tiles inputs that are not native squares",
     )
-    tiling.add_argument("--tile-overlap", type=int, help="px shared by neighbouring tiles (default tile / 8)")
+    tiling.add_argument(
+        "--tile-overlap",
+        type=int,
+        help="px shared by neighbouring tiles (default tile / 8, whole 8 px latents)",
+    )
     tiling.add_argument("--tile-batch", type=int, default=4, help="tiles restored together (default 4)")
     pictures = p.add_argument_group("pictures (written beside each output)")
     pictures.add_argument(
@@ -180,9 +192,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.size <= 0 or args.size % GRID_PX:
+    if args.size is not None and (args.size <= 0 or args.size % GRID_PX):
         raise CliError(f"--size must be a positive multiple of {GRID_PX}; got {args.size}")
     check_tiling(args)
+    resolve_sizes(args, native=None)  # what --size already settles, before hours of work
     try:
         inputs = list_images(args.input)
     except ImageLoadError as err:
@@ -207,130 +220,207 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
 
     restorer = load_restorer(args)
+    resolve_sizes(args, native=restorer.image_size)
 
     failed: list[str] = []
     done = 0
+    summary = ""  # the single-file summary line
+
+    def fail(src: Path, message: str) -> None:
+        failed.append(f"{src}: {message}")
+        print(f"error: {src}: {message}", file=sys.stderr)
+        bar.update(1)
+
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet or len(todo) == 1)
+    tokens = TokenBar(disable=args.quiet, below=not bar.disable)
     for start in range(0, len(todo), args.batch_size):
         batch = []
         for src, dst in todo[start : start + args.batch_size]:
             try:
                 batch.append((src, dst, load_image(src)))
             except ImageLoadError as err:
-                failed.append(f"{src}: {err}")
-                print(f"error: {src}: {err}", file=sys.stderr)
+                fail(src, str(err))
+        whole = [item for item in batch if not uses_tiling(args, item[2])]
+        tiled = [item for item in batch if uses_tiling(args, item[2])]
+        # whole images restore together; a tiled image is restored and written before the next one starts,
+        # so at most one output canvas is held however large --batch-size is
+        outcomes = itertools.chain(
+            zip(whole, restore_whole(restorer, args, sampling, whole, tokens), strict=True),
+            ((item, restore_one_tiled(restorer, args, sampling, item, tokens)) for item in tiled),  # lazily
+        )
+        for (src, dst, image), result in outcomes:
+            error = str(result) if isinstance(result, Exception) else None
+            if error and single:
+                raise CliError(error)
+            error = error or write_outputs(args, restorer, src, dst, image, result)
+            if error:  # this file only: the run goes on with the others
+                fail(src, error)
+            else:
+                done += 1
                 bar.update(1)
-        if not batch:
-            continue
-        try:
-            results = restore_images(restorer, args, sampling, [(src, image) for src, _, image in batch])
-        except ValueError as err:  # e.g. steering text that spells special tokens
-            raise CliError(err) from None
-        for (src, dst, image), result in zip(batch, results, strict=True):
-            notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
-            for notice in notices:
-                print(f"note: {src.name}: {notice}", file=sys.stderr)
-            try:
-                save_image(result.image, dst, overwrite=args.overwrite)
-                save_json(
-                    sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True
-                )
-                for path, picture in pictures(args, dst, result):
-                    save_image(picture, path, overwrite=True)
-            except OSError as err:  # full disk, permissions, a file appearing meanwhile ...
-                failed.append(f"{src}: {err}")
-                print(f"error: {dst}: cannot write: {err.strerror or err}", file=sys.stderr)
-                bar.update(1)
-                continue
-            done += 1
-            bar.update(1)
-            if single or args.quiet:
-                continue
-            tqdm.write(f"{src.name}: {result.degradation or '-'} {result.caption[:60]}")
+                if single:
+                    summary = f"{dst}: {result.degradation or '(no degradation sentence)'} {result.caption}"
+                elif not args.quiet:
+                    tqdm.write(f"{src.name}: {result.degradation or '-'} {result.caption[:60]}")
+            del result  # a tiled output is big: let it go before the next one is restored
+    tokens.close()
     bar.close()
-    if single and done:
-        print(f"{todo[0][1]}: {results[0].degradation or '(no degradation sentence)'} {results[0].caption}")
+    if summary:
+        print(summary)
     if len(jobs) > 1 or failed:
         print(f"restored {done}, skipped {skipped} existing, failed {len(failed)}")
     return 1 if failed else 0
 
 
+# What restoring one image may raise that is that image's fault or too big for this machine, not the run's:
+# steering text spelling special tokens, an output over tiling's size cap, running out of (device) memory.
+PER_IMAGE_ERRORS = (ValueError, RuntimeError, MemoryError)
+
+
+def write_outputs(args: argparse.Namespace, restorer, src: Path, dst: Path, image, result) -> str | None:
+    """Write one restoration, its sidecar and pictures, with the notices; the error message on failure."""
+    notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
+    for notice in notices:
+        print(f"note: {src.name}: {notice}", file=sys.stderr)
+    try:
+        save_image(result.image, dst, overwrite=args.overwrite)
+        save_json(sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True)
+        for path, picture in pictures(args, dst, result):
+            save_image(picture, path, overwrite=True)
+    except OSError as err:  # full disk, permissions, a file appearing meanwhile ...
+        return f"cannot write {dst}: {err.strerror or err}"
+    return None
+
+
+class TokenBar:
+    """The second bar, under the one over images: the image tokens of the batch or tiled image being
+    restored (a 512 px image is 4096 of them), fed by ``restore_batch``'s progress callback."""
+
+    def __init__(self, disable: bool, below: bool):
+        """``below``: under the images bar (its second line), else on the first line."""
+        position = 1 if below else 0
+        self.bar = tqdm(desc="image tokens", unit="tok", leave=False, position=position, disable=disable)
+
+    def start(self, total: int, what: str) -> None:
+        self.bar.reset(total=total)
+        self.bar.set_description(what, refresh=False)
+
+    def __call__(self, tokens: int) -> None:
+        self.bar.update(tokens)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def check_tiling(args: argparse.Namespace) -> None:
-    """Validate the tiling options and fill in their defaults (tile = --size, overlap = tile / 8)."""
+    """Validate the tiling options given; their defaults follow the model (see :func:`resolve_sizes`)."""
     from pure.restorer import GRID_PX
 
     if args.scale is not None and args.outscale is not None:
         raise CliError("give either --scale or --outscale, not both")
     if args.outscale is not None and not (0 < args.outscale < float("inf")):
         raise CliError(f"--outscale must be a positive number; got {args.outscale}")
-    tile = args.size if args.tile is None else args.tile
-    if tile <= 0 or tile % GRID_PX:
-        raise CliError(f"--tile must be a positive multiple of {GRID_PX}; got {tile}")
-    overlap = tile // 8 if args.tile_overlap is None else args.tile_overlap
-    if not 0 <= overlap < tile:
-        raise CliError(f"--tile-overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    if args.tile is not None and (args.tile <= 0 or args.tile % GRID_PX):
+        raise CliError(f"--tile must be a positive multiple of {GRID_PX}; got {args.tile}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        raise CliError(f"--tile-overlap must be >= 0; got {args.tile_overlap}")
     if args.tile_batch < 1:
         raise CliError(f"--tile-batch must be >= 1; got {args.tile_batch}")
     args.tiling = args.scale is not None or args.outscale is not None or args.tile is not None
-    args.tile, args.tile_overlap = tile, overlap
+
+
+def resolve_sizes(args: argparse.Namespace, native: int | None) -> None:
+    """Fill in --size (the checkpoint's ``native`` size), --tile (--size) and --tile-overlap (tile / 8, see
+    :func:`pure.tiling.default_overlap`); a no-op while --size is neither given nor known (``native`` None).
+    Run once before the model loads (to fail early on what --size settles) and once after."""
+    from pure.tiling import default_overlap
+
+    size = args.size if args.size is not None else native
+    if size is None:
+        return
+    tile = size if args.tile is None else args.tile
+    overlap = default_overlap(tile) if args.tile_overlap is None else args.tile_overlap
+    if not 0 <= overlap < tile:
+        raise CliError(f"--tile-overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
+    args.size, args.tile, args.tile_overlap = size, tile, overlap
 
 
 def uses_tiling(args: argparse.Namespace, image: Image.Image) -> bool:
     """--scale / --outscale: always; --tile alone: inputs that are not a native square (--size x 1, 1/2,
-    1/4); otherwise never, so the default behaviour is the single 512 px restoration."""
-    from pure.restorer import NATIVE_SCALES
+    1/4); otherwise never, so the default behaviour is the single restoration at --size."""
+    from pure.restorer import is_native_input
 
     if args.scale is not None or args.outscale is not None:
         return True
-    w, h = image.size
-    native = w == h and args.size % w == 0 and args.size // w in NATIVE_SCALES
-    return args.tiling and not native
+    return args.tiling and not is_native_input(image.size, args.size)
 
 
-def restore_images(
-    restorer, args: argparse.Namespace, sampling, batch: list[tuple[Path, Image.Image]]
-) -> list:
-    """Restore one batch of loaded images: together at --size, or one by one by tiles (see uses_tiling)."""
-    from pure.tiling import restore_tiled
+Job = tuple[Path, Path, Image.Image]  # input, output, the loaded image
 
-    images = [image for _, image in batch]
-    tiled = [uses_tiling(args, image) for image in images]
-    whole = [src for (src, _), t in zip(batch, tiled, strict=True) if not t]
-    results = iter(
-        restorer.restore_batch(
-            [image for image, t in zip(images, tiled, strict=True) if not t],
+
+def restore_whole(restorer, args: argparse.Namespace, sampling, items: list[Job], tokens: TokenBar) -> list:
+    """Restore whole images together at --size: a result or, for a failed image, its exception, in order.
+
+    When the batch fails, each image is retried alone, so one image's error (its steering text, say) does
+    not fail its batch neighbours.
+    """
+    latents = (args.size // restorer.vq.config.downsample) ** 2
+
+    def restore(chunk):
+        tokens.start(len(chunk) * latents, "image tokens" if len(chunk) > 1 else f"{chunk[0][0].name} tokens")
+        return restorer.restore_batch(
+            [image for _, _, image in chunk],
             sampling=sampling,
-            seeds=[args.seed] * len(whole),
-            captions=[args.caption_for(src) for src in whole],
-            degradations=[args.degradation_for(src) for src in whole],
+            seeds=[args.seed] * len(chunk),
+            captions=[args.caption_for(src) for src, _, _ in chunk],
+            degradations=[args.degradation_for(src) for src, _, _ in chunk],
             color_fix=not args.no_color_fix,
             size=args.size,
-            progress=not args.quiet,
+            progress=tokens,
         )
-    )
+
+    if not items:
+        return []
+    try:
+        return restore(items)
+    except PER_IMAGE_ERRORS as err:
+        if len(items) == 1:
+            return [err]
     out = []
-    for (src, image), t in zip(batch, tiled, strict=True):
-        if not t:
-            out.append(next(results))
-            continue
-        out.append(
-            restore_tiled(
-                restorer,
-                image,
-                scale=args.scale,
-                outscale=args.outscale,
-                tile=args.tile,
-                overlap=args.tile_overlap,
-                tile_batch=args.tile_batch,
-                seed=args.seed,
-                color_fix=not args.no_color_fix,
-                sampling=sampling,
-                progress=not args.quiet,
-                caption=args.caption_for(src),
-                degradation=args.degradation_for(src),
-            )
-        )
+    for item in items:
+        try:
+            out.extend(restore([item]))
+        except PER_IMAGE_ERRORS as err:
+            out.append(err)
     return out
+
+
+def restore_one_tiled(restorer, args: argparse.Namespace, sampling, item: Job, tokens: TokenBar):
+    """Restore one image by tiles (see :mod:`pure.tiling`): its result, or the exception that stopped it."""
+    from pure.tiling import count_tiles, restore_tiled
+
+    src, _, image = item
+    try:
+        tiles = count_tiles(image.size, args.tile, args.tile_overlap, args.scale, args.outscale)
+        latents = (args.tile // restorer.vq.config.downsample) ** 2
+        tokens.start(tiles * latents, f"{src.name} tokens ({tiles} tiles)")
+        return restore_tiled(
+            restorer,
+            image,
+            scale=args.scale,
+            outscale=args.outscale,
+            tile=args.tile,
+            overlap=args.tile_overlap,
+            tile_batch=args.tile_batch,
+            seed=args.seed,
+            color_fix=not args.no_color_fix,
+            sampling=sampling,
+            caption=args.caption_for(src),
+            degradation=args.degradation_for(src),
+            token_progress=tokens,
+        )
+    except PER_IMAGE_ERRORS as err:
+        return err
 
 
 def per_image_texts(value: str | None, flag: str) -> Callable[[Path], str | None]:
@@ -364,6 +454,7 @@ def load_restorer(args: argparse.Namespace):
 def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
     """``--describe-only``: one line per image, ``file: degradation | caption``; nothing is written."""
     restorer = load_restorer(args)
+    resolve_sizes(args, native=restorer.image_size)
     failed = 0
     for src in inputs:
         try:
@@ -378,14 +469,26 @@ def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
     return 1 if failed else 0
 
 
+# Long side of the --compare / --entropy-map pictures at most: a comparison holds its panels twice (row and
+# zoomed crops) plus float maps, so a full-size one of a big tiled output would take several times its memory.
+PICTURE_MAX_SIDE = 2048
+
+
 def pictures(args: argparse.Namespace, dst: Path, result) -> list[tuple[Path, Image.Image]]:
-    """The optional pictures of one restoration, with their paths."""
+    """The optional pictures of one restoration, with their paths (at most PICTURE_MAX_SIDE px long)."""
     out = []
+    size = result.image.size
+    if max(size) > PICTURE_MAX_SIDE:
+        ratio = PICTURE_MAX_SIDE / max(size)
+        size = (max(1, round(size[0] * ratio)), max(1, round(size[1] * ratio)))
     if args.compare:
-        panels = [("input (bicubic)", result.lq_upsampled), ("restored", result.image)]
+        panels = [
+            (label, image if image.size == size else image.resize(size, Image.BICUBIC))
+            for label, image in (("input (bicubic)", result.lq_upsampled), ("restored", result.image))
+        ]
         out.append((dst.with_name(dst.stem + "_compare.png"), viz.comparison(panels, focus=result.entropy)))
     if args.entropy_map:
-        heat = viz.entropy_map(result.entropy, size=result.image.size)
+        heat = viz.entropy_map(result.entropy, size=size)
         out.append((dst.with_name(dst.stem + "_entropy.png"), heat))
     return out
 

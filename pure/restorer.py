@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,46 @@ from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
 from pure.tokenizer import PureTokenizer
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
 
-OUTPUT_SIZE = 512  # PURE is trained on 512 px HQ crops
-GRID_PX = LATENT_PER_GRID * 8  # pixels per grid token with the 8x VQ: sizes are multiples of this
-NATIVE_SCALES = (1, 2, 4)  # 512, 256 and 128 px square inputs are upsampled without any other change
+# PURE is trained on 512 px HQ crops: the native size of a checkpoint that names none
+DEFAULT_IMAGE_SIZE = 512
+OUTPUT_SIZE = DEFAULT_IMAGE_SIZE  # the former name, kept for callers that import it
+# config.json key (a PretrainedConfig extra attribute) naming the HQ crop side a checkpoint was trained at,
+# e.g. 128 for a model trained on 128 px crops (absent: DEFAULT_IMAGE_SIZE); every default size follows it
+IMAGE_SIZE_KEY = "pure_image_size"
+LATENT_PX = 8  # pixels per latent of the LlamaGen VQ-8 (8x downsampling)
+GRID_PX = LATENT_PER_GRID * LATENT_PX  # pixels per grid token with the 8x VQ: sizes are multiples of this
+NATIVE_SCALES = (1, 2, 4)  # size, size/2 and size/4 px square inputs are upsampled without any other change
+
+# ``progress`` of restore_batch: a bar (True), none (False), or a callback told how many more image tokens of
+# the batch were decoded (all rows together), for a caller that draws its own bar.
+Progress = bool | Callable[[int], None]
+
+
+def native_input_sides(size: int) -> tuple[int, ...]:
+    """The square input sides restored without a resize notice at output ``size``: x4, x2, x1."""
+    return tuple(size // s for s in reversed(NATIVE_SCALES) if size % s == 0)
+
+
+def is_native_input(image_size: tuple[int, int], size: int) -> bool:
+    """Whether a ``(w, h)`` input is one of the native squares of output ``size`` (see NATIVE_SCALES)."""
+    w, h = image_size
+    return w == h and w in native_input_sides(size)
+
+
+def image_size_of(config, grid_px: int = GRID_PX) -> int:
+    """The native image side of a model ``config``: its :data:`IMAGE_SIZE_KEY`, else 512 (PURE's).
+
+    Raises ``ValueError`` for a value that is not a positive multiple of ``grid_px``, so a bad
+    ``config.json`` fails on load, not in the middle of a run.
+    """
+    value = getattr(config, IMAGE_SIZE_KEY, None)
+    if value is None:
+        return DEFAULT_IMAGE_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % grid_px:
+        raise ValueError(
+            f"config.json: {IMAGE_SIZE_KEY} must be a positive multiple of {grid_px}; got {value!r}"
+        )
+    return value
 
 
 @dataclass
@@ -59,7 +97,10 @@ class PureRestorer:
         tokenizer: PureTokenizer,
         vq: VQModel,
         identity: dict | None = None,
+        image_size: int | None = None,
     ):
+        """``image_size``: the native output side; default the model config's :data:`IMAGE_SIZE_KEY`
+        (512 when absent)."""
         if tokenizer.vocab.codebook_size != vq.config.codebook_size:
             raise ValueError(
                 f"the tokenizer names {tokenizer.vocab.codebook_size} image tokens but the VQ has "
@@ -70,6 +111,10 @@ class PureRestorer:
         self.format = SequenceFormat(tokenizer)
         self.vq = vq
         self.identity = identity or {}
+        grid_px = LATENT_PER_GRID * vq.config.downsample
+        config = getattr(model, "config", None)
+        self.image_size = image_size_of(config, grid_px) if image_size is None else image_size
+        self._check_size(self.image_size)
 
     @property
     def device(self) -> torch.device:
@@ -120,21 +165,21 @@ class PureRestorer:
 
     # -- input preparation ------------------------------------------------------------------------------
 
-    @staticmethod
-    def upsample_input(image: Image.Image, size: int = OUTPUT_SIZE) -> tuple[Image.Image, list[str]]:
-        """Blend transparency onto white and bicubic-upsample to ``size x size``.
+    def upsample_input(self, image: Image.Image, size: int | None = None) -> tuple[Image.Image, list[str]]:
+        """Blend transparency onto white and bicubic-upsample to ``size x size`` (default: the native size).
 
         Square inputs of ``size``, ``size/2`` or ``size/4`` px are the native x1/x2/x4 cases; any other
         size is resized to ``size x size`` too, with a notice (the aspect ratio is not kept).
         """
+        size = self.image_size if size is None else size
         notices = []
         if image.mode != "RGB":
             rgb = pixels_to_pil(pil_to_pixels(image))  # the VQ's own conversion (alpha over white)
             notices.append(f"{image.mode} input converted to RGB (transparency blended onto white)")
             image = rgb
         w, h = image.size
-        if not (w == h and size % w == 0 and size // w in NATIVE_SCALES):
-            native = ", ".join(f"{size // s}" for s in reversed(NATIVE_SCALES))
+        if not is_native_input((w, h), size):
+            native = ", ".join(str(side) for side in native_input_sides(size))
             aspect = "" if w == h else "; aspect ratio not kept"
             notices.append(f"input is {w}x{h} px, not {native} px square: resized to {size}x{size}{aspect}")
         if image.size != (size, size):
@@ -175,9 +220,13 @@ class PureRestorer:
         images: list[Image.Image],
         sampling: SamplingConfig | None = None,
         seeds: list[int] | None = None,
-        size: int = OUTPUT_SIZE,
+        size: int | None = None,
     ) -> list[tuple[str | None, str]]:
-        """Perceive and Understand only (cheap: no image tokens): ``(degradation, caption)`` per image."""
+        """Perceive and Understand only (cheap: no image tokens): ``(degradation, caption)`` per image.
+
+        ``size``: the side the images are upsampled to first (default the native :attr:`image_size`).
+        """
+        size = self.image_size if size is None else size
         self._check_size(size)
         if not images:
             return []
@@ -197,8 +246,9 @@ class PureRestorer:
         captions: list[str | None] | None = None,
         degradations: list[str | None] | None = None,
         color_fix: bool = True,
-        size: int = OUTPUT_SIZE,
-        progress: bool = False,
+        size: int | None = None,
+        progress: Progress = False,
+        forced_text: str | None = None,
         **overrides,
     ) -> list[RestoreResult]:
         """Restore several images in one batch; each result equals that of a single-image call.
@@ -207,10 +257,18 @@ class PureRestorer:
             images: PIL images (any mode PIL opens; see :func:`pure.imageio.load_image`).
             sampling: decoding settings; keyword ``overrides`` (e.g. ``cfg_scale=1.0``) replace fields.
             seeds: one seed per image (default 0 for all); the same seed gives the same output.
-            captions, degradations: per-image text to force instead of the model's (steering).
+            captions, degradations: per-image text to force instead of the model's (steering). A caption
+                alone still lets the model write its own degradation sentence first.
             color_fix: apply the wavelet colour fix against the upsampled input.
-            size: output side in px (a multiple of :data:`GRID_PX`); PURE was trained at 512.
+            size: output side in px (a multiple of :data:`GRID_PX`); default the native :attr:`image_size`.
+            progress: a bar over image rows, or a callback given each increment of decoded image tokens
+                (see :data:`Progress`).
+            forced_text: the whole answer text of every image, forced verbatim (the model writes no text),
+                e.g. ``"Medium blur, small noise. A lion. "`` or a text without a degradation sentence; tiled
+                restoration uses it so that every tile is conditioned on exactly the same words. Not
+                together with ``captions``/``degradations``.
         """
+        size = self.image_size if size is None else size
         self._check_size(size)
         sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
         n = len(images)
@@ -221,6 +279,8 @@ class PureRestorer:
         degradations = [None] * n if degradations is None else degradations
         if not len(seeds) == len(captions) == len(degradations) == n:
             raise ValueError("seeds, captions and degradations need one entry per image")
+        if forced_text is not None and (any(captions) or any(degradations)):
+            raise ValueError("give either forced_text or captions/degradations, not both")
         device = self.device
         start = time.perf_counter()
 
@@ -228,12 +288,21 @@ class PureRestorer:
         encoded = time.perf_counter()
 
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]
         decoder = make_decoder(self.model, self.format, sampling)
         h, w = lq_codes.shape[1:]
-        out = decoder.generate(prompts, h, w, priors=priors, generators=generators, progress=progress)
+        if forced_text is None:
+            priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]
+            out = decoder.generate(prompts, h, w, priors=priors, generators=generators, progress=progress)
+            answers = out.answer_ids
+        else:
+            # the text joins the prompt, so no row can drift from it (a caption-only prior would let each
+            # row write its own degradation sentence); the same sequence as forcing it token by token
+            text_ids = torch.tensor(self.format.encode_text(forced_text), dtype=torch.long)
+            prompts = torch.cat([prompts, text_ids.to(device).expand(n, -1)], dim=1)
+            out = decoder.generate_image(prompts, h, w, generators=generators, progress=progress)
+            answers = [torch.cat([text_ids, ids]) for ids in out.answer_ids]
 
-        parsed = [self.format.parse_answer(ids, strict=True) for ids in out.answer_ids]
+        parsed = [self.format.parse_answer(ids, strict=True) for ids in answers]
         hq_codes = torch.stack([p.codes for p in parsed]).to(device)
         # one image at a time: batched convolutions may round differently, and a batch must equal single runs
         restored = torch.cat([self.vq.decode(codes[None]) for codes in hq_codes]).cpu()

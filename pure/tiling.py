@@ -5,13 +5,21 @@ tiles of ``tile`` px (the last tile of a row or column flush with the border), a
 batches of ``tile_batch`` with :meth:`pure.restorer.PureRestorer.restore_batch` at ``size=tile``, so each
 crop is restored at its native size and colour-fixed against itself (the upsampled input crop).
 
-Every tile gets the same global understanding: the degradation text and the caption are produced once,
-by :meth:`~pure.restorer.PureRestorer.describe` on a downscaled view of the whole image, and forced into
-every tile's answer. Tiles are blended into a float canvas with :func:`blend_window` (raised-cosine ramps
-over the overlap) and divided by the summed weights, so neighbouring tiles fade into each other.
+The tile side defaults to the checkpoint's native size (:attr:`~pure.restorer.PureRestorer.image_size`,
+512 for PURE) and the overlap to an eighth of it (:func:`default_overlap`).
 
-Memory: the upsampled input, one float canvas and one weight sum (all of the output's size), plus one
-batch of tiles; it does not grow with the number of tiles.
+Every tile gets the same global understanding: the degradation text and the caption are produced once,
+by :meth:`~pure.restorer.PureRestorer.describe` on a downscaled view of the whole image, and the answer
+text they make is forced verbatim into every tile (``restore_batch(forced_text=...)``), also when the model
+wrote no degradation sentence: then the tiles get its whole text, not a caption after which each tile
+would write a degradation sentence of its own. Tiles are blended into a float canvas with
+:func:`blend_window` (raised-cosine ramps over the overlap) and divided by the summed weights, so
+neighbouring tiles fade into each other.
+
+Memory: the upsampled input (uint8, kept for the result, plus one padded copy), one float canvas and one
+weight sum (all of the output's size; the canvas is normalised and rounded in place), the uint8 output,
+plus one batch of tiles; it does not grow with the number of tiles. About 23 bytes per output pixel
+(12 canvas, 4 weights, 3 + 3 input, 3 output; 3 more for an alpha channel).
 
 Targets smaller than a tile (in either direction) are padded by edge replication up to one tile, restored,
 and cropped back, so a 100x60 target with 64 px tiles is two tiles wide and one tile high after padding
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +39,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pure.restorer import GRID_PX, NATIVE_SCALES
+from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES
+from pure.sequence import SequenceFormat
 from pure.vq import to_rgb
 
-__all__ = ["TiledResult", "blend_window", "plan_tiles", "restore_tiled", "target_size"]
+__all__ = [
+    "TiledResult",
+    "blend_window",
+    "count_tiles",
+    "default_overlap",
+    "plan_tiles",
+    "restore_tiled",
+    "target_size",
+]
+
+OVERLAP_FRACTION = 8  # default overlap = tile / 8: 64 px for PURE's 512 px tiles, 16 px for 128 px ones
 
 
 @dataclass
@@ -85,6 +105,25 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
     return [*starts, length - tile]
 
 
+def default_overlap(tile: int) -> int:
+    """The overlap of ``tile`` px tiles when none is given: ``tile / 8`` rounded down to whole latents
+    (8 px), at least one latent and less than the tile (64 for 512, 16 for 128, 8 for 64 and 32)."""
+    overlap = max(LATENT_PX, tile // OVERLAP_FRACTION // LATENT_PX * LATENT_PX)
+    return min(overlap, tile - 1)
+
+
+def count_tiles(
+    size: tuple[int, int],
+    tile: int,
+    overlap: int,
+    scale: int | None = None,
+    outscale: float | None = None,
+) -> int:
+    """How many tiles :func:`restore_tiled` restores for an input of ``size`` (raises as it would)."""
+    (width, height), _ = target_size(size, scale, outscale)
+    return len(plan_tiles(max(width, tile), max(height, tile), tile, overlap))
+
+
 def blend_window(tile: int, overlap: int) -> np.ndarray:
     """``(tile, tile)`` float32 blending weights: 1 in the middle, raised-cosine ramps ``overlap`` px wide
     at each edge, strictly positive everywhere (so pixels at the image border, covered by one tile only,
@@ -129,8 +168,8 @@ def restore_tiled(
     image: Image.Image,
     scale: int | None = None,
     outscale: float | None = None,
-    tile: int = 512,
-    overlap: int = 64,
+    tile: int | None = None,
+    overlap: int | None = None,
     tile_batch: int = 4,
     seed: int = 0,
     color_fix: bool = True,
@@ -138,19 +177,24 @@ def restore_tiled(
     progress: bool = False,
     caption: str | None = None,
     degradation: str | None = None,
+    token_progress: Callable[[int], None] | None = None,
 ) -> TiledResult:
     """Restore ``image`` of any size at ``x scale`` (1, 2, 4) or ``x outscale`` (any factor) by tiles.
 
     Args:
-        restorer: a :class:`~pure.restorer.PureRestorer` (or anything with its ``describe`` and
-            ``restore_batch``).
+        restorer: a :class:`~pure.restorer.PureRestorer` (or anything with its ``image_size``, ``describe``
+            and ``restore_batch``).
         image: RGB or RGBA PIL image (EXIF orientation already applied, as by ``load_image``).
-        tile: tile side in px, a multiple of 32 (512 as PURE was trained). overlap: px shared by neighbours.
+        tile: tile side in px, a multiple of 32; default the restorer's native ``image_size`` (the crops
+            it was trained on). overlap: px shared by neighbours; default :func:`default_overlap`.
         tile_batch: tiles restored together; memory for restorations never exceeds one batch.
         seed: tile ``i`` (row by row) uses seed ``seed + i``.
         caption, degradation: steering text; what is not given is described once from the whole image
             (resized to ``tile`` px on its long side; ``describe`` stretches that to a square).
+        token_progress: called with each increment of image tokens decoded (for a caller's bar).
     """
+    tile = restorer.image_size if tile is None else tile
+    overlap = default_overlap(tile) if overlap is None else overlap
     if tile <= 0 or tile % GRID_PX:
         raise ValueError(f"tile must be a positive multiple of {GRID_PX}; got {tile}")
     if not 0 <= overlap < tile:
@@ -178,6 +222,8 @@ def restore_tiled(
         degradation = described_degradation if degradation is None else degradation
         caption = described_caption if caption is None else caption
     described = time.perf_counter()
+    has_text = any(t and t.strip() for t in (degradation, caption))
+    forced_text = SequenceFormat.answer_text(degradation, caption) if has_text else ""
 
     lq_up = rgb.resize((width, height), Image.BICUBIC) if rgb.size != (width, height) else rgb
     padded_w, padded_h = max(width, tile), max(height, tile)
@@ -199,10 +245,10 @@ def restore_tiled(
             crops,
             sampling=sampling,
             seeds=[seed + first + i for i in range(len(batch))],
-            captions=[caption] * len(batch),
-            degradations=[degradation] * len(batch),
+            forced_text=forced_text,
             color_fix=color_fix,
             size=tile,
+            progress=token_progress or False,
         )
         for (left, top), result in zip(batch, results, strict=True):
             restored = np.asarray(result.image.convert("RGB"), dtype=np.float32)  # (tile, tile, 3)
@@ -213,8 +259,14 @@ def restore_tiled(
     bar.close()
 
     per = tile // results[0].entropy.shape[-1]  # px per latent
-    stitched = canvas[:height, :width] / weights[:height, :width]  # > 0 everywhere: see blend_window
-    out = Image.fromarray(np.clip(np.rint(stitched), 0, 255).astype(np.uint8), "RGB")
+    del lq  # the padded copy; lq_up stays for the result
+    # in place: no second float image of the output's size (weights > 0 everywhere: see blend_window)
+    np.divide(canvas, weights, out=canvas)
+    del weights
+    np.rint(canvas, out=canvas)
+    np.clip(canvas, 0, 255, out=canvas)
+    out = Image.fromarray(canvas[:height, :width].astype(np.uint8), "RGB")
+    del canvas
     if alpha is not None:
         out = Image.merge("RGBA", (*out.split(), alpha.resize((width, height), Image.BICUBIC)))
     settings = {
@@ -232,6 +284,7 @@ def restore_tiled(
         lq_upsampled=lq_up,
         degradation=degradation.strip() if degradation else degradation,
         caption=caption.strip(),
+        text=forced_text.strip(),
         tiles=len(boxes),
         entropy=entropy[: math.ceil(height / per), : math.ceil(width / per)],
         seed=seed,

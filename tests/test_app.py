@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 
 from pure import app
@@ -86,6 +87,21 @@ def test_restore_for_demo(tiny_restorer):
         app.restore_for_demo(tiny_restorer, image, scale="x3", size=64)
     with pytest.raises(ValueError, match="cfg_scale"):
         app.restore_for_demo(tiny_restorer, image, cfg_scale=-1, size=64)
+
+
+def test_restore_for_demo_defaults_to_the_checkpoint_s_native_size(tiny_checkpoint, tmp_path):
+    from pure.restorer import PureRestorer
+
+    restorer = PureRestorer.from_pretrained(
+        native_size_checkpoint(tiny_checkpoint, tmp_path / "ckpt"), device="cpu"
+    )
+    image = Image.new("RGB", (100, 60), (90, 140, 200))
+
+    out = app.restore_for_demo(restorer, image, scale="x4", degradation="Medium blur.", caption="A blue sky.")
+
+    assert out.image.size == out.lq_upsampled.size == (NATIVE_SIZE, NATIVE_SIZE)
+    assert any(f"resized to {NATIVE_SIZE // 4}x{NATIVE_SIZE // 4}" in n for n in out.notices)
+    assert app.build_parser().parse_args([]).size is None  # main: the restorer's native size
 
 
 def test_main_serves_on_loopback_by_default(tiny_checkpoint, monkeypatch):

@@ -22,6 +22,7 @@ import pytest
 import torch
 from bad_inputs import EXPECTED, make_bad_inputs
 from cli_run import CliRun
+from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
@@ -352,6 +353,103 @@ def test_folder_rerun_restores_only_new_files_and_exits_0(cli, tmp_path):
     assert "nothing to do" in third.stdout and "exist" in third.stdout
 
 
+def test_folder_goes_on_past_an_output_over_the_size_cap(cli, tmp_path, monkeypatch):
+    from pure import tiling
+
+    monkeypatch.setattr(tiling, "MAX_OUTPUT_PIXELS", 80 * 80)  # a small cap: no big image is ever made
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "a_small.png", 32)  # x2: 64x64, under the cap
+    Image.new("RGB", (48, 48), (120, 80, 40)).save(inputs / "b_big.png")  # x2: 96x96, over it
+    save_coffee(inputs / "c_small.png", 32)
+    out_dir = tmp_path / "restored"
+
+    run = cli("--input", str(inputs), "--output", str(out_dir), "--scale", "2", "--caption", CAPTION)
+
+    assert run.returncode == 1
+    assert "restored 2, skipped 0 existing, failed 1" in run.stdout
+    assert len(run.error_lines) == 1 and "b_big.png" in run.error_lines[0] and "limit" in run.error_lines[0]
+    assert names(out_dir) == {f"{stem}.{ext}" for stem in ("a_small", "c_small") for ext in ("png", "json")}
+
+
+def test_one_image_s_bad_steering_text_fails_that_image_not_its_batch(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for stem in ("a", "b", "c"):
+        save_astronaut(inputs / f"{stem}.png", 32)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"a": CAPTION, "b": "A wall <racm3:break> with ivy.", "c": CAPTION}))
+    out_dir = tmp_path / "restored"
+
+    run = cli(
+        "--input", str(inputs), "--output", str(out_dir), "--batch-size", "3",
+        "--caption", str(captions), "--degradation", DEGRADATION,
+    )  # fmt: skip
+
+    assert run.returncode == 1
+    assert "restored 2, skipped 0 existing, failed 1" in run.stdout
+    assert len(run.error_lines) == 1
+    assert "b.png" in run.error_lines[0] and "special-token" in run.error_lines[0]
+    assert names(out_dir) == {f"{stem}.{ext}" for stem in ("a", "c") for ext in ("png", "json")}
+    assert read_sidecar(out_dir / "a.png")["caption"] == CAPTION
+
+
+def test_folder_mode_shows_an_image_bar_and_a_token_bar_unless_quiet(capsys, tiny_checkpoint, tmp_path):
+    from pure import infer
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "a.png", 32)
+    save_coffee(inputs / "b.png", 48)  # not native: tiled
+    argv = ["--model", str(tiny_checkpoint), "--size", "32", "--input", str(inputs), "--tile", "32"]
+    argv += ["--caption", CAPTION, "--degradation", DEGRADATION]
+
+    assert infer.main([*argv, "--output", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr().err
+    assert infer.main([*argv, "--output", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr().err
+
+    assert "images: 100%" in loud and "2/2" in loud
+    assert "a.png tokens: 100%" in loud and "16/16" in loud  # one 32 px image: 4 x 4 latents
+    assert "b.png tokens (4 tiles): 100%" in loud and "64/64" in loud  # 48 px in 32 px tiles: 2 x 2
+    assert "tokens" not in quiet and "images" not in quiet
+
+
+# ---------------------------------------------------------------- the checkpoint's native size
+
+
+@pytest.fixture(scope="module")
+def native_checkpoint(tiny_checkpoint, tmp_path_factory):
+    return native_size_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("native") / "ckpt")
+
+
+def test_cli_sizes_default_to_the_checkpoint_s_native_size(capsys, native_checkpoint, tmp_path):
+    from pure import infer
+
+    save_astronaut(tmp_path / "native.png", NATIVE_SIZE // 4)  # x4 of the native size
+    Image.fromarray(data.coffee()).resize((100, 60), Image.BICUBIC).save(tmp_path / "wide.png")
+    common = ["--model", str(native_checkpoint), "--quiet", "--caption", CAPTION]
+    common += ["--degradation", DEGRADATION]
+
+    assert infer.main([*common, "--input", str(tmp_path / "native.png")]) == 0
+    assert infer.main([*common, "--input", str(tmp_path / "wide.png"), "--scale", "2"]) == 0
+    err = capsys.readouterr().err
+
+    assert "note:" not in err  # the 16 px square is native: no resize notice
+    with Image.open(tmp_path / "native_pure.png") as restored:
+        assert restored.size == (NATIVE_SIZE, NATIVE_SIZE)
+    assert read_sidecar(tmp_path / "native_pure.png")["settings"]["size"] == NATIVE_SIZE
+    settings = read_sidecar(tmp_path / "wide_pure.png")["settings"]
+    assert settings["tile"] == NATIVE_SIZE and settings["tile_overlap"] == NATIVE_SIZE // 8
+    assert settings["size"] == [200, 120]
+
+
+def test_help_says_the_size_defaults_to_the_checkpoint_s(cli):
+    run = cli("--help")
+
+    assert "native size" in run.stdout and "pure_image_size" in run.stdout
+
+
 # ---------------------------------------------------------------- steering
 
 
@@ -484,3 +582,28 @@ def test_unreadable_caption_file_is_one_error_line(cli, tmp_path):
     run = cli("--input", str(image), "--caption", str(bad))
 
     assert run.returncode == 2 and len(run.error_lines) == 1 and "captions.json" in run.error_lines[0]
+
+
+def test_pictures_of_a_big_output_are_drawn_smaller(cli, tmp_path, monkeypatch):
+    from pure import infer
+
+    monkeypatch.setattr(infer, "PICTURE_MAX_SIDE", 32)
+    image = save_astronaut(tmp_path / "lq.png", 32)
+
+    run = cli(
+        "--input",
+        str(image),
+        "--compare",
+        "--entropy-map",
+        "--degradation",
+        DEGRADATION,
+        "--caption",
+        CAPTION,
+    )
+
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "lq_pure.png") as restored:
+        assert restored.size == (64, 64)  # the output itself is full size
+    with Image.open(tmp_path / "lq_pure_compare.png") as compare:
+        assert compare.width < 2 * 64  # two 32 px panels: full size would be >= 128 (test above)
+    assert (tmp_path / "lq_pure_entropy.png").exists()

@@ -13,11 +13,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
+from pure.engine import SamplingConfig
 from pure.model import ModelLoadError
-from pure.restorer import PureRestorer, RestoreResult
+from pure.restorer import DEFAULT_IMAGE_SIZE, IMAGE_SIZE_KEY, PureRestorer, RestoreResult
+from pure.sequence import SequenceFormat
 from pure.vq import VQConfig, VQModel
 
 DEGRADATION = "Large blur, small noise."
@@ -230,3 +233,82 @@ def test_restore_batch_refuses_a_size_that_is_not_a_multiple_of_32(tiny_restorer
 def test_restore_batch_refuses_lists_of_the_wrong_length(tiny_restorer, lists):
     with pytest.raises(ValueError, match="one entry per image"):
         tiny_restorer.restore_batch([astronaut(32), coffee(32)], size=32, **lists)
+
+
+# ---------------------------------------------------------------- the checkpoint's native size
+
+
+@pytest.fixture(scope="module")
+def native_restorer(tiny_checkpoint, tmp_path_factory):
+    folder = native_size_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("native") / "ckpt")
+    return PureRestorer.from_pretrained(folder, device="cpu")
+
+
+def test_a_checkpoint_without_the_key_is_native_512(tiny_restorer):
+    assert tiny_restorer.image_size == DEFAULT_IMAGE_SIZE == 512
+    upsampled, notices = tiny_restorer.upsample_input(astronaut(128))  # x4 of 512
+
+    assert upsampled.size == (512, 512) and notices == []
+
+
+def test_defaults_follow_the_native_size_of_the_checkpoint(native_restorer):
+    assert native_restorer.image_size == NATIVE_SIZE
+    for side in (16, 32, 64):  # x4, x2, x1 of the native 64 px
+        upsampled, notices = native_restorer.upsample_input(astronaut(side))
+        assert upsampled.size == (NATIVE_SIZE, NATIVE_SIZE) and notices == []
+    upsampled, notices = native_restorer.upsample_input(astronaut(128))  # x1 at 512, not here
+    assert upsampled.size == (NATIVE_SIZE, NATIVE_SIZE) and "16, 32, 64 px" in notices[0]
+
+    result = native_restorer.restore(coffee(16), seed=1, degradation=DEGRADATION, caption=CAPTION)
+
+    assert result.image.size == result.lq_upsampled.size == (NATIVE_SIZE, NATIVE_SIZE)
+    assert result.codes.shape == (NATIVE_SIZE // 8, NATIVE_SIZE // 8)
+    assert result.settings["size"] == NATIVE_SIZE and result.notices == []
+    assert len(native_restorer.describe([coffee(16)], SamplingConfig(max_text_tokens=8))) == 1
+
+
+@pytest.mark.parametrize("value", [100, 0, "128", True])
+def test_a_bad_native_size_in_config_json_fails_on_load(tiny_checkpoint, tmp_path, value):
+    folder = native_size_checkpoint(tiny_checkpoint, tmp_path / "ckpt", size=value)
+
+    with pytest.raises(ValueError, match=IMAGE_SIZE_KEY):
+        PureRestorer.from_pretrained(folder, device="cpu")
+
+
+# ---------------------------------------------------------------- forced text and token progress
+
+
+def test_forced_text_is_the_whole_answer_of_every_row_and_equals_forcing_both_texts(tiny_restorer):
+    images, seeds = [astronaut(32), coffee(16)], [4, 5]
+    rambling = "A cup of coffee, seen from above, no degradation sentence."
+
+    forced = tiny_restorer.restore_batch(images, seeds=seeds, size=32, forced_text=rambling)
+
+    assert [r.text for r in forced] == [rambling] * 2
+    assert all(r.degradation is None and r.caption == rambling for r in forced)
+    # the text in the prompt is the sequence the text phase builds when it forces both texts token by token
+    answer = SequenceFormat.answer_text(DEGRADATION, CAPTION)
+    both = tiny_restorer.restore(images[0], seed=4, size=32, degradation=DEGRADATION, caption=CAPTION)
+    as_text = tiny_restorer.restore_batch(images[:1], seeds=[4], size=32, forced_text=answer)[0]
+    assert_same_result(both, as_text)
+
+
+def test_forced_text_with_captions_is_refused(tiny_restorer):
+    with pytest.raises(ValueError, match="forced_text"):
+        tiny_restorer.restore_batch([astronaut(32)], size=32, captions=[CAPTION], forced_text="A wall.")
+
+
+@pytest.mark.parametrize("jacobi_window", [0, 4], ids=["one-token", "jacobi"])
+def test_progress_callback_counts_every_image_token(tiny_restorer, jacobi_window):
+    counted: list[int] = []
+
+    tiny_restorer.restore_batch(
+        [astronaut(32), coffee(32)],
+        size=32,
+        forced_text="A wall.",
+        progress=counted.append,
+        jacobi_window=jacobi_window,
+    )
+
+    assert sum(counted) == 2 * 4 * 4  # two images of 4 x 4 latents
+    assert all(n > 0 for n in counted)

@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pure.tiling import blend_window, plan_tiles, restore_tiled, target_size
+from pure.tiling import (
+    blend_window,
+    count_tiles,
+    default_overlap,
+    plan_tiles,
+    restore_tiled,
+    target_size,
+)
 
 TILE, OVERLAP = 64, 16
 DESCRIBED = ("Small noise.", "A smooth colour ramp.")
@@ -36,16 +43,19 @@ def smooth_image(width: int, height: int) -> Image.Image:
 class OffsetRestorer:
     """Stand-in restorer: every tile comes back as given, plus a per-tile constant brightness offset."""
 
-    def __init__(self, seed: int = 0, amplitude: float = 20.0):
+    image_size = TILE  # its "checkpoint's" native size: the default tile
+
+    def __init__(self, seed: int = 0, amplitude: float = 20.0, described: tuple = DESCRIBED):
         self.rng = np.random.default_rng(seed)
         self.amplitude = amplitude
+        self.described = described
         self.describe_calls: list[dict] = []
         self.batches: list[dict] = []
         self.offsets: list[float] = []
 
-    def describe(self, images, sampling=None, seeds=None, size=512):
+    def describe(self, images, sampling=None, seeds=None, size=None):
         self.describe_calls.append({"n": len(images), "size": size, "view": images[0].size})
-        return [DESCRIBED] * len(images)
+        return [self.described] * len(images)
 
     def restore_batch(self, images, sampling=None, seeds=None, captions=None, degradations=None, **kwargs):
         size = kwargs["size"]
@@ -56,6 +66,7 @@ class OffsetRestorer:
                 "size": size,
                 "captions": captions,
                 "degradations": degradations,
+                "forced_text": kwargs.get("forced_text"),
             }
         )
         results = []
@@ -151,9 +162,10 @@ def test_describe_once_and_every_tile_gets_the_same_text_in_small_batches():
     assert [b["n"] for b in fake.batches] == [5, 5, 2]  # never more than tile_batch at once
     for batch in fake.batches:
         assert batch["size"] == TILE and all(size == (TILE, TILE) for size in batch["sizes"])
-        assert batch["degradations"] == [DESCRIBED[0]] * batch["n"]
-        assert batch["captions"] == [DESCRIBED[1]] * batch["n"]
+        assert batch["forced_text"] == "Small noise. A smooth colour ramp. "  # the whole answer, verbatim
+        assert batch["captions"] is None and batch["degradations"] is None
     assert (result.degradation, result.caption) == DESCRIBED
+    assert result.text == "Small noise. A smooth colour ramp."
     assert result.image.size == (200, 120) and result.entropy.shape == (15, 25)
 
 
@@ -165,8 +177,39 @@ def test_given_caption_and_degradation_skip_describe():
     )
 
     assert fake.describe_calls == []
-    assert all(b["captions"] == ["A wall."] * b["n"] for b in fake.batches)
+    assert all(b["forced_text"] == "Blur. A wall. " for b in fake.batches)
     assert (result.degradation, result.caption) == ("Blur.", "A wall.")
+
+
+@pytest.mark.parametrize(
+    ("described", "caption", "forced"),
+    [
+        ((None, "A colour ramp, no degradation sentence."), None, "A colour ramp, no degradation sentence. "),
+        ((None, "The model's own words."), "A wall.", "A wall. "),  # a given caption alone
+        ((None, ""), None, ""),  # the model wrote no text at all: none in any tile either
+    ],
+    ids=["described-text", "given-caption", "no-text"],
+)
+def test_without_a_degradation_sentence_every_tile_is_forced_the_same_whole_text(described, caption, forced):
+    fake = OffsetRestorer(described=described)
+
+    result = restore_tiled(fake, smooth_image(100, 60), scale=2, tile=TILE, overlap=OVERLAP, caption=caption)
+
+    assert len(fake.batches) == 3  # 12 tiles, 4 at a time
+    # not a caption alone, after which each tile would write a degradation sentence of its own
+    assert [b["forced_text"] for b in fake.batches] == [forced] * 3
+    assert result.degradation is None and result.text == forced.strip()
+
+
+def test_default_tile_is_the_native_size_and_overlap_an_eighth_of_it():
+    fake = OffsetRestorer()
+
+    result = restore_tiled(fake, smooth_image(100, 60), scale=2)
+
+    assert {b["size"] for b in fake.batches} == {fake.image_size}
+    assert result.settings["tile"] == TILE and result.settings["tile_overlap"] == default_overlap(TILE) == 8
+    assert result.tiles == count_tiles((100, 60), TILE, 8, scale=2) == len(plan_tiles(200, 120, TILE, 8))
+    assert [default_overlap(t) for t in (512, 128, 96, 64, 32)] == [64, 16, 8, 8, 8]  # whole latents
 
 
 def test_target_smaller_than_a_tile_is_padded_and_cropped_back():
@@ -304,3 +347,81 @@ def test_outputs_over_the_size_limit_are_refused():
     assert target_size((side // 4, side // 4), scale=4)[0] == (side // 4 * 4, side // 4 * 4)
     with pytest.raises(ValueError, match="MP limit"):
         target_size((side // 4 + 8, side // 4 + 8), scale=4)
+
+
+class RecordingRestorer:
+    """The tiny restorer, keeping every tile's result (to compare the tiles' texts)."""
+
+    def __init__(self, restorer):
+        self.restorer = restorer
+        self.image_size = restorer.image_size
+        self.tiles: list = []
+
+    def describe(self, *args, **kwargs):
+        return self.restorer.describe(*args, **kwargs)
+
+    def restore_batch(self, *args, **kwargs):
+        results = self.restorer.restore_batch(*args, **kwargs)
+        self.tiles.extend(results)
+        return results
+
+
+def test_tiny_model_every_tile_has_the_same_text(tiny_restorer):
+    from pure.engine import SamplingConfig
+
+    recorder = RecordingRestorer(tiny_restorer)
+    sampling = SamplingConfig(max_text_tokens=24)  # the random model's text: short, without a degradation
+
+    result = restore_tiled(
+        recorder, smooth_image(80, 40), scale=1, tile=TILE, overlap=OVERLAP, tile_batch=2, sampling=sampling
+    )
+
+    assert len(recorder.tiles) == result.tiles == 2
+    assert {tile.text for tile in recorder.tiles} == {result.text}
+    assert {(tile.degradation, tile.caption) for tile in recorder.tiles} == {
+        (result.degradation, result.caption)
+    }
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+def save_rotated(path, orientation: int):
+    """A 40x24 px image stored sideways: red left half, blue right half, with EXIF ``orientation``."""
+    pixels = np.zeros((24, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (220, 40, 40)
+    pixels[:, 20:] = (40, 40, 220)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+    return path
+
+
+EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag
+
+
+@pytest.mark.parametrize(("orientation", "red_on_top"), [(6, True), (8, False)])
+def test_exif_orientation_is_applied_before_tiling(tmp_path, orientation, red_on_top):
+    from pure.imageio import load_image
+
+    image = load_image(save_rotated(tmp_path / "sideways.png", orientation))
+    assert image.size == (24, 40)  # 6: turn 90 degrees clockwise to view; 8: counter-clockwise
+
+    result = restore_tiled(OffsetRestorer(amplitude=0), image, scale=2, tile=TILE, overlap=OVERLAP)
+
+    assert result.image.size == (48, 80)  # upright, aspect ratio kept
+    pixels = np.asarray(result.image, dtype=np.float64)
+    top, bottom = pixels[:30].mean(axis=(0, 1)), pixels[50:].mean(axis=(0, 1))
+    red, blue = (top, bottom) if red_on_top else (bottom, top)
+    assert red[0] > 150 > red[2] and blue[2] > 150 > blue[0]
+
+
+def test_cli_restores_an_exif_rotated_image_upright(cli, tmp_path):
+    source = save_rotated(tmp_path / "sideways.png", 6)
+
+    run = cli("--input", str(source), "--scale", "2", "--tile-overlap", str(OVERLAP))
+
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "sideways_pure.png") as restored:
+        assert restored.size == (48, 80)
+    assert json.loads((tmp_path / "sideways_pure.json").read_text())["settings"]["size"] == [48, 80]
