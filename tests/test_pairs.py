@@ -136,6 +136,23 @@ def test_record_holds_label_scores_and_replays_the_aligned_crop(sources, tmp_pat
         assert np.array_equal(lq, replayed)
 
 
+def test_flip_mirrors_some_crops_and_records_it(sources, tmp_path):
+    out = tmp_path / "out"
+    settings = PairSettings(crop=CROP, crops_per_image=4, seed=2, flip=True)
+    make_pairs(sources, out, settings, progress=False)
+    flips = []
+    for path in sorted((out / "params").glob("*.json")):
+        record = json.loads(path.read_text())
+        source = np.asarray(Image.open(sources / record["source"]).convert("RGB"))
+        box = record["crop"]
+        crop = source[box["top"] : box["top"] + CROP, box["left"] : box["left"] + CROP]
+        expected = crop[:, ::-1] if box["flipped"] else crop
+        assert np.array_equal(np.asarray(Image.open(out / record["hq"])), expected)
+        flips.append(box["flipped"])
+    assert any(flips) and not all(flips)  # 12 fair coin flips
+    assert json.loads((out / CONFIG_FILE).read_text())["flip"] is True
+
+
 def test_lq_is_aligned_with_its_hq_under_an_almost_identity_degradation(sources, tmp_path):
     """No blur, no resize but the final one, no noise, JPEG at 100: the LQ is the HQ downsampled in place."""
     preset = yaml.safe_load((PRESET_DIR / "realesrgan.yaml").read_text())

@@ -52,6 +52,7 @@ CONFIG_FILE = "pairs_config.json"
 SUMMARY_FILE = "pairs_summary.json"
 PNG_COMPRESS_LEVEL = 1
 _SEED_BITS = 63
+FLIP_PROBABILITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class PairSettings:
     crop: int = 512
     crops_per_image: int = 1
     seed: int = 0
+    flip: bool = False
+    """Mirror each crop left-right with probability 1/2 (augmentation for small source sets)."""
 
     def __post_init__(self) -> None:
         if self.scale not in (1, 2, 4):
@@ -81,6 +84,7 @@ class PairSettings:
             "crop": self.crop,
             "crops_per_image": self.crops_per_image,
             "seed": self.seed,
+            "flip": self.flip,
         }
 
 
@@ -147,22 +151,31 @@ def make_pair(
     hq = np.array(
         np.asarray(image)[top : top + settings.crop, left : left + settings.crop]
     )  # (crop, crop, 3)
-    hq_tensor = torch.from_numpy(hq).permute(2, 0, 1).float() / 255.0  # (3, crop, crop)
+    flipped = settings.flip and bool(torch.rand((), generator=generator) < FLIP_PROBABILITY)
+    if flipped:
+        hq = hq[:, ::-1]
+    hq_tensor = torch.from_numpy(np.ascontiguousarray(hq)).permute(2, 0, 1).float() / 255.0  # (3, crop, crop)
     lq_tensor, (params,) = degrade(hq_tensor[None].to(device), config, generator, settings.scale)
     lq = (lq_tensor[0].cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return (
         np.ascontiguousarray(hq),
         np.ascontiguousarray(lq),
-        pair_record(params, source_key, crop_index, top, left, settings),
+        pair_record(params, source_key, crop_index, top, left, settings, flipped),
     )
 
 
 def pair_record(
-    params: DegradationParams, source: str, crop_index: int, top: int, left: int, settings: PairSettings
+    params: DegradationParams,
+    source: str,
+    crop_index: int,
+    top: int,
+    left: int,
+    settings: PairSettings,
+    flipped: bool = False,
 ) -> dict:
     """The JSON record of a pair (``params/NAME.json``)::
 
-    {"source": file name, "crop_index": k, "crop": {"top", "left", "size"}, "seed": --seed,
+    {"source": file name, "crop_index": k, "crop": {"top", "left", "size", "flipped"}, "seed": --seed,
      "scale": s, "label": "Medium blur, small noise.", "blur_score": [0, 1], "noise_score": [0, 1],
      "params": DegradationParams.to_dict()}
 
@@ -172,7 +185,7 @@ def pair_record(
     return {
         "source": source,
         "crop_index": crop_index,
-        "crop": {"top": top, "left": left, "size": settings.crop},
+        "crop": {"top": top, "left": left, "size": settings.crop, "flipped": flipped},
         "seed": settings.seed,
         "scale": settings.scale,
         "label": label_from_scores(blur_score, noise_score),
@@ -366,6 +379,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--crops-per-image", type=int, default=1, help="random crops per source image (default 1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of crops and degradations (default 0)")
+    parser.add_argument(
+        "--flip", action="store_true", help="mirror each crop left-right with probability 1/2"
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument(
         "--device", default="cpu", help="torch device for the degradations, e.g. cuda (default cpu)"
@@ -376,7 +392,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        settings = PairSettings(args.preset, args.scale, args.crop, args.crops_per_image, args.seed)
+        settings = PairSettings(
+            args.preset, args.scale, args.crop, args.crops_per_image, args.seed, args.flip
+        )
         if args.workers < 1:
             raise ValueError(f"--workers must be at least 1; got {args.workers}")
         summary = make_pairs(args.hq, args.out, settings, workers=args.workers, device=args.device)
