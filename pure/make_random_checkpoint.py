@@ -1,15 +1,19 @@
-"""``python -m pure.make_random_checkpoint OUTDIR``: a tiny *random* PURE checkpoint for tests and demos.
+"""``python -m pure.make_random_checkpoint OUTDIR``: a PURE checkpoint whose language model is *random*.
 
 The folder has the layout ``python -m pure.infer --model`` expects of any checkpoint::
 
     config.json  model.safetensors  tokenizer.json  vq/config.json  vq/model.safetensors  README.md
 
-Its weights are random: it runs every code path in seconds on a CPU and restores nothing.
+By default everything is tiny and random (a byte-level tokenizer, a random VQ): it runs every code path in
+seconds on a CPU and restores nothing. With ``--vq`` (a trained VQ folder), ``--captions`` (texts to learn
+a BPE tokenizer from) and the size options it is the starting point of a model trained from scratch
+(PURE-tiny, ``recipes/pure_tiny/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -19,18 +23,20 @@ import torch
 from transformers import ChameleonConfig
 
 from pure.model import PureForConditionalGeneration
-from pure.tokenizer import PureTokenizer, build_byte_tokenizer
+from pure.restorer import IMAGE_SIZE_KEY
+from pure.sequence import DEGRADATION_LEVELS, INSTRUCTION, degradation_text
+from pure.tokenizer import PureTokenizer, build_byte_tokenizer, train_bpe_tokenizer
 from pure.vocab import PureVocab
 from pure.vq import VQConfig, VQModel
 
 TINY_VQ = VQConfig(
     codebook_size=64, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
 )
-README = """# Tiny random PURE checkpoint
+README = """# Random PURE checkpoint
 
-Made by `python -m pure.make_random_checkpoint` (seed {seed}). **The weights are random**: this checkpoint
-exercises the whole pipeline (tokenizers, sequence format, decoding, colour fix, CLI) in seconds on a CPU,
-but its "restorations" are noise. Use it for tests and demos only.
+Made by `python -m pure.make_random_checkpoint` (seed {seed}). **The language model's weights are random**:
+this checkpoint exercises the whole pipeline (tokenizers, sequence format, decoding, colour fix, CLI), but
+its "restorations" are noise until it is trained. Use it for tests, demos and as a training start.
 
 - language model: Chameleon architecture, hidden {hidden}, {layers} layers, {heads} heads, vocabulary {vocab}
 - VQ: LlamaGen-style, codebook {codes} x {dim}, {ds}x downsampling
@@ -38,13 +44,21 @@ but its "restorations" are noise. Use it for tests and demos only.
 
 
 def tiny_config(
-    tokenizer: PureTokenizer, hidden: int = 64, layers: int = 2, heads: int = 4
+    tokenizer: PureTokenizer,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    image_size: int | None = None,
 ) -> ChameleonConfig:
+    """A small Chameleon config around ``tokenizer``; ``image_size`` records the native size it is
+    trained at (absent: PURE's 512). The MLP is ``2 * hidden`` wide unless ``intermediate`` says."""
     v = tokenizer.vocab
+    extra = {} if image_size is None else {IMAGE_SIZE_KEY: image_size}
     return ChameleonConfig(
         vocab_size=v.size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
@@ -60,26 +74,56 @@ def tiny_config(
             "num_res_blocks": 1,
             "latent_channels": 32,
         },
+        **extra,
     )
 
 
-def make_random_checkpoint(folder: str | Path, seed: int = 0, vq_config: VQConfig = TINY_VQ) -> Path:
-    """Write a tiny random checkpoint folder (atomically: it appears complete or not at all)."""
+def tokenizer_texts(captions: str | Path) -> list[str]:
+    """What a from-scratch tokenizer must encode well: the instruction, every degradation sentence and
+    the captions of a JSONL file (``{"caption": ...}`` per line, as ``pure.data.sample_images`` writes)."""
+    texts = [INSTRUCTION] + [degradation_text(b, n) for b in DEGRADATION_LEVELS for n in DEGRADATION_LEVELS]
+    with open(captions, encoding="utf-8") as handle:
+        texts += [json.loads(line)["caption"] for line in handle if line.strip()]
+    return texts
+
+
+def make_random_checkpoint(
+    folder: str | Path,
+    seed: int = 0,
+    vq_config: VQConfig = TINY_VQ,
+    *,
+    vq: str | Path | None = None,
+    captions: str | Path | None = None,
+    text_vocab_size: int = 512,
+    **model_size,
+) -> Path:
+    """Write a checkpoint folder with a random language model (atomically: complete or absent).
+
+    ``vq``: a trained VQ folder to use (default: a random VQ of ``vq_config``). ``captions``: learn a BPE
+    tokenizer of ``text_vocab_size`` text ids from these captions (default: the byte-level tokenizer).
+    ``model_size``: :func:`tiny_config`'s ``hidden``, ``layers``, ``heads``, ``intermediate``, ``image_size``.
+    """
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty")
     torch.manual_seed(seed)
-    text = build_byte_tokenizer(vq_config.codebook_size)
+    trained_vq = VQModel.from_pretrained(vq) if vq is not None else None  # draws no random numbers
+    if trained_vq is not None:
+        vq_config = trained_vq.config
+    if captions is not None:
+        text = train_bpe_tokenizer(tokenizer_texts(captions), text_vocab_size, vq_config.codebook_size)
+    else:
+        text = build_byte_tokenizer(vq_config.codebook_size)
     tokenizer = PureTokenizer(text, PureVocab.from_names(text.get_vocab(with_added_tokens=True)))
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, **model_size)
     model = PureForConditionalGeneration(config)
-    vq = VQModel(vq_config)
+    image_tokenizer = trained_vq or VQModel(vq_config)  # after the LM: the same seed gives the same LM
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.tmp-") as tmp:
         staging = Path(tmp) / "checkpoint"
         model.save_pretrained(staging)
         tokenizer.save(staging / "tokenizer.json")
-        vq.save_pretrained(staging / "vq")
+        image_tokenizer.save_pretrained(staging / "vq")
         (staging / "README.md").write_text(
             README.format(
                 seed=seed,
@@ -106,10 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("outdir", help="folder to create (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--vq", help="a trained VQ folder (pure.train_vq's vq/) instead of a random tiny VQ")
+    p.add_argument("--captions", help="JSONL of captions: learn a BPE text tokenizer (default: bytes)")
+    p.add_argument("--text-vocab", type=int, default=512, help="text ids of the BPE tokenizer (default 512)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--intermediate", type=int, help="MLP width (default 2 x hidden)")
+    p.add_argument("--image-size", type=int, help="native image size the model is trained at (default 512)")
     args = p.parse_args(argv)
     try:
-        folder = make_random_checkpoint(args.outdir, args.seed)
-    except FileExistsError as err:
+        folder = make_random_checkpoint(
+            args.outdir,
+            args.seed,
+            vq=args.vq,
+            captions=args.captions,
+            text_vocab_size=args.text_vocab,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            intermediate=args.intermediate,
+            image_size=args.image_size,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote a tiny random checkpoint to {folder}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pure.vocab import (
     BOI_NAME,
@@ -13,6 +13,7 @@ from pure.vocab import (
     EOI_NAME,
     EOT_NAME,
     IMAGE_TOKEN_PREFIX,
+    MAX_GRID,
     NEWLINE_NAME,
     PAD_NAME,
     PureVocab,
@@ -78,4 +79,33 @@ def build_byte_tokenizer(codebook_size: int, max_grid: int = 32) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([BOS_NAME, PAD_NAME, "</s>", "<unk>", *specials])
+    return tokenizer
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], text_vocab_size: int, codebook_size: int, max_grid: int = MAX_GRID
+) -> Tokenizer:
+    """A byte-level BPE tokenizer learned from ``texts``, with PURE's special and image token names.
+
+    For models trained from scratch (PURE-tiny): ``text_vocab_size`` ids of text (the 256 byte symbols
+    plus learned merges), after ``<s> <pad> </s> <unk>``, the image-structure and turn tokens, grid tokens
+    ``0..max_grid`` and the image tokens of codes ``[0, codebook_size)``. Training is deterministic for the
+    same texts.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if text_vocab_size < len(alphabet):
+        raise ValueError(f"text_vocab_size must be at least the {len(alphabet)} byte symbols")
+    specials = [BOS_NAME, PAD_NAME, "</s>", "<unk>", EOI_NAME, BOI_NAME, EOT_NAME, NEWLINE_NAME]
+    specials += [grid_token_name(n) for n in range(max_grid + 1)]
+    specials += [image_token_name(c) for c in range(codebook_size)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + text_vocab_size,
+        special_tokens=specials,
+        initial_alphabet=sorted(alphabet),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
