@@ -90,9 +90,10 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     ds_config = deepspeed_config(t.deepspeed, recipe, dist.world, config.hidden_size)
     optimizer = build_optimizer(module, recipe, ds_config)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    step, changed = 0, []
+    step, changed, train_seconds = 0, [], 0.0
     if start_from is not None:
-        step = load_checkpoint(engine, start_from, recipe, dist)["step"]
+        loaded = load_checkpoint(engine, start_from, recipe, dist)
+        step, train_seconds = loaded["step"], loaded.get("train_seconds", 0.0)
         changed = _changed_keys(load_recipe(start_from / "config.yaml"), recipe)
     if dist.is_main:
         write_run_files(run_dir, recipe, info)
@@ -130,10 +131,11 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
             engine.step()  # DeepSpeed steps the optimiser at the accumulation boundary only
             stats.add(out, batch)
         step += 1
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
         grad_norm = engine.get_global_grad_norm()
         if step % recipe.logging.every == 0 or step == total_steps:
             metrics = stats.reduce()
-            seconds = time.perf_counter() - started
             metrics.update(lr=lr, grad_norm=_float(grad_norm), tokens_per_s=metrics["tokens"] / seconds)
             if peak:
                 metrics["mfu"] = (
@@ -153,6 +155,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
                 "world_size": dist.world,
                 "metrics": log.last,
                 "seed": recipe.seed,
+                "train_seconds": train_seconds,  # optimiser steps only, summed over resumed runs
             }
             save_checkpoint(engine, run_dir, step, state, recipe, info, dist)
         if halt:
