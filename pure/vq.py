@@ -312,6 +312,27 @@ class VectorQuantizer(nn.Module):
             indices[start : start + self.CHUNK] = dist.argmin(dim=1)
         return indices.view(b, h, w)
 
+    def quantize_st(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training-time quantisation with a straight-through estimator (LlamaGen's `forward`).
+
+        z (B, d, h, w) -> (z_q, codebook_loss, commitment_loss, indices (B, h, w)). The indices are
+        exactly those of `nearest` (what `encode` returns), so training quantises like inference. With
+        `l2_norm` both losses are taken between L2-normalised latents and codebook rows, as LlamaGen does:
+        `codebook_loss = mean((e - sg(z))^2)` pulls the codes towards the encoder outputs,
+        `commitment_loss = mean((sg(e) - z)^2)` (unweighted: the caller applies beta) pulls the encoder
+        towards its codes. `z_q` equals the (normalised) code in the forward pass and passes the decoder's
+        gradient straight through to `z` in the backward pass.
+        """
+        indices = self.nearest(z.detach())  # argmin has no gradient; reuse the inference path
+        latents = z.float()
+        if self.l2_norm:
+            latents = F.normalize(latents, p=2, dim=1)
+        quantized = self.codebook()[indices].permute(0, 3, 1, 2)  # (B, h, w, d) -> (B, d, h, w)
+        codebook_loss = (quantized - latents.detach()).square().mean()
+        commitment_loss = (quantized.detach() - latents).square().mean()
+        z_q = latents + (quantized - latents).detach()
+        return z_q, codebook_loss, commitment_loss, indices
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The tokenizer

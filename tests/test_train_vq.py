@@ -1,0 +1,270 @@
+"""Tests for pure.train_vq: recipe parsing, losses, restarts, a few real CPU steps, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pure.train.config import ConfigError
+from pure.train_vq import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    VQ_DIR,
+    CropSampler,
+    TrainSection,
+    VQSection,
+    build_optimizer,
+    centre_crop,
+    evaluate,
+    load_vq_recipe,
+    lr_at,
+    main,
+    restart_dead_codes,
+    train_step,
+)
+from pure.vq import VQModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_RECIPE = REPO_ROOT / "recipes" / "pure_tiny" / "vq.yaml"
+TINY_VQ = VQSection(codebook_size=64, base_channels=32, channel_mult=[1, 1, 1, 2], z_channels=32)
+CROP = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these models are tiny, and busy-waiting OpenMP threads on a loaded 2-core machine
+    made a 30-step test take minutes instead of seconds. Restored afterwards (runs also set threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _smooth_image(seed: int, width: int, height: int) -> Image.Image:
+    """A random but learnable image: a coarse noise field upsampled bicubically (gradients, no grain)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(coarse, "RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("vqdata")
+    train, holdout = root / "train", root / "holdout"
+    train.mkdir()
+    holdout.mkdir()
+    _smooth_image(0, 56, 48).save(train / "a.png")
+    _smooth_image(1, 40, 40).save(train / "b.png")
+    _smooth_image(2, 24, 20).save(train / "small.png")  # smaller than the crop: upsampled to fit
+    _smooth_image(3, 44, 36).save(holdout / "c.png")  # not a multiple of 8: centre-cropped to 40x32
+    _smooth_image(4, 32, 32).convert("RGBA").save(holdout / "d.png")
+    return train, holdout
+
+
+def _args(folders: tuple[Path, Path], out: Path, steps: int, *extra: str) -> list[str]:
+    train, holdout = folders
+    return [
+        "--no-progress",
+        "--set",
+        f"data.train={train}",
+        f"data.holdout={holdout}",
+        f"output_dir={out}",
+        f"data.crop={CROP}",
+        "data.batch_size=2",
+        f"train.steps={steps}",
+        "train.warmup_steps=2",
+        "train.threads=1",
+        "train.log_every=2",
+        "train.dead_code_after=2",
+        "train.dead_code_every=2",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "vq:\n"
+        f"  codebook_size: {TINY_VQ.codebook_size}\n"
+        f"  base_channels: {TINY_VQ.base_channels}\n"
+        f"  channel_mult: {TINY_VQ.channel_mult}\n"
+        f"  z_channels: {TINY_VQ.z_channels}\n"
+        "  num_res_blocks: 1\n"
+    )
+    return path
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / VQ_DIR / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  stepz: 3\n")
+    assert main([str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "unknown key train.stepz" in err and "steps" in err and "warmup_steps" in err
+
+
+def test_bad_values_and_missing_folders_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_vq_recipe(None, ["vq.base_channels=48", "data.train=x", "data.holdout=y"])
+    with pytest.raises(ConfigError, match=r"data\.crop must be a positive multiple of 8"):
+        load_vq_recipe(None, ["data.crop=30", "data.train=x", "data.holdout=y"])
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_vq_recipe(None, ["train.steps=many"])
+    code = main([str(SHIPPED_RECIPE), "--set", f"data.train={tmp_path / 'nope'}", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "nope" in err
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr() -> None:
+    cfg = TrainSection(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-2)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+# ------------------------------------------------------------------------------------------ mechanics
+
+
+def test_quantize_st_matches_inference_codes_and_passes_gradients() -> None:
+    torch.manual_seed(0)
+    model = VQModel(TINY_VQ.to_vq_config())
+    z = torch.randn(2, 8, 3, 4, requires_grad=True)
+    z_q, codebook_loss, commitment_loss, indices = model.quantize.quantize_st(z)
+    assert torch.equal(indices, model.quantize.nearest(z))
+    # forward: the (normalised) codes, exactly what decode() looks up
+    assert torch.allclose(z_q, model.codebook_lookup(indices), atol=1e-6)
+    assert codebook_loss.item() == pytest.approx(commitment_loss.item())
+    # backward: the decoder's gradient reaches the encoder output (straight through)
+    z_q.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    codebook_loss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+
+
+def test_restart_reseeds_dead_codes_from_latents() -> None:
+    torch.manual_seed(0)
+    model = VQModel(TINY_VQ.to_vq_config())
+    optimizer = build_optimizer(model, TrainSection())
+    last_used = torch.zeros(64, dtype=torch.int64)
+    last_used[:10] = 50  # codes 0-9 recently used, the rest dead
+    latents = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    before = model.quantize.embedding.weight.detach().clone()
+    n = restart_dead_codes(model, optimizer, latents, last_used, 60, 20, torch.Generator().manual_seed(0))
+    after = model.quantize.embedding.weight.detach()
+    assert n == 54
+    assert torch.equal(after[:10], before[:10])
+    # each re-seeded code is a batch latent (up to the tie-breaking noise)
+    distance = torch.cdist(after[10:], latents).min(dim=1).values
+    assert (distance < 0.01).all()
+    assert (last_used[10:] == 60).all()
+
+
+def test_sampler_upsamples_small_images_and_is_seeded() -> None:
+    images = [_smooth_image(0, 20, 12)]
+    a = CropSampler(images, CROP, torch.Generator().manual_seed(1)).batch(3)
+    b = CropSampler(images, CROP, torch.Generator().manual_seed(1)).batch(3)
+    assert a.shape == (3, 3, CROP, CROP) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_loss_goes_down_on_a_fixed_batch() -> None:
+    """Overfit check: 30 updates on one batch must cut the loss well below its start."""
+    torch.manual_seed(0)
+    model = VQModel(TINY_VQ.to_vq_config()).train()
+    cfg = TrainSection(steps=30, lr=2e-3, min_lr=2e-3, warmup_steps=0)
+    optimizer = build_optimizer(model, cfg)
+    pixels = CropSampler([_smooth_image(5, 64, 64)], CROP, torch.Generator().manual_seed(0)).batch(2)
+    losses = [train_step(model, optimizer, pixels, step, cfg)[0].loss.item() for step in range(30)]
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_centre_crop_to_multiples() -> None:
+    image = _smooth_image(0, 45, 30)
+    assert centre_crop(image, 8).size == (40, 24)
+    assert centre_crop(image, 8, max_side=16).size == (16, 16)
+
+
+def test_evaluate_reports_psnr_usage_and_perplexity(folders: tuple[Path, Path]) -> None:
+    torch.manual_seed(0)
+    model = VQModel(TINY_VQ.to_vq_config())
+    images = [Image.open(p).convert("RGB") for p in sorted(folders[1].iterdir())]
+    result = evaluate(model, images)
+    assert result["images"] == 2 and 0 < result["psnr"] < 60 and 0 < result["psnr_y"] < 60
+    assert 0 < result["usage"] <= 1 and 1 <= result["perplexity"] <= 64
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+
+def test_run_writes_loadable_tokenizer_metrics_and_log(
+    folders: tuple[Path, Path], tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main([str(tiny_recipe), *_args(folders, out, 3)]) == 0
+    model = VQModel.from_pretrained(out / VQ_DIR)
+    assert model.config == TINY_VQ.to_vq_config()
+    codes = model.encode(torch.zeros(1, 3, 16, 24))
+    assert codes.shape == (1, 2, 3) and model.decode(codes).shape == (1, 3, 16, 24)
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics["finished"] and metrics["step"] == 3 and metrics["seconds"] > 0
+    assert set(metrics["holdout"]) >= {"psnr", "psnr_y", "usage", "perplexity"}
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and "train" in events and events[-1] == "eval"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # a finished run says so and exits 0 without training again
+    capsys.readouterr()
+    assert main([str(tiny_recipe), *_args(folders, out, 3)]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_same_recipe_same_weights_and_resume_matches(
+    folders: tuple[Path, Path], tiny_recipe: Path, tmp_path: Path
+) -> None:
+    steps = 6
+    first, second, resumed = tmp_path / "first", tmp_path / "second", tmp_path / "resumed"
+    assert main([str(tiny_recipe), *_args(folders, first, steps)]) == 0
+    assert main([str(tiny_recipe), *_args(folders, second, steps)]) == 0
+    _assert_same_weights(first, second)
+
+    # halt at step 3 (checkpoint + unfinished metrics), then rerun: identical to the uninterrupted run
+    assert main([str(tiny_recipe), *_args(folders, resumed, steps), "--max-steps", "3"]) == 0
+    assert not json.loads((resumed / METRICS_NAME).read_text())["finished"]
+    assert torch.load(resumed / CHECKPOINT_NAME, weights_only=True)["step"] == 3
+    assert main([str(tiny_recipe), *_args(folders, resumed, steps)]) == 0
+    _assert_same_weights(first, resumed)
+    assert json.loads((resumed / METRICS_NAME).read_text())["step"] == steps
+
+
+def test_shipped_recipe_parses_and_runs(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    recipe = load_vq_recipe(SHIPPED_RECIPE)
+    assert recipe.data.train == "data/pure_tiny/sources/train"
+    assert recipe.vq.to_vq_config().downsample == 8
+    out = tmp_path / "shipped"
+    args = _args(folders, out, 2, "data.holdout_max_side=32", "train.eval_every=0", "train.save_every=0")
+    assert main([str(SHIPPED_RECIPE), *args]) == 0
+    assert VQModel.from_pretrained(out / VQ_DIR).config == recipe.vq.to_vq_config()
