@@ -39,6 +39,7 @@ from pure.train.synthetic import synthetic_examples, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes/train/tiny_cpu.yaml"
+PURE_TINY_RECIPE = REPO / "recipes/pure_tiny/train.yaml"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -60,9 +61,13 @@ def _batch(fmt: SequenceFormat, n: int = 2, seed: int = 0) -> dict:
 
 
 def test_recipes_load_and_round_trip_through_the_resolved_yaml(tmp_path):
-    for name in ("tiny_cpu", "pure_7b_zero3", "pure_7b_lora"):
-        recipe = load_recipe(REPO / f"recipes/train/{name}.yaml")
-        resolved = tmp_path / f"{name}.yaml"
+    for path in (
+        TINY_RECIPE,
+        PURE_TINY_RECIPE,
+        *(REPO / f"recipes/train/{n}.yaml" for n in ("pure_7b_zero3", "pure_7b_lora")),
+    ):
+        recipe = load_recipe(path)
+        resolved = tmp_path / path.name
         resolved.write_text(recipe_to_yaml(recipe))
         assert load_recipe(resolved) == recipe
     paper = load_recipe(REPO / "recipes/train/pure_7b_zero3.yaml").train
@@ -369,7 +374,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(recipe_overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
+def _train(
+    recipe_overrides: list[str], *extra: str, recipe: Path = TINY_RECIPE
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -382,7 +389,7 @@ def _train(recipe_overrides: list[str], *extra: str) -> subprocess.CompletedProc
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/pure/torch_extensions")
         ),
     }
-    cmd = [sys.executable, "-m", "pure.train", str(TINY_RECIPE), "--set", *recipe_overrides, *extra]
+    cmd = [sys.executable, "-m", "pure.train", str(recipe), "--set", *recipe_overrides, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -423,6 +430,22 @@ def runs(tiny_checkpoint, tmp_path_factory):
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pure_tiny_recipe_runs_two_steps_and_records_its_time(runs, tiny_checkpoint):
+    """recipes/pure_tiny/train.yaml as `make pure-tiny` runs it, on the tiny checkpoint and shards."""
+    out = runs["root"] / "pure_tiny"
+    overrides = [f"model.init_from={tiny_checkpoint}", f"data.sets=[{{path: {runs['shards']}}}]"]
+    _train(
+        [*overrides, "train.max_steps=2", "logging.progress=false", f"output_dir={out}"],
+        recipe=PURE_TINY_RECIPE,
+    )
+    state = json.loads((out / "export" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["train_seconds"] > 0
+    assert (
+        load_recipe(out / "config.yaml").train.micro_batch_size
+        == load_recipe(PURE_TINY_RECIPE).train.micro_batch_size
+    )
 
 
 def test_tiny_recipe_runs_two_steps_with_zero2(runs, tiny_checkpoint):
