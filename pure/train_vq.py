@@ -55,7 +55,7 @@ from PIL import Image
 from torch import Tensor
 
 from pure.imageio import atomic_write, load_image
-from pure.train.config import ConfigError, apply_override, from_dict
+from pure.train.config import ConfigError, add_set_argument, load_yaml_dataclass
 from pure.vq import VQConfig, VQModel, pil_to_pixels, pixels_to_pil, to_rgb
 
 RECIPE_NAME = "recipe.yaml"
@@ -187,21 +187,7 @@ class VQRecipe:
 
 def load_vq_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> VQRecipe:
     """A recipe YAML (defaults when ``path`` is None) plus ``a.b=value`` overrides, type-checked."""
-    data: object = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections; got {type(data).__name__}")
-    recipe = from_dict(VQRecipe, data)
-    for override in overrides:
-        apply_override(recipe, override)
-    return recipe.validate()
+    return load_yaml_dataclass(VQRecipe, path, overrides).validate()
 
 
 def recipe_to_yaml(recipe: VQRecipe) -> str:
@@ -674,15 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="a YAML recipe (e.g. recipes/pure_tiny/vq.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override recipe values, e.g. --set train.lr=2e-3 vq.base_channels=64 (type-checked)",
-    )
+    add_set_argument(parser, "train.lr=2e-3 vq.base_channels=64")
     parser.add_argument(
         "--max-steps",
         type=int,

@@ -132,7 +132,8 @@ def test_bad_values_and_missing_folders_exit_2(tmp_path: Path, capsys: pytest.Ca
         load_vq_recipe(None, ["data.crop=30", "data.train=x", "data.holdout=y"])
     with pytest.raises(ConfigError, match="must be an integer"):
         load_vq_recipe(None, ["train.steps=many"])
-    code = main([str(SHIPPED_RECIPE), "--set", f"data.train={tmp_path / 'nope'}", "--no-progress"])
+    overrides = [f"data.train={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}"]  # not a finished run
+    code = main([str(SHIPPED_RECIPE), "--set", *overrides, "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err and "nope" in err

@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from pure.train.config import add_set_argument
+
 EPILOG = """
 examples:
   python -m pure.train recipes/train/tiny_cpu.yaml                      # CPU, a few steps, minutes
@@ -31,15 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="a YAML recipe (recipes/train/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override recipe values, e.g. --set train.lr=1e-5 lora.enabled=true (type-checked)",
-    )
+    add_set_argument(p, "train.lr=1e-5 lora.enabled=true")
     p.add_argument(
         "--resume",
         nargs="?",

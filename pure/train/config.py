@@ -20,19 +20,22 @@ Schema (defaults are the paper's full fine-tuning run, ``recipes/train/pure_7b_z
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from pure.data.shards import ShardSet
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+T = TypeVar("T")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -284,8 +287,22 @@ def apply_override(recipe: Recipe, override: str) -> None:
     setattr(target, parts[-1], _convert(value, _hints(type(target))[parts[-1]], where))
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """A recipe YAML (or the defaults when ``path`` is None) with ``--set`` overrides, validated."""
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The ``--set KEY=VALUE ...`` option of every recipe-driven CLI (collected in ``args.overrides``)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override recipe values, e.g. --set {example} (type-checked)",
+    )
+
+
+def load_yaml_dataclass(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Any typed recipe (``Recipe``, ``pure.train_vq.VQRecipe``): its YAML (defaults when ``path`` is None)
+    read into ``cls`` with ``--set a.b=v`` overrides, every value type-checked; not yet validated."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -294,13 +311,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of sections; got {type(data).__name__}")
-    recipe = from_dict(Recipe, data)
-    for override in overrides or []:
+    recipe = from_dict(cls, data)
+    for override in overrides:
         apply_override(recipe, override)
-    return recipe.validate()
+    return recipe
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """A recipe YAML (or the defaults when ``path`` is None) with ``--set`` overrides, validated."""
+    return load_yaml_dataclass(Recipe, path, overrides or []).validate()
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
