@@ -23,7 +23,7 @@ import torch
 from transformers import ChameleonConfig
 
 from pure.model import PureForConditionalGeneration
-from pure.restorer import IMAGE_SIZE_KEY
+from pure.restorer import DEFAULT_IMAGE_SIZE, IMAGE_SIZE_KEY
 from pure.sequence import DEGRADATION_LEVELS, INSTRUCTION, degradation_text
 from pure.tokenizer import PureTokenizer, build_byte_tokenizer, train_bpe_tokenizer
 from pure.vocab import PureVocab
@@ -32,6 +32,7 @@ from pure.vq import VQConfig, VQModel
 TINY_VQ = VQConfig(
     codebook_size=64, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
 )
+TEXT_VOCAB_SIZE = 512  # text ids of a learned BPE tokenizer: bytes (256) plus merges of a small corpus
 README = """# Random PURE checkpoint
 
 Made by `python -m pure.make_random_checkpoint` (seed {seed}). **The language model's weights are random**:
@@ -94,7 +95,7 @@ def make_random_checkpoint(
     *,
     vq: str | Path | None = None,
     captions: str | Path | None = None,
-    text_vocab_size: int = 512,
+    text_vocab_size: int = TEXT_VOCAB_SIZE,
     **model_size,
 ) -> Path:
     """Write a checkpoint folder with a random language model (atomically: complete or absent).
@@ -152,12 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--vq", help="a trained VQ folder (pure.train_vq's vq/) instead of a random tiny VQ")
     p.add_argument("--captions", help="JSONL of captions: learn a BPE text tokenizer (default: bytes)")
-    p.add_argument("--text-vocab", type=int, default=512, help="text ids of the BPE tokenizer (default 512)")
+    p.add_argument(
+        "--text-vocab",
+        type=int,
+        default=TEXT_VOCAB_SIZE,
+        help=f"text ids of the BPE tokenizer (default {TEXT_VOCAB_SIZE})",
+    )
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--intermediate", type=int, help="MLP width (default 2 x hidden)")
-    p.add_argument("--image-size", type=int, help="native image size the model is trained at (default 512)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help=f"native image size the model is trained at (default {DEFAULT_IMAGE_SIZE})",
+    )
     args = p.parse_args(argv)
     try:
         folder = make_random_checkpoint(

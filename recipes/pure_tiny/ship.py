@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from pure.eval.holdout import SCALE  # the x4 the card measures: LQ side = image side / SCALE
+
 HERE = Path(__file__).resolve().parent
 CHECKPOINT_FILES = (
     "config.json",
@@ -26,7 +28,6 @@ CHECKPOINT_FILES = (
     "vq/config.json",
     "vq/model.safetensors",
 )
-SCALE = 4  # PURE-tiny restores x4: LQ side = image side / 4
 
 
 def _json(path: Path) -> dict:
