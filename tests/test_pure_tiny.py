@@ -3,6 +3,8 @@ scores what its model card says on held-out images, so a broken pipeline shows u
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -75,3 +77,42 @@ def test_holdout_scores_match_the_model_card(restorer, holdout_images):
         pinned = shipped[(row["image"], row["crop"], row["method"])]
         assert row["psnr_y"] == pytest.approx(pinned["psnr_y"], abs=PSNR_TOLERANCE_DB), row["method"]
         assert row["ssim_y"] == pytest.approx(pinned["ssim_y"], abs=SSIM_TOLERANCE), row["method"]
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("pure_tiny_compare", "recipes/pure_tiny/compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduction_check_pairs_crops_and_calls_noise(tmp_path):
+    compare = _load_compare()
+    card = json.loads((SHIPPED / "holdout_results.json").read_text())
+    assert all(e["within_noise"] and e["difference"] == 0 for e in compare.compare(card, card))
+
+    def shifted(method: str, by) -> dict:
+        run = copy.deepcopy(card)
+        for i, row in enumerate(r for r in run["rows"] if r["method"] == method):
+            row["psnr_y"] += by(i)
+        return run
+
+    jitter = compare.compare(shifted("pure", lambda i: 0.5 if i % 2 else -0.5), card)  # mean about 0
+    steady = compare.compare(shifted("pure", lambda i: 0.3), card)  # every crop 0.3 dB better
+    pick = {(e["method"], e["metric"]): e for e in jitter}, {(e["method"], e["metric"]): e for e in steady}
+    assert pick[0]["pure", "psnr_y"]["within_noise"] and pick[0]["pure", "psnr_y"]["se"] > 0
+    assert not pick[1]["pure", "psnr_y"]["within_noise"]
+    assert pick[1]["pure", "psnr_y"]["difference"] == pytest.approx(0.3)
+    assert pick[1]["vq", "psnr_y"]["within_noise"]  # other methods untouched
+
+    with pytest.raises(ValueError, match="control"):
+        compare.compare(shifted("bicubic", lambda i: 0.1), card)
+    other = copy.deepcopy(card)
+    other["protocol"]["seeds"] = [7]
+    with pytest.raises(ValueError, match="protocol"):
+        compare.compare(other, card)
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(shifted("pure", lambda i: 0.3)))
+    assert compare.main([str(path), str(SHIPPED / "holdout_results.json")]) == 1
+    assert compare.main([str(tmp_path / "missing.json"), str(path)]) == 2
