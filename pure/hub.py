@@ -6,6 +6,12 @@ writes ``CHECKPOINT_DIR/README.md`` through huggingface_hub's card API (licence,
 pipeline tag, usage, and a metrics table per eval summary written by `python -m pure.eval`, with its
 settings and the PURE paper's reported numbers beside it), then uploads the folder with
 ``HfApi.upload_folder``. Offline (``HF_HUB_OFFLINE=1``) it writes the card only, and says so.
+
+A mean over fewer images than the run has (a metric failed on some, see ``score.partial_means``) is not
+put in the card's ``model-index``: that format has no field for how many images a value covers (a
+metric entry is type, value, name, config, args, verified), and leaderboards read its values as whole-set
+results, comparable with other models'. Such a mean stays in the card's table, marked, with a line that
+says how many images it covers and that the model-index leaves it out.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 
 from pure.eval.metrics import METRICS
 from pure.eval.reported import SET_NAMES
-from pure.eval.score import RESULT_FORMAT, format_table
+from pure.eval.score import RESULT_FORMAT, format_table, partial_means
 from pure.imageio import atomic_write
 
 DEFAULT_BASE_MODEL = "nonwhy/PURE"
@@ -61,11 +67,13 @@ def offline() -> bool:
 
 
 def _eval_results(summaries: Sequence[dict[str, Any]]) -> list[EvalResult]:
+    """The model-index entries: every whole-set mean (partial ones are left out, see the module doc)."""
     results = []
     for summary in summaries:
         set_key = summary.get("set") or "custom"
+        partial = partial_means(summary)
         for name, entry in summary["metrics"].items():
-            if entry.get("mean") is None:
+            if entry.get("mean") is None or name in partial:
                 continue
             results.append(
                 EvalResult(
@@ -92,6 +100,13 @@ def _settings_lines(summary: dict[str, Any]) -> list[str]:
     for name, entry in summary["metrics"].items():
         settings = json.dumps(entry.get("settings", {}), sort_keys=True)
         lines.append(f"- `{name}`: pyiqa `{entry.get('pyiqa_name', name)}` with settings `{settings}`")
+    partial = partial_means(summary)
+    if partial:
+        covers = ", ".join(f"{name} ({n}/{summary['count']} images)" for name, n in partial.items())
+        lines.append(
+            f"- Means over part of the set, marked in the table and left out of the model-index "
+            f"metadata (not comparable with whole-set results): {covers}."
+        )
     return lines
 
 

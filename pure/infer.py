@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 import pure
 from pure import viz
+from pure.engine import SamplingConfig
 from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
 from pure.restorer import IMAGE_SIZE_KEY
@@ -143,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The command-line option that sets each `SamplingConfig` field (here and in ``python -m pure.eval``).
+SAMPLING_OPTIONS = {
+    "cfg_scale": "--cfg",
+    "temperature": "--temperature",
+    "text_top_k": "--text-top-k",
+    "max_text_tokens": "--max-text-tokens",
+    "jacobi_window": "--jacobi",
+}
+
+
+def sampling_config(**fields: Any) -> SamplingConfig:
+    """``SamplingConfig(**fields)`` for a command line: its ``__post_init__`` stays the one place these
+    values are checked, and its ValueError is raised again naming the option the user typed rather than
+    the field (``--jacobi must be 0 (off) or >= 2 ...; got 1``, not ``jacobi_window must be ...``)."""
+    try:
+        return SamplingConfig(**fields)
+    except ValueError as err:
+        message = str(err)
+        field, _, rest = message.partition(" ")
+        if field in SAMPLING_OPTIONS and field in fields:
+            message = f"{SAMPLING_OPTIONS[field]} {rest}"
+        raise ValueError(message) from None
+
+
 def plan_outputs(inputs: list[Path], output: str | None, single: bool) -> list[tuple[Path, Path]]:
     if single:
         out = Path(output) if output else inputs[0].with_name(inputs[0].stem + "_pure.png")
@@ -171,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pure.engine import SamplingConfig
     from pure.restorer import GRID_PX
 
     checks = (
@@ -182,14 +207,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, value, low in checks:
         if not value >= low:  # also rejects NaN
             raise CliError(f"{flag} must be >= {low}; got {value}")
-    if args.jacobi == 1 or args.jacobi < 0:
-        raise CliError(f"--jacobi must be 0 (off) or a window of >= 2 tokens; got {args.jacobi}")
-    sampling = SamplingConfig(
-        cfg_scale=args.cfg,
-        temperature=args.temperature,
-        text_top_k=args.text_top_k,
-        jacobi_window=args.jacobi,
-    )
+    try:
+        sampling = sampling_config(
+            cfg_scale=args.cfg,
+            temperature=args.temperature,
+            text_top_k=args.text_top_k,
+            jacobi_window=args.jacobi,
+        )
+    except ValueError as err:
+        raise CliError(err) from None
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.size is not None and (args.size <= 0 or args.size % GRID_PX):

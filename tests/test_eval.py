@@ -343,6 +343,20 @@ def test_folder_metric_failure_and_wrong_score_counts_are_recorded(folders, tmp_
     assert "- fid failed: ValueError: Inception weights: checksum mismatch." in table
 
 
+def test_a_non_finite_score_marks_the_mean_as_partial(folders, tmp_path):
+    pred, _ = folders
+
+    class NanOnB(FakeBackend):
+        def score_pairs(self, spec, preds, gts):
+            scores = super().score_pairs(spec, preds, gts)
+            return [float("nan") if Path(p).stem == "b" else v for p, v in zip(preds, scores, strict=True)]
+
+    summary = evaluate(pred, None, parse_metrics("niqe"), NanOnB(), tmp_path / "o", log=lambda _: None)
+    assert summary["failures"] == [] and summary["metrics"]["niqe"]["count"] == 2
+    assert format_table(summary).splitlines()[2] == "| this run (3 images) | 105.0000* |"
+    assert "- niqe gave a finite score for 2 of 3 images (* = mean over those)." in format_table(summary)
+
+
 def test_interrupt_is_not_recorded_as_a_failure(folders, tmp_path):
     pred, _ = folders
     backend = FakeBackend(fail={("niqe", "a"): KeyboardInterrupt()})
@@ -423,7 +437,7 @@ def test_benchmark_mode_restores_resumably_then_scores(tiny_checkpoint, tmp_path
     argv += ["--device", "cpu", "--max-text-tokens", "8"]  # the tiny random model would babble 256 tokens
     assert eval_main(argv, backend=FakeBackend()) == 0
     assert "2 image(s) to restore" in capsys.readouterr().out
-    assert sorted(p.name for p in pred.iterdir()) == ["0001.png", "0002.png"]
+    assert sorted(p.name for p in pred.iterdir()) == ["0001.png", "0002.png", "restoration.json"]
     assert Image.open(pred / "0001.png").size == (32, 32)
     pictures = sorted(p.name for p in (out / "pictures").iterdir())
     assert pictures == ["0001_compare.png", "0001_entropy.png", "0002_compare.png", "0002_entropy.png"]
@@ -431,18 +445,35 @@ def test_benchmark_mode_restores_resumably_then_scores(tiny_checkpoint, tmp_path
     assert summary["restoration"]["size"] == 32 and summary["restoration"]["cfg_scale"] == 0.8
     assert summary["metrics"]["psnr"]["count"] == 2
 
+    record = json.loads((pred / "restoration.json").read_text())
+    assert record["restored"] == ["0001", "0002"] and record["settings"] == {
+        k: v for k, v in summary["restoration"].items() if k != "model_identity"
+    }
+    assert record["model_identity"]["dtype"] == "torch.float32"
+
     (pred / "0002.png").unlink()
     # the options python -m pure.infer has, on the real (tiny) model: Jacobi decoding, dtype, tokenizer
     tokenizer = tmp_path / "my_tokenizer.json"  # not the checkpoint's default path, so it must be passed
     tokenizer.write_bytes((tiny_checkpoint / "tokenizer.json").read_bytes())
     flags = ["--jacobi", "4", "--dtype", "float32", "--tokenizer", str(tokenizer)]
-    assert eval_main([*argv, "--no-pictures", *flags], backend=FakeBackend()) == 0
-    assert "1 image(s) to restore" in capsys.readouterr().out
+    # resuming 0002 with these would score images made two ways as one set: refused, nothing touched
+    assert eval_main([*argv, "--no-pictures", *flags], backend=FakeBackend()) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert 'holds 1 restoration(s) made with other settings (dtype: null then, "float32" now; ' in err
+    assert "jacobi_window: 0 then, 4 now; tokenizer: null then, " in err
+    assert "pass --overwrite to restore every image again with the new settings, or give a new --pred" in err
+    assert sorted(p.name for p in pred.iterdir()) == ["0001.png", "restoration.json"]
+    assert json.loads((pred / "restoration.json").read_text()) == record
+
+    assert eval_main([*argv, "--no-pictures", "--overwrite", *flags], backend=FakeBackend()) == 0
+    assert "2 image(s) to restore" in capsys.readouterr().out
     assert (pred / "0002.png").is_file()
     restoration = json.loads((out / "summary.json").read_text())["restoration"]
     assert restoration["jacobi_window"] == 4 and restoration["dtype"] == "float32"
+    assert restoration["tokenizer"] == str(tokenizer.resolve())
     assert restoration["model_identity"]["tokenizer"] == str(tokenizer)
     assert restoration["model_identity"]["dtype"] == "torch.float32"
+    assert json.loads((pred / "restoration.json").read_text())["restored"] == ["0001", "0002"]
 
 
 FAKE_IDENTITY = {"model": "fake", "dtype": "torch.float16"}
@@ -501,11 +532,104 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     assert restorer.calls[0]["sampling"].jacobi_window == 0
 
 
+def _fake_benchmark(tmp_path, monkeypatch, restorer):
+    """argv of a benchmark run of two 8 px LQ images restored by `restorer` (no model is loaded)."""
+    from pure.restorer import PureRestorer
+
+    monkeypatch.setattr(PureRestorer, "from_pretrained", staticmethod(lambda model, **kwargs: restorer))
+    for stem in ("0001", "0002"):
+        _write(tmp_path / "lq", f"{stem}.png", 50, size=(8, 8))
+    argv = ["--model", "ckpt", "--lq", str(tmp_path / "lq"), "--pred", str(tmp_path / "p")]
+    argv += ["--out", str(tmp_path / "o"), "--metrics", "niqe", "--size", "16", "--batch-size", "2"]
+    return [*argv, "--no-pictures"]
+
+
+def test_benchmark_resume_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    restorer = _FakeRestorer()
+    argv = _fake_benchmark(tmp_path, monkeypatch, restorer)
+    pred = tmp_path / "p"
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    record = json.loads((pred / "restoration.json").read_text())
+    assert record["restored"] == ["0001", "0002"] and record["settings"]["cfg_scale"] == 0.8
+    assert record["model_identity"] == FAKE_IDENTITY
+    assert record["settings"]["lq_dir"] == str((tmp_path / "lq").resolve())
+
+    (pred / "0002.png").unlink()
+    capsys.readouterr()
+    assert eval_main([*argv, "--cfg", "0.5", "--seed", "3"], backend=FakeBackend()) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err == (
+        f"error: --pred {pred} holds 1 restoration(s) made with other settings (cfg_scale: 0.8 then, "
+        "0.5 now; seed: 0 then, 3 now); resuming would mix them into one score; pass --overwrite to "
+        "restore every image again with the new settings, or give a new --pred folder (and --out) to keep "
+        f"both; or rerun with the settings of {pred / 'restoration.json'}"
+    )
+    assert len(restorer.calls) == 1  # nothing restored, nothing written
+    assert json.loads((pred / "restoration.json").read_text()) == record
+
+    # the same settings resume: only the missing image; the summary reports the recorded settings
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    assert [call["n"] for call in restorer.calls] == [2, 1]
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["restoration"]["cfg_scale"] == 0.8
+
+    # all done, other settings: still refused (the summary would record settings the images lack)
+    assert eval_main([*argv, "--no-color-fix"], backend=FakeBackend()) == 2
+    assert "color_fix: true then, false now" in capsys.readouterr().err
+
+
+def test_benchmark_resume_without_a_record_or_after_an_interrupted_overwrite(tmp_path, monkeypatch, capsys):
+    class Interrupted(_FakeRestorer):  # stops after its first batch, as Ctrl-C would
+        def restore_batch(self, images, seeds, size, **kwargs):
+            if self.calls:
+                raise KeyboardInterrupt
+            return super().restore_batch(images, seeds, size, **kwargs)
+
+    restorer = Interrupted()
+    argv = _fake_benchmark(tmp_path, monkeypatch, restorer)
+    pred = tmp_path / "p"
+    for stem in ("0001", "0002"):  # restorations of unknown origin (e.g. an older version, pure.infer)
+        _write(pred, f"{stem}.png", 7, size=(16, 16))
+    assert eval_main(argv, backend=FakeBackend()) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 restoration(s) of this set (0001 ...) but no record (restoration.json)" in err
+    assert restorer.calls == [] and not (pred / "restoration.json").exists()
+
+    # --overwrite interrupted after one image: the record lists only what the new settings made
+    overwrite = ["--overwrite", "--batch-size", "1", "--cfg", "0.5"]
+    assert eval_main([*argv, *overwrite], backend=FakeBackend()) == 130
+    record = json.loads((pred / "restoration.json").read_text())
+    assert record["restored"] == ["0001"] and record["settings"]["cfg_scale"] == 0.5
+    # so resuming redoes 0002 although its (old) file exists
+    restorer = _FakeRestorer()
+    _fake_benchmark(tmp_path, monkeypatch, restorer)
+    assert eval_main([*argv, "--cfg", "0.5"], backend=FakeBackend()) == 0
+    assert "1 image(s) to restore" in capsys.readouterr().out
+    assert [call["n"] for call in restorer.calls] == [1]
+    assert json.loads((pred / "restoration.json").read_text())["restored"] == ["0001", "0002"]
+
+
+def test_benchmark_resume_with_a_model_loaded_differently_is_refused(tmp_path, monkeypatch, capsys):
+    """A default dtype resolves per machine (bf16 on CUDA, fp32 on CPU): checked after loading, before
+    the first restoration."""
+    restorer = _FakeRestorer()
+    argv = _fake_benchmark(tmp_path, monkeypatch, restorer)
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    (tmp_path / "p" / "0002.png").unlink()
+    restorer.identity = {**FAKE_IDENTITY, "dtype": "torch.float32"}
+    capsys.readouterr()
+    assert eval_main(argv, backend=FakeBackend()) == 2
+    err = capsys.readouterr().err
+    assert 'loaded differently (dtype: "torch.float16" then, "torch.float32" now)' in err
+    assert len(restorer.calls) == 1 and not (tmp_path / "p" / "0002.png").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--jacobi", "1"], "--jacobi must be 0 (off) or a window of >= 2 tokens; got 1"),
-        (["--jacobi", "-3"], "--jacobi must be 0 (off) or a window of >= 2 tokens; got -3"),
+        (["--jacobi", "1"], "--jacobi must be 0 (off) or >= 2 (16 is the default); got 1"),
+        (["--jacobi", "-3"], "--jacobi must be 0 (off) or >= 2 (16 is the default); got -3"),
+        (["--max-text-tokens", "0"], "--max-text-tokens must be >= 1; got 0"),
+        (["--cfg", "-1"], "--cfg must be >= 0 (1 = no guidance); got -1.0"),
     ],
 )
 def test_benchmark_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -606,3 +730,16 @@ def test_pyiqa_backend_out_of_memory_on_one_image(folders, tmp_path, monkeypatch
     ]
     assert summary["metrics"]["musiq"]["mean"] == pytest.approx(105, abs=1e-3)
     assert len(emptied) == 2  # the chunk of three, then b alone
+
+
+def test_scoring_a_benchmark_pred_folder_reports_its_recorded_settings(tmp_path, monkeypatch):
+    argv = _fake_benchmark(tmp_path, monkeypatch, _FakeRestorer())
+    assert eval_main(argv, backend=FakeBackend()) == 0
+    score_only = ["--pred", str(tmp_path / "p"), "--out", str(tmp_path / "s"), "--metrics", "niqe"]
+    assert eval_main(score_only, backend=FakeBackend()) == 0
+    restoration = json.loads((tmp_path / "s" / "summary.json").read_text())["restoration"]
+    assert restoration["cfg_scale"] == 0.8 and restoration["model_identity"] == FAKE_IDENTITY
+
+    _write(tmp_path / "p", "extra.png", 3, size=(16, 16))  # not made by that run: no claim about it
+    assert eval_main(score_only, backend=FakeBackend()) == 0
+    assert "restoration" not in json.loads((tmp_path / "s" / "summary.json").read_text())

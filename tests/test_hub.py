@@ -126,3 +126,44 @@ def test_bad_inputs_give_one_line(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "not a summary.json written by python -m pure.eval" in err[0]
+
+
+def test_partial_means_stay_out_of_the_model_index(ckpt, tmp_path):
+    """A mean over fewer images than the set has is not a whole-set result: the table marks it and says
+    n/N images; the model-index, which cannot say so, leaves it out."""
+
+    class FailsOnOne(GreyBackend):
+        def score_pairs(self, spec, preds, gts):
+            if spec.name == "musiq" and any(p.stem == "1" for p in preds):
+                raise RuntimeError("CUDA out of memory")
+            return super().score_pairs(spec, preds, gts)
+
+    for sub in ("pred", "gt"):
+        (tmp_path / sub).mkdir()
+        for i, v in enumerate((50, 150)):
+            Image.new("RGB", (8, 8), (v, v, v)).save(tmp_path / sub / f"{i}.png")
+    summary = evaluate(
+        tmp_path / "pred",
+        tmp_path / "gt",
+        parse_metrics("psnr,musiq"),
+        FailsOnOne(),
+        tmp_path / "results",
+        test_set="realsr",
+        log=lambda _: None,
+    )
+    assert summary["metrics"]["musiq"]["count"] == 1 and summary["count"] == 2
+    card = ModelCard(str(hub.build_card(ckpt, [summary])))
+    assert {r.metric_type for r in card.data.eval_results} == {"psnr"}
+    text = card.text
+    assert "| ckpt (2 images) | 1.00 | 0.50* |" in text
+    assert "musiq could not score 1 of 2 images (* = mean over the others): 1" in text
+    assert (
+        "- Means over part of the set, marked in the table and left out of the model-index metadata "
+        "(not comparable with whole-set results): musiq (1/2 images)." in text
+    )
+
+    # every mean partial: no model-index at all rather than an empty or misleading one
+    summary["metrics"]["psnr"]["count"] = 1
+    card = ModelCard(str(hub.build_card(ckpt, [summary])))
+    assert card.data.eval_results is None
+    assert "| ckpt (2 images) | 1.00* | 0.50* |" in card.text

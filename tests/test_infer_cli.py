@@ -139,6 +139,9 @@ def test_help_exits_0_and_names_the_main_options(cli):
         ("--size", "0", "--size"),
         ("--temperature", "-0.5", "temperature"),
         ("--batch-size", "0", "--batch-size"),
+        # checked by SamplingConfig alone; the message names the option, not the field
+        ("--jacobi", "1", "--jacobi must be 0 (off) or >= 2"),
+        ("--jacobi", "-3", "--jacobi must be 0 (off) or >= 2"),
     ],
 )
 def test_bad_setting_is_one_error_line_and_exit_2(cli, tmp_path, option, value, word):

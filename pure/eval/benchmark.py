@@ -9,26 +9,119 @@ whose restoration exists is skipped, so an interrupted run continues where it st
 ``RESULTS/pictures/`` (never into ``--pred``, whose every image is scored): ``<stem>_compare.png``
 (LQ bicubic | restored | GT, with a zoomed crop where the token entropy is highest) and
 ``<stem>_entropy.png`` (the entropy of every image token, the quantity the sampler's top-k follows).
+
+``--pred/restoration.json`` (`RECORD_FILE`, not an image, so never scored) records the settings the
+restorations in that folder were made with and which images they are. A restoration counts as done only
+when the record lists it under the same settings: a resumed run never mixes images made with different
+models or sampling settings into one score, and the summary reports the settings the images really had.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pure.eval.score import EvalError, pair_images
-from pure.imageio import ImageLoadError, load_image, save_image
+from pure.imageio import ImageLoadError, load_image, save_image, save_json
+
+RECORD_FILE = "restoration.json"  # in --pred: the settings its restorations were made with, and which
+RECORD_FORMAT = "pure.eval.restoration/1"
+
+
+def _json_form(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists ...), so that records compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def read_record(pred_dir: str | Path) -> dict[str, Any] | None:
+    """The restoration record of `pred_dir`, or None when it has none (or none that can be read)."""
+    try:
+        record = json.loads((Path(pred_dir) / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    valid = isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+    return record if valid and isinstance(record.get("restored"), list) else None
+
+
+def write_record(pred_dir: str | Path, record: dict[str, Any]) -> None:
+    """Replace the restoration record of `pred_dir` atomically (a reader sees the old or the new one)."""
+    save_json(record, Path(pred_dir) / RECORD_FILE, overwrite=True)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"name: OLD then, NEW now"`` for every setting that differs between two settings dicts."""
+    return [
+        f"{name}: {json.dumps(old.get(name))} then, {json.dumps(new.get(name))} now"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+
+
+def _how_to_proceed(pred_dir: Path) -> str:
+    return (
+        f"pass --overwrite to restore every image again with the new settings, or give a new --pred "
+        f"folder (and --out) to keep both; or rerun with the settings of {pred_dir / RECORD_FILE}"
+    )
 
 
 def plan_restorations(
-    lq_dir: str | Path, pred_dir: str | Path, overwrite: bool = False
-) -> list[tuple[Path, Path]]:
-    """``(lq, pred)`` paths still to restore: every LQ image whose ``pred_dir/<stem>.png`` is missing."""
+    lq_dir: str | Path, pred_dir: str | Path, settings: dict[str, Any], overwrite: bool = False
+) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
+    """``(lq, pred)`` paths still to restore, and the record to keep up to date while restoring them.
+
+    A restoration is done when ``pred_dir/<stem>.png`` exists and the folder's record lists it under
+    these `settings`; any other LQ image is to restore (again). With `overwrite` every image is, under
+    a fresh record. Nothing is written here.
+
+    Raises:
+        EvalError: without `overwrite`, `pred_dir` holds restorations of this set made with other
+            settings (each difference named), or with settings nobody recorded; nothing is restored then,
+            so one score never mixes images made with different settings.
+    """
     pairs = pair_images(lq_dir, None)
     pred_dir = Path(pred_dir)
+    settings = _json_form(settings)
     jobs = [(pair.pred, pred_dir / f"{pair.stem}.png") for pair in pairs]
-    return [(lq, pred) for lq, pred in jobs if overwrite or not pred.exists()]
+    existing = [pred.stem for _, pred in jobs if pred.exists()]
+    old = None if overwrite else read_record(pred_dir)
+    if old is not None and old.get("settings") == settings:
+        record = old
+    elif existing and not overwrite:
+        if old is None:
+            raise EvalError(
+                f"--pred {pred_dir} holds {len(existing)} restoration(s) of this set ({existing[0]} ...) "
+                f"but no record ({RECORD_FILE}) of the settings they were made with, so resuming could "
+                f"mix settings; {_how_to_proceed(pred_dir)}"
+            )
+        changed = differences(old.get("settings", {}), settings)
+        raise EvalError(
+            f"--pred {pred_dir} holds {len(existing)} restoration(s) made with other settings "
+            f"({'; '.join(changed)}); resuming would mix them into one score; {_how_to_proceed(pred_dir)}"
+        )
+    else:
+        record = {"format": RECORD_FORMAT, "settings": settings, "model_identity": {}, "restored": []}
+    restored = set(record["restored"])
+    return [(lq, pred) for lq, pred in jobs if not (pred.exists() and pred.stem in restored)], record
+
+
+def check_identity(record: dict[str, Any], identity: dict[str, Any], pred_dir: str | Path) -> None:
+    """Check the loaded model's identity (resolved VQ and tokenizer paths, dtype) against the one the
+    record's restorations were made with, and record it. Called after loading, before restoring.
+
+    Raises:
+        EvalError: the record lists restorations made by a model of another identity (e.g. the default
+            dtype resolved to bfloat16 on a GPU then, float32 on a CPU now).
+    """
+    identity = _json_form(identity)
+    old = record.get("model_identity") or {}
+    if old and record["restored"] and old != identity:
+        raise EvalError(
+            f"--pred {pred_dir} holds restorations made by a model loaded differently "
+            f"({'; '.join(differences(old, identity))}); {_how_to_proceed(Path(pred_dir))}"
+        )
+    record["model_identity"] = identity
 
 
 # StableSR's RealSR / DRealSR test protocol: 128 px LQ centre crops restored to 512 px.
@@ -75,12 +168,14 @@ def restore_set(
     pictures_dir: Path | None = None,
     gt_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    on_batch: Callable[[list[Path]], None] | None = None,
     **restore_kwargs: Any,
 ) -> int:
     """Restore `jobs` in batches with `restorer.restore_batch` (every image with `seed`); returns the count.
 
     Each restoration is written atomically as soon as its batch finishes, so an interrupted run loses at
-    most one batch. An unreadable LQ file stops the run with its one-line reason.
+    most one batch; `on_batch` then hears of the batch's written files (benchmark mode records them).
+    An unreadable LQ file stops the run with its one-line reason.
     """
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1; got {batch_size}")
@@ -97,6 +192,8 @@ def restore_set(
             save_image(result.image, pred, overwrite=True)
             if pictures_dir is not None:
                 save_pictures(result, pred.stem, pictures_dir, gts.get(pred.stem))
+        if on_batch is not None:
+            on_batch([pred for _, pred in batch])
         done += len(batch)
         log(f"restored {done}/{len(jobs)}")
     return done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from pure.eval.metrics import (
@@ -15,7 +16,7 @@ from pure.eval.metrics import (
     parse_metrics,
 )
 from pure.eval.reported import SET_NAMES
-from pure.eval.score import EvalError, evaluate
+from pure.eval.score import EvalError, evaluate, pair_images
 from pure.imageio import ImageLoadError
 
 EPILOG = f"""\
@@ -34,6 +35,13 @@ a metric that fails while scoring (e.g. CUDA out of memory or a pyiqa error on o
   the run: its cell is left empty, the failure (metric, image, one-line error) is listed in summary.json
   under "failures" and in table.md (a mean over fewer images is marked *), and a rerun retries exactly
   those cells. A metric that cannot load at all (no pyiqa, weights unreachable) is listed under "skipped".
+
+benchmark mode resumes: an image whose restoration is in --pred is not restored again.
+  --pred/restoration.json records the settings its restorations were made with (model, VQ, tokenizer,
+  dtype, LQ folder, seed, size, sampling, colour fix) and which images they are; resuming with other
+  settings is refused (exit 2, the differences named) rather than mixing two kinds of restoration in one
+  score: pass --overwrite to restore everything again, or give a new --pred (and --out). summary.json
+  reports the recorded settings under "restoration" (also when scoring such a --pred without --model).
 
 exit status: 0 scored (possibly with failed cells, reported as above); 1 nothing could be scored, or
   --strict and a requested score is missing (failed cell or skipped metric); 2 bad input; 130 interrupted.
@@ -114,29 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _restore(args: argparse.Namespace) -> dict:
-    """Benchmark mode: restore what is missing in --pred; returns the settings recorded in the summary."""
-    from pathlib import Path
+def _path_or_id(value: str | None) -> str | None:
+    """An existing path made absolute (so that ``RealSR/lq`` and ``./RealSR/lq`` record the same); a Hub
+    id or a missing path as given."""
+    if value is None:
+        return None
+    path = Path(value)
+    return str(path.resolve()) if path.exists() else value
 
-    from pure.engine import SamplingConfig
-    from pure.eval.benchmark import plan_restorations, protocol_warnings, restore_set
+
+def _restore(args: argparse.Namespace) -> dict | None:
+    """Benchmark mode: restore what is missing in --pred; returns the settings for the summary (those
+    the restorations in --pred were made with, from its record; see `_recorded_restoration`)."""
+    from pure.eval.benchmark import (
+        check_identity,
+        plan_restorations,
+        protocol_warnings,
+        restore_set,
+        write_record,
+    )
+    from pure.infer import sampling_config
 
     if not args.lq:
         raise EvalError("--model needs --lq, the folder of LQ inputs to restore")
-    if args.jacobi == 1 or args.jacobi < 0:
-        raise EvalError(f"--jacobi must be 0 (off) or a window of >= 2 tokens; got {args.jacobi}")
-    sampling = SamplingConfig(
+    sampling = sampling_config(
         cfg_scale=args.cfg,
         temperature=args.temperature,
         max_text_tokens=args.max_text_tokens,
         jacobi_window=args.jacobi,
     )
+    # everything that changes the restored pixels (not --batch-size, --device or --no-pictures)
     settings = {
-        "model": args.model,
-        "vq": args.vq,
-        "tokenizer": args.tokenizer,
+        "model": _path_or_id(args.model),
+        "vq": _path_or_id(args.vq),
+        "tokenizer": _path_or_id(args.tokenizer),
         "dtype": args.dtype,
-        "lq_dir": args.lq,
+        "lq_dir": _path_or_id(args.lq),
         "seed": args.seed,
         "size": args.size,
         "cfg_scale": args.cfg,
@@ -145,14 +166,21 @@ def _restore(args: argparse.Namespace) -> dict:
         "jacobi_window": args.jacobi,
         "color_fix": not args.no_color_fix,
     }
-    Path(args.pred).mkdir(parents=True, exist_ok=True)
-    jobs = plan_restorations(args.lq, args.pred, overwrite=args.overwrite)
+    pred_dir = Path(args.pred)
+    jobs, record = plan_restorations(args.lq, pred_dir, settings, overwrite=args.overwrite)
     for line in protocol_warnings(args.test_set, [lq for lq, _ in jobs])[:5]:
         print(line)
     print(f"{len(jobs)} image(s) to restore into {args.pred}")
     if jobs:
         restorer = _load_restorer(args)
-        settings["model_identity"] = dict(getattr(restorer, "identity", {}))  # resolved paths and dtype
+        check_identity(record, dict(getattr(restorer, "identity", {})), pred_dir)
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        write_record(pred_dir, record)  # before the first image: no restoration without its settings
+
+        def on_batch(preds: list[Path]) -> None:
+            record["restored"] = sorted({*record["restored"], *(pred.stem for pred in preds)})
+            write_record(pred_dir, record)
+
         restore_set(
             restorer,
             jobs,
@@ -161,10 +189,31 @@ def _restore(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             pictures_dir=None if args.no_pictures else Path(args.out) / "pictures",
             gt_dir=Path(args.gt) if args.gt else None,
+            on_batch=on_batch,
             sampling=sampling,
             color_fix=not args.no_color_fix,
         )
-    return settings
+    return _recorded_restoration(args.pred)
+
+
+def _recorded_restoration(pred: str) -> dict | None:
+    """The settings recorded (by benchmark mode) for the restorations in `pred`, for the summary; None
+    unless the record covers every image there, so a summary never claims settings an image lacks."""
+    from pure.eval.benchmark import read_record
+
+    record = read_record(pred)
+    if record is None:
+        return None
+    try:
+        stems = {pair.stem for pair in pair_images(pred, None)}
+    except EvalError:
+        return None  # no images: evaluate() says so
+    if not stems <= set(record["restored"]):
+        return None
+    restoration = dict(record.get("settings", {}))
+    if record.get("model_identity"):
+        restoration["model_identity"] = record["model_identity"]  # resolved paths and dtype
+    return restoration
 
 
 def _load_restorer(args: argparse.Namespace) -> Any:
@@ -212,7 +261,7 @@ def main(argv: list[str] | None = None, backend: MetricBackend | None = None) ->
             specs = parse_metrics(args.metrics)
         else:
             specs = parse_metrics(list(FULL_REFERENCE + NO_REFERENCE) if args.gt else list(NO_REFERENCE))
-        restoration = _restore(args) if args.model else None
+        restoration = _restore(args) if args.model else _recorded_restoration(args.pred)
         summary = evaluate(
             args.pred,
             args.gt,

@@ -20,9 +20,31 @@ Raw layouts read (the archives as their authors publish them):
 Crop: one centre crop per pair. The LQ crop is the ``LQ_SIDE`` (128) px square at the centre of the LR
 image (left = (w - 128) // 2, top = (h - 128) // 2); the GT crop is exactly the ``SCALE`` (4) times larger
 box of the HR image, 512 px, so the pair stays aligned pixel for pixel. For LR images of even size this
-is also the HR image's own centre crop. StableSR's released crops (the ``Iceclear/StableSR-TestSets``
-Hub repo) were made by its authors' script; where an LR side is odd they may sit one LR pixel apart from
-these, so prefer them when you have them, and use this when you have the raw sets only.
+is also the HR image's own centre crop.
+
+Source of the protocol (StableSR publishes no cropping script; these are its statements and its files):
+
+- StableSR paper (Wang et al., arXiv 2305.07015, IJCV 2024), Sec. 4.2, as quoted in IceClear/StableSR
+  issue #65: the RealSR, DRealSR and DPED-iPhone test images are cropped "at the center to obtain
+  patches with 128x128 resolution".
+- IceClear/StableSR issue #65, the author's answer (2023-08-25): that 128 px crop is taken from the LR
+  image and paired with a 512 px crop of the HR image, on the x4 data of both sets.
+- The crops themselves: the Hub dataset ``Iceclear/StableSR-TestSets`` (``StableSR_testsets.zip``,
+  folders ``RealSRVal_crop128/`` and ``DrealSRVal_crop128/``, each ``test_LR/`` + ``test_HR/``), which
+  SeeSR's README points to for RealSR/DRealSR and OSEDiff's README says its benchmarks were "directly
+  copied from". OSEDiff ships a copy (cswry/OSEDiff, ``preset/datasets/benchmark_{realsr,drealsr}/``):
+  100 RealSR and 93 DRealSR pairs (`PROTOCOL_PAIRS`), LR 128 px and HR 512 px, the two files of a pair
+  under one name. Measured on that copy (box-downscaled HR against LR, phase correlation): every pair
+  but one DRealSR outlier is aligned within 0.1 LR px, so the GT crop is the 4x box of the LR crop
+  (never half an LR pixel off, as an HR crop centred on its own would be for an odd LR side); and the LR
+  is the real LR photo, not a downscaled GT crop (median PSNR between the two: 29 dB RealSR, 31 dB
+  DRealSR).
+
+So this module follows the released protocol: crop both images of the real pair, aligned. What no
+source says is how an odd centre margin was rounded; this module floors it, so where an LR side has an
+odd margin a crop here may sit one LR pixel away from the released one. Prefer the released crops when
+you have them (as ``lq/`` = ``test_LR/`` and ``gt/`` = ``test_HR/``: their names already match), and use
+this when you have the raw sets only.
 """
 
 from __future__ import annotations
@@ -41,6 +63,8 @@ from pure.imageio import ImageLoadError, list_images, load_image, save_image
 LQ_SIDE = 128  # StableSR protocol: 128 px LQ centre crops ...
 SCALE = 4  # ... of ×4 pairs, so 512 px GT crops
 GT_SIDE = LQ_SIDE * SCALE
+# Pairs in StableSR's released test sets (the x4 test splits of RealSR v3 and DRealSR, see above).
+PROTOCOL_PAIRS = {"realsr": 100, "drealsr": 93}
 
 REALSR_CAMERAS = ("Canon", "Nikon")
 REALSR_TEST_DIR = ("Test", str(SCALE))  # RAW/<camera>/Test/4/
@@ -205,6 +229,11 @@ def prepare(
     if key not in FINDERS:
         raise PrepareError(f"unknown test set {test_set!r}; choose from: {', '.join(FINDERS)}")
     pairs = FINDERS[key](raw)
+    if len(pairs) != PROTOCOL_PAIRS[key]:
+        log(
+            f"warning: {raw} has {len(pairs)} {key} test pairs; StableSR's released set has "
+            f"{PROTOCOL_PAIRS[key]}, so means over these are not comparable with the reported ones"
+        )
     out = Path(out)
     targets = [(pair, out / "gt" / f"{pair.stem}.png", out / "lq" / f"{pair.stem}.png") for pair in pairs]
     if not overwrite:

@@ -345,10 +345,22 @@ def _cell(value: float | None, spec: MetricSpec) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{spec.decimals}f}"
 
 
-def _run_cell(entry: dict[str, Any], spec: MetricSpec) -> str:
-    """This run's mean; `PARTIAL_MARK` when it covers only the images the metric could score."""
-    cell = _cell(entry.get("mean"), spec)
-    return cell + PARTIAL_MARK if entry.get("failed") and entry.get("mean") is not None else cell
+def partial_means(summary: dict[str, Any]) -> dict[str, int]:
+    """``{metric: images its mean covers}`` for each metric whose mean leaves out some of the run's
+    ``summary["count"]`` images (a failed cell, a non-finite score): such a mean is not comparable with
+    full-set numbers, so the table marks it and ``python -m pure.hub`` keeps it out of the model-index."""
+    total = summary["count"]
+    return {
+        name: entry["count"]
+        for name, entry in summary["metrics"].items()
+        if entry.get("mean") is not None and entry.get("count", total) < total
+    }
+
+
+def _run_cell(name: str, summary: dict[str, Any], spec: MetricSpec) -> str:
+    """This run's mean; `PARTIAL_MARK` when it covers only some of the images (see `partial_means`)."""
+    cell = _cell(summary["metrics"].get(name, {}).get("mean"), spec)
+    return cell + PARTIAL_MARK if name in partial_means(summary) else cell
 
 
 def _failure_notes(summary: dict[str, Any]) -> list[str]:
@@ -371,6 +383,12 @@ def _failure_notes(summary: dict[str, Any]) -> list[str]:
             f"{name} could not score {len(failed)} of {summary['count']} images{partial}: {stems}; "
             f"first error: {failed[0]['error']}."
         )
+    for name, count in partial_means(summary).items():
+        if name not in by_metric:  # no failure recorded: some scores were NaN or infinite
+            notes.append(
+                f"{name} gave a finite score for {count} of {summary['count']} images "
+                f"({PARTIAL_MARK} = mean over those)."
+            )
     return notes
 
 
@@ -382,7 +400,7 @@ def format_table(summary: dict[str, Any], run_label: str | None = None) -> str:
     lines = [header, "|---|" + "---|" * len(specs)]
     n = summary["count"]
     label = run_label or f"this run ({n} image{'s' * (n != 1)})"
-    run = [_run_cell(summary["metrics"].get(s.name, {}), s) for s in specs]
+    run = [_run_cell(s.name, summary, s) for s in specs]
     lines.append(f"| {label} | " + " | ".join(run) + " |")
     reported = summary.get("reported")
     set_name = SET_NAMES.get(summary.get("set") or "", summary.get("set"))
