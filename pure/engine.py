@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
+from pure.model import PureForConditionalGeneration
 from pure.sampling import (
     EntropyTopKLogitsWarper,
     ImageGridConstraintLogitsProcessor,
@@ -95,7 +96,7 @@ class DecodeState:
     the "rows" layout; one row per prompt in the "shared" layout (the twin lives in ``owner == 2`` slots)."""
 
     seq: torch.Tensor  # (B, capacity) ids of the cond rows; `length` columns are in use until the image
-    mask: torch.Tensor  # (R, capacity) attention mask of every cache row (which slots hold a token)
+    mask: torch.Tensor  # (R, capacity) bool: which slots of every cache row hold a token
     cache: object  # a transformers Cache
     next_pos: torch.Tensor  # (R,) position of each row's next token
     twins: int  # cache rows per prompt: 2 with guidance in the "rows" layout, else 1
@@ -214,14 +215,19 @@ class RestorationDecoder:
         self.sampling = sampling or SamplingConfig()
         self.compile = compile
         self.shared = guidance_layout == "shared" and self.sampling.cfg_scale != 1.0
-        if self.shared:
-            attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
-            if attention not in ("sdpa", "eager"):
-                raise ValueError(
-                    f"guidance_layout='shared' passes a 4-D attention mask, which {attention!r} attention "
-                    "does not take: load the model with attn_implementation='sdpa' or use the 'rows' layout"
-                )
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+        if self.shared and attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"guidance_layout='shared' passes a 4-D attention mask, which {attention!r} attention "
+                "does not take: load the model with attn_implementation='sdpa' or use the 'rows' layout"
+            )
         self._compiled: dict[str, object] = {}
+        # PureForConditionalGeneration.decode takes the mask in the attention's own form, which the loop
+        # keeps up to date at the cost of a view per token; any other causal LM gets the 2-D mask through
+        # its forward.
+        self._use_decode = isinstance(model, PureForConditionalGeneration)
+        self._mask_4d = self._use_decode and attention in ("sdpa", "eager")
+        self._additive_mask = attention == "eager"
 
     def _make_cache(self, capacity: int):
         return StaticCache(config=self.model.config, max_cache_len=capacity)
@@ -251,16 +257,41 @@ class RestorationDecoder:
         state.mask[:, state.length : state.length + q] = live[:, None]
         positions = state.next_pos[:, None] + torch.arange(q, device=ids.device)
         state.length += q
-        state.logits = self._forward(ids, positions, self._mask(state), state.cache, keep)
+        state.logits = self._forward(ids, positions, self._attention_mask(state, q), state.cache, keep)
         state.next_pos += live * q
         state.passes += 1
 
     def _mask(self, state: DecodeState) -> torch.Tensor:
-        """The attention mask to pass: the whole capacity with a static cache, else the used columns."""
+        """The 2-D mask of the cache: the whole capacity with a static cache, else the used columns."""
         return state.mask if self.static_cache else state.mask[:, : state.length]
+
+    def _attention_mask(self, state: DecodeState, q: int) -> torch.Tensor:
+        """The mask of a forward whose ``q`` queries are the last ``q`` filled slots, in the form the model
+        takes: ``(R, 1, q, slots)`` for :meth:`pure.model.PureForConditionalGeneration.decode` with sdpa or
+        eager attention (transformers would otherwise rebuild it from the 2-D mask at every token), else
+        the 2-D mask."""
+        mask = self._mask(state)
+        if not self._mask_4d:
+            return mask
+        if q == 1:  # one query sees every filled slot: a view, nothing to build
+            return self._attention_form(mask[:, None, None, :])
+        query_slot = torch.arange(state.length - q, state.length, device=mask.device)
+        causal = torch.arange(mask.shape[1], device=mask.device) <= query_slot[:, None]  # (q, slots)
+        return self._attention_form((mask[:, None] & causal)[:, None])
+
+    def _attention_form(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A 4-D boolean mask as the attention takes it: as it is for sdpa, additive for eager."""
+        if not self._additive_mask:
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _forward(self, ids, positions, mask, cache, keep: int) -> torch.Tensor:
         """The model on ``ids`` (R, q) at ``positions`` (R, q) -> fp32 logits (R, keep, V)."""
+        if self._use_decode:
+            return self.model.decode(ids, positions, mask, cache, keep)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -298,13 +329,13 @@ class RestorationDecoder:
         steps = torch.arange(q, device=device)
         if not self.shared:
             positions = state.next_pos[:, None] + steps
-            state.mask[:, state.length : state.length + q] = 1
+            state.mask[:, state.length : state.length + q] = True
             state.length += q
             state.next_pos += q
-            return tokens.repeat_interleave(state.twins, dim=0), positions, self._mask(state)
+            return tokens.repeat_interleave(state.twins, dim=0), positions, self._attention_mask(state, q)
         start, end = state.length, state.length + 2 * q
         positions = torch.stack([state.next_pos[:, None] + steps, state.twin_pos[:, None] + steps], dim=2)
-        state.mask[:, start:end] = 1
+        state.mask[:, start:end] = True
         state.owner[:, start:end] = torch.tensor([1, 2], dtype=state.owner.dtype, device=device).repeat(q)
         state.length = end
         state.next_pos += q
@@ -315,19 +346,13 @@ class RestorationDecoder:
         """(B, 1, q, capacity) mask of the last ``q`` slots' queries in the "shared" layout: a row's tokens
         see the context and the row's image tokens, a twin's tokens only the twin's; both causally."""
         capacity, device = state.mask.shape[1], state.mask.device
-        filled = state.mask.bool()
-        sees_row = filled & (state.owner <= 1)  # (B, capacity): context and the row's image tokens
-        sees_twin = filled & (state.owner == 2)
+        sees_row = state.mask & (state.owner <= 1)  # (B, capacity): context and the row's image tokens
+        sees_twin = state.mask & (state.owner == 2)
         query_owner = state.owner[:, state.length - q : state.length]  # (B, q)
         allowed = torch.where((query_owner == 1)[..., None], sees_row[:, None], sees_twin[:, None])
         query_slot = torch.arange(state.length - q, state.length, device=device)
         allowed &= torch.arange(capacity, device=device) <= query_slot[:, None]  # (B, q, capacity)
-        if self.model.config._attn_implementation == "eager":  # an additive mask
-            dtype = self.model.dtype
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(dtype).min
-            )[:, None]
-        return allowed[:, None]
+        return self._attention_form(allowed[:, None])
 
     def _rollback(self, state: DecodeState, tokens: int) -> None:
         """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
@@ -336,7 +361,7 @@ class RestorationDecoder:
         slots = 2 * tokens if self.shared else tokens
         state.cache.crop(-slots)
         state.length -= slots
-        state.mask[:, state.length : state.length + slots] = 0
+        state.mask[:, state.length : state.length + slots] = False
         state.next_pos -= tokens
         if self.shared:
             state.owner[:, state.length : state.length + slots] = 0
@@ -448,7 +473,7 @@ class RestorationDecoder:
             capacity = -(-capacity // CAPACITY_ALIGN) * CAPACITY_ALIGN
         state = DecodeState(
             seq=torch.full((batch, capacity), pad, dtype=torch.long, device=device),
-            mask=torch.zeros((batch * twins, capacity), dtype=torch.long, device=device),
+            mask=torch.zeros((batch * twins, capacity), dtype=torch.bool, device=device),
             cache=self._make_cache(capacity),
             next_pos=torch.zeros(batch * twins, dtype=torch.long, device=device),
             twins=twins,
@@ -511,7 +536,7 @@ class RestorationDecoder:
             state.passes += 1
             return
         if state.twins == 2:
-            state.mask[1::2] = 0  # the unconditional twin forgets the prompt and the text ...
+            state.mask[1::2] = False  # the unconditional twin forgets the prompt and the text ...
             state.next_pos[1::2] = 0  # ... and its image block starts at position 0
         self._feed(state, head.expand(state.mask.shape[0], -1))
 

@@ -35,10 +35,10 @@ Each row's tokens keep their law, and under greedy decoding a batched row equals
 alone; under sampling a row's random stream depends on how far its neighbours got, so batched and single
 runs are different (equally distributed) samples.
 
-Cost: one host sync per iteration (how many tokens were committed, to crop the cache), none per token
-(in eager mode transformers' sdpa mask builder also reads the mask of a multi-token query on the host;
-compiled, it does not). The window step itself has fixed shapes (the last windows are padded past
-``<eoi>``), so ``compile`` can capture it.
+Cost: one host sync per iteration (how many tokens were committed, to crop the cache), none per token.
+The window's causal mask is built by the decoder (transformers' sdpa mask builder, which the model's
+plain forward would run, reads the mask of a multi-token query on the host in eager mode). The window
+step itself has fixed shapes (the last windows are padded past ``<eoi>``), so ``compile`` can capture it.
 """
 
 from __future__ import annotations

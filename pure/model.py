@@ -7,6 +7,9 @@
 * it returns fp32 logits (guidance, entropy and top-k need them), for the positions asked for only;
 * it has no Chameleon VQGAN: PURE tokenises images with the LlamaGen VQ (:mod:`pure.vq`).
 
+It adds :meth:`~PureForConditionalGeneration.decode`, the same layers without the per-call wrapping,
+for :mod:`pure.engine`'s decode loop.
+
 :func:`load_model` reads PURE / Lumina-mGPT checkpoints (a local folder or a Hub id) shard by shard,
 expanding their ``[1, head_dim]`` QK-norm tensors to transformers' ``[heads, head_dim]``.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
@@ -79,6 +83,43 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def decode(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        past_key_values,
+        logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """:meth:`forward` for a decode loop: the same layers on the same inputs -> fp32 logits (B, keep, V).
+
+        A loop that keeps its attention mask in the form the attention takes (4-D for ``sdpa`` and
+        ``eager``) skips, per call, transformers' mask building over the whole cache, its output capturing
+        and its output dataclasses: about a quarter of a small model's forward on a CPU. A 2-D mask goes
+        through transformers' mask builder, as in :meth:`forward`.
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        if attention_mask.ndim == 2:
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        for layer in self.model.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )[0]
+        # the norm is per position: only the kept ones need it
+        return self.lm_head(self.model.norm(hidden[:, -logits_to_keep:])).float()
 
 
 def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:

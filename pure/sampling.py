@@ -40,9 +40,8 @@ def entropy_top_k(
     probs = scores.float().softmax(dim=-1)
     entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1)  # (B,)
     weight = torch.sigmoid(entropy.clamp(0.0, ENTROPY_CLAMP) - ENTROPY_CENTER)
-    k = torch.round(min_k + (max_k - min_k) * weight).long().clamp(min_k, max_k)
     top = min(max_k, scores.shape[-1])
-    k = k.clamp(max=top)
+    k = torch.round(min_k + (max_k - min_k) * weight).long().clamp(min_k, top)  # all `top` if min_k > top
     kth = scores.topk(top, dim=-1).values.gather(-1, (k - 1)[:, None])  # (B, 1)
     return scores.masked_fill(scores < kth, float("-inf")), entropy
 
@@ -232,15 +231,12 @@ def keyed_uniform(keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...], n
             independent noise.
         n: values per counter (the vocabulary size, or 1).
     """
-    shapes = [c.shape for c in counter if torch.is_tensor(c)]
-    ndim = max([1] + [len(shape) for shape in shapes])
-    shape = torch.broadcast_shapes((keys.shape[0],) + (1,) * (ndim - 1), *shapes)
-    k0 = keys[:, 0].reshape(-1, *[1] * (ndim - 1))
-    k1 = keys[:, 1].reshape(-1, *[1] * (ndim - 1))
+    ndim = max([1] + [c.ndim for c in counter if torch.is_tensor(c)])
+    k0, k1 = keys.reshape(-1, *[1] * (ndim - 1), 2).unbind(-1)  # (B, 1, ...)
     h = k0
     for c in counter:  # an injective fold for counters below 2**29 (an odd multiplier mod 2**32)
-        h = (h * _FOLD32 + c) & _MASK32
-    h = _mix32(h ^ k1).expand(shape)
+        h = (h * _FOLD32 + c) & _MASK32  # broadcasts to S
+    h = _mix32(h ^ k1)
     index = (torch.arange(n, device=keys.device) * _GOLDEN32) & _MASK32
     return _unit_interval(_mix32(h[..., None] + index))  # (*S, n); a 33-bit sum fits the multiplies
 

@@ -152,3 +152,25 @@ def test_caption_alone_is_always_fed_to_the_model(tiny_restorer, tiny_format, pr
     caption_ids = tiny_format.encode_text(" A red brick wall. ")
     boi = out.answer_ids[0].tolist().index(tiny_format.vocab.boi)
     assert out.answer_ids[0][boi - len(caption_ids) : boi].tolist() == caption_ids
+
+
+def test_model_decode_is_the_forward(tiny_restorer):
+    """The engine's forward (pure.model's `decode`): the model's logits (up to rounding: the final norm
+    runs on the kept positions only), from a 2-D mask, or from the 4-D one the engine builds with a cache."""
+    from transformers import StaticCache
+
+    model = tiny_restorer.model
+    ids = torch.randint(model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    positions = torch.arange(7).expand(2, -1)
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=3).logits
+        assert torch.allclose(model.decode(ids, positions, mask, None, 3), expected, atol=1e-5)
+        cache = StaticCache(config=model.config, max_cache_len=10)
+        slots = torch.arange(10)
+        causal = slots <= slots[:7, None]  # (7, 10): the 4-D mask's causal part, 3 free slots
+        logits = model.decode(
+            ids, positions, (causal & (slots < 7))[None, None].expand(2, -1, -1, -1), cache, 3
+        )
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-5)

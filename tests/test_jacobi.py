@@ -204,7 +204,7 @@ def meta_state(decoder, fmt, capacity: int, length: int) -> DecodeState:
     rows = 2 if decoder.sampling.cfg_scale != 1.0 else 1
     return DecodeState(
         seq=torch.zeros(1, capacity, dtype=torch.long, device=meta),
-        mask=torch.zeros(rows, capacity, dtype=torch.long, device=meta),
+        mask=torch.zeros(rows, capacity, dtype=torch.bool, device=meta),
         cache=decoder._make_cache(capacity),
         next_pos=torch.zeros(rows, dtype=torch.long, device=meta),
         twins=rows,
@@ -235,20 +235,19 @@ def test_image_phase_never_syncs_with_the_host(tiny_restorer, tiny_format, monke
     assert state.passes == H * (W + 1) and state.length == 40 + H * (W + 1)  # <eoi> is never fed
 
 
-def test_jacobi_window_step_never_syncs_with_the_host(tiny_restorer, tiny_format, monkeypatch):
-    """The window step after the forward (guidance, per-position constraint and entropy top-k, the
-    acceptance test, residual and bonus sampling). transformers' own sdpa mask check for a multi-token
-    query reads the mask on the host in eager mode (not when compiled), so the forward is stubbed."""
+def test_jacobi_window_step_never_syncs_with_the_host(tiny_restorer, tiny_format):
+    """The window step: the forward of a multi-token query (its causal mask built by the decoder, not by
+    transformers, whose sdpa mask builder reads such a mask on the host in eager mode), guidance,
+    per-position constraint and entropy top-k, the acceptance test, residual and bonus sampling."""
     model = copy.deepcopy(tiny_restorer.model).to("meta")
     decoder = JacobiRestorationDecoder(model, tiny_format, SamplingConfig(temperature=0.9), window=6)
     state = meta_state(decoder, tiny_format, capacity=100, length=40)
     meta, v = torch.device("meta"), tiny_format.vocab
-    monkeypatch.setattr(decoder, "_forward", lambda ids, *args: torch.zeros(*ids.shape, v.size, device=meta))
     with torch.inference_mode():
         tokens, accepted, probs, _ = decoder._window_step(
             torch.zeros(2, 6, dtype=torch.long, device=meta),
             torch.zeros(2, 6, dtype=torch.long, device=meta),
-            state.mask,
+            decoder._attention_mask(state, 6),
             state.cache,
             ImageGridConstraintLogitsProcessor(v, H, W),
             torch.arange(6, device=meta),
