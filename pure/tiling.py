@@ -12,14 +12,17 @@ Every tile gets the same global understanding: the degradation text and the capt
 by :meth:`~pure.restorer.PureRestorer.describe` on a downscaled view of the whole image, and the answer
 text they make is forced verbatim into every tile (``restore_batch(forced_text=...)``), also when the model
 wrote no degradation sentence: then the tiles get its whole text, not a caption after which each tile
-would write a degradation sentence of its own. Tiles are blended into a float canvas with
-:func:`blend_window` (raised-cosine ramps over the overlap) and divided by the summed weights, so
-neighbouring tiles fade into each other.
+would write a degradation sentence of its own. Tiles are weighted by :func:`blend_window` (raised-cosine
+ramps over the overlap) and divided by the summed weights, so neighbouring tiles fade into each other.
 
-Memory: the upsampled input (uint8, kept for the result, plus one padded copy), one float canvas and one
-weight sum (all of the output's size; the canvas is normalised and rounded in place), the uint8 output,
-plus one batch of tiles; it does not grow with the number of tiles. About 23 bytes per output pixel
-(12 canvas, 4 weights, 3 + 3 input, 3 output; 3 more for an alpha channel).
+Memory: only one band of tile rows is blended in floats (``tile`` rows by the output's width); rows that no
+later tile touches are normalised, rounded and pasted into the output as soon as the next row of tiles
+starts. The summed weights are separable (the window is an outer product of two ramps and the tiles form a
+grid), so they are two vectors, not an image. What grows with the output is then the upsampled input (kept
+for the result; tiles are cropped from it) and the output, both RGB PIL images, which Pillow stores at 4
+bytes a pixel: 8 bytes per output pixel (5 more with an alpha channel), plus the band
+(:func:`tiled_memory`), plus the input as the caller holds it. The rest (the model, one batch of tiles) does
+not grow with the image or the number of tiles.
 
 Targets smaller than a tile (in either direction) are padded by edge replication up to one tile, restored,
 and cropped back, so a 100x60 target with 64 px tiles is two tiles wide and one tile high after padding
@@ -29,6 +32,7 @@ bicubically, is attached again to the result.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -50,10 +54,21 @@ __all__ = [
     "default_overlap",
     "plan_tiles",
     "restore_tiled",
+    "seam_steps",
+    "step_gradients",
     "target_size",
+    "tiled_memory",
 ]
 
 OVERLAP_FRACTION = 8  # default overlap = tile / 8: 64 px for PURE's 512 px tiles, 16 px for 128 px ones
+PIL_RGB_BYTES = 4  # Pillow keeps an RGB image at 32 bits a pixel (RGBX), as it does RGBA
+# The upsampled input and the output (RGB PIL images), and with alpha its upsampled channel (1) and the
+# RGBA result (4) made from the RGB one.
+BYTES_PER_OUTPUT_PIXEL = 2 * PIL_RGB_BYTES
+ALPHA_BYTES_PER_OUTPUT_PIXEL = 1 + PIL_RGB_BYTES
+# Per pixel of the band of tile rows: float32 RGB sums (12), and while a finished strip is pasted, its
+# uint8 copy (3) and that copy as a PIL image (4).
+BAND_BYTES_PER_PIXEL = 12 + 3 + PIL_RGB_BYTES
 
 
 @dataclass
@@ -127,7 +142,13 @@ def count_tiles(
 def blend_window(tile: int, overlap: int) -> np.ndarray:
     """``(tile, tile)`` float32 blending weights: 1 in the middle, raised-cosine ramps ``overlap`` px wide
     at each edge, strictly positive everywhere (so pixels at the image border, covered by one tile only,
-    still have a weight to divide by)."""
+    still have a weight to divide by). It is the outer product of :func:`_blend_ramp` with itself."""
+    ramp = _blend_ramp(tile, overlap)
+    return np.outer(ramp, ramp).astype(np.float32)  # (tile, tile)
+
+
+def _blend_ramp(tile: int, overlap: int) -> np.ndarray:
+    """``(tile,)`` float64: one side of :func:`blend_window`."""
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be >= 0 and smaller than the tile ({tile}); got {overlap}")
     ramp = np.ones(tile, dtype=np.float64)
@@ -136,10 +157,61 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
         rise = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
         ramp[:overlap] = rise
         ramp[tile - overlap :] = rise[::-1]
-    return np.outer(ramp, ramp).astype(np.float32)  # (tile, tile)
+    return ramp
 
 
-MAX_OUTPUT_PIXELS = 256_000_000  # 16000x16000: ~6 GB of float canvas and weights while stitching
+def _summed_ramps(starts: list[int], ramp: np.ndarray, length: int) -> np.ndarray:
+    """``(length,)`` float32: the ramps of tiles starting at ``starts`` added up along one side. The tiles
+    form a grid, so the summed 2-D windows are the outer product of the two sides' sums."""
+    total = np.zeros(length, dtype=np.float64)
+    for start in starts:
+        total[start : start + len(ramp)] += ramp
+    return total.astype(np.float32)
+
+
+def tiled_memory(
+    size: tuple[int, int],
+    tile: int,
+    scale: int | None = None,
+    outscale: float | None = None,
+    alpha: bool = False,
+) -> int:
+    """Bytes of the buffers that grow with the image while :func:`restore_tiled` restores an input of
+    ``size``: the input as given (an RGB PIL image the caller holds), the upsampled input and the output
+    (:data:`BYTES_PER_OUTPUT_PIXEL`, plus :data:`ALPHA_BYTES_PER_OUTPUT_PIXEL` with ``alpha``), and the
+    float band of one row of tiles. Not in it: what is the same for any image (the model, one batch of
+    tiles), the point of tiling."""
+    (width, height), _ = target_size(size, scale, outscale)
+    per_pixel = BYTES_PER_OUTPUT_PIXEL + (ALPHA_BYTES_PER_OUTPUT_PIXEL if alpha else 0)
+    band = BAND_BYTES_PER_PIXEL * tile * max(width, tile)
+    return PIL_RGB_BYTES * size[0] * size[1] + per_pixel * width * height + band
+
+
+def step_gradients(image, axis: int) -> np.ndarray:
+    """Mean absolute difference of neighbouring pixels for each step along ``axis`` (1: between columns,
+    0: between rows), over the other axis and the channels: shape ``(W - 1,)`` or ``(H - 1,)``, step ``c``
+    between pixels ``c`` and ``c + 1``. A seam shows as a step far above the image's usual ones."""
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (rows) or 1 (columns); got {axis}")
+    pixels = np.asarray(image, dtype=np.float32)  # exact for 8-bit values; half the memory of float64
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return np.abs(np.diff(pixels, axis=axis)).mean(axis=(1 - axis, 2), dtype=np.float64)
+
+
+def seam_steps(boxes: list[tuple[int, int]], length: int, tile: int, axis: int) -> np.ndarray:
+    """``(length - 1,)`` bool: the steps of :func:`step_gradients` along ``axis`` where tiles at ``boxes``
+    (as :func:`plan_tiles` gives them) could leave a seam: from the step into each tile that starts inside
+    the image to the end of the tile before it (the whole overlap, which is wider for a tile flush with the
+    border)."""
+    starts = sorted({box[1 - axis] for box in boxes})
+    band = np.zeros(max(length - 1, 0), dtype=bool)
+    for previous, start in itertools.pairwise(starts):
+        band[start - 1 : min(previous + tile, length - 1)] = True
+    return band
+
+
+MAX_OUTPUT_PIXELS = 256_000_000  # 16000x16000: ~2 GB of input and output images (tiled_memory)
 
 
 def target_size(size: tuple[int, int], scale: int | None = None, outscale: float | None = None):
@@ -154,7 +226,7 @@ def target_size(size: tuple[int, int], scale: int | None = None, outscale: float
     factor = float(outscale if outscale is not None else (scale or 1))
     w, h = size
     out = (max(1, round(w * factor)), max(1, round(h * factor)))
-    if out[0] * out[1] > MAX_OUTPUT_PIXELS:  # the float canvas alone would take ~24 bytes a pixel
+    if out[0] * out[1] > MAX_OUTPUT_PIXELS:
         raise ValueError(
             f"a {w}x{h} px input at x{factor:g} would be {out[0]}x{out[1]} px, over the "
             f"{MAX_OUTPUT_PIXELS // 1_000_000} MP limit of one output; use a smaller scale"
@@ -227,20 +299,27 @@ def restore_tiled(
 
     lq_up = rgb.resize((width, height), Image.BICUBIC) if rgb.size != (width, height) else rgb
     padded_w, padded_h = max(width, tile), max(height, tile)
-    lq = np.asarray(lq_up)  # (H, W, 3) uint8
-    if (padded_w, padded_h) != (width, height):
-        lq = np.pad(lq, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="edge")
+    source = lq_up  # what the tiles are cropped from
+    if (padded_w, padded_h) != (width, height):  # then one side is under a tile: a small image
+        pad = ((0, padded_h - height), (0, padded_w - width), (0, 0))
+        source = Image.fromarray(np.pad(np.asarray(lq_up), pad, mode="edge"), "RGB")
         notices.append(f"{width}x{height} px output is smaller than a {tile} px tile: padded, then cropped")
 
-    boxes = plan_tiles(padded_w, padded_h, tile, overlap)
-    window = blend_window(tile, overlap)[..., None]  # (tile, tile, 1)
-    canvas = np.zeros((padded_h, padded_w, 3), dtype=np.float32)
-    weights = np.zeros((padded_h, padded_w, 1), dtype=np.float32)
+    boxes = plan_tiles(padded_w, padded_h, tile, overlap)  # row by row, as the stitcher needs them
+    lefts, tops = _starts(padded_w, tile, overlap), _starts(padded_h, tile, overlap)
+    ramp = _blend_ramp(tile, overlap)
+    stitcher = _BandStitcher(
+        (width, height),
+        tile,
+        window=np.outer(ramp, ramp).astype(np.float32)[..., None],  # (tile, tile, 1)
+        row_weights=_summed_ramps(tops, ramp, padded_h),
+        column_weights=_summed_ramps(lefts, ramp, padded_w),
+    )
     entropy = None
     bar = tqdm(total=len(boxes), desc="tiles", unit="tile", disable=not progress)
     for first in range(0, len(boxes), tile_batch):
         batch = boxes[first : first + tile_batch]
-        crops = [Image.fromarray(lq[top : top + tile, left : left + tile]) for left, top in batch]
+        crops = [source.crop((left, top, left + tile, top + tile)) for left, top in batch]
         results = restorer.restore_batch(
             crops,
             sampling=sampling,
@@ -250,25 +329,18 @@ def restore_tiled(
             size=tile,
             progress=token_progress or False,
         )
+        del crops
         for (left, top), result in zip(batch, results, strict=True):
-            restored = np.asarray(result.image.convert("RGB"), dtype=np.float32)  # (tile, tile, 3)
-            canvas[top : top + tile, left : left + tile] += restored * window
-            weights[top : top + tile, left : left + tile] += window
+            stitcher.add(np.asarray(result.image.convert("RGB"), dtype=np.float32), left, top)
             entropy = _paste_entropy(entropy, result.entropy, left, top, tile, padded_w, padded_h)
         bar.update(len(batch))
     bar.close()
+    del source
 
     per = tile // results[0].entropy.shape[-1]  # px per latent
-    del lq  # the padded copy; lq_up stays for the result
-    # in place: no second float image of the output's size (weights > 0 everywhere: see blend_window)
-    np.divide(canvas, weights, out=canvas)
-    del weights
-    np.rint(canvas, out=canvas)
-    np.clip(canvas, 0, 255, out=canvas)
-    out = Image.fromarray(canvas[:height, :width].astype(np.uint8), "RGB")
-    del canvas
+    out = stitcher.finish()
     if alpha is not None:
-        out = Image.merge("RGBA", (*out.split(), alpha.resize((width, height), Image.BICUBIC)))
+        out.putalpha(alpha.resize((width, height), Image.BICUBIC))  # RGB -> RGBA in place: no split copies
     settings = {
         "color_fix": color_fix,
         "tile": tile,
@@ -292,6 +364,49 @@ def restore_tiled(
         timings=timings,
         notices=notices,
     )
+
+
+class _BandStitcher:
+    """Blends tiles, given row by row, into an output image while holding only one band of tile rows in
+    floats: when a tile starts a new row of tiles, the rows above it are final (no later tile reaches
+    them), so they are normalised by the summed weights, rounded and pasted into the output."""
+
+    def __init__(self, size, tile, window, row_weights, column_weights):
+        self.width, self.height = size
+        self.tile, self.window = tile, window
+        self.row_weights, self.column_weights = row_weights, column_weights
+        self.band = np.zeros((tile, len(column_weights), 3), dtype=np.float32)  # rows top .. top + tile
+        self.top = 0
+        self.image = Image.new("RGB", size)
+
+    def add(self, restored: np.ndarray, left: int, top: int) -> None:
+        """Add one ``(tile, tile, 3)`` float tile at ``(left, top)``; ``top`` never decreases."""
+        if top < self.top:
+            raise ValueError(f"tiles must come row by row: top {top} after {self.top}")
+        if top > self.top:
+            shift = top - self.top
+            self._flush(shift)
+            self.band[: self.tile - shift] = self.band[shift:]  # numpy copies overlapping ranges safely
+            self.band[self.tile - shift :] = 0
+            self.top = top
+        self.band[:, left : left + self.tile] += restored * self.window
+
+    def finish(self) -> Image.Image:
+        """The output: the last band flushed."""
+        self._flush(self.tile)
+        return self.image
+
+    def _flush(self, rows: int) -> None:
+        """Normalise, round and paste the band's first ``rows`` rows (those past the output are padding)."""
+        strip = self.band[:rows]
+        strip /= self.row_weights[self.top : self.top + rows, None, None]  # > 0: see blend_window
+        strip /= self.column_weights[None, :, None]
+        np.rint(strip, out=strip)
+        np.clip(strip, 0, 255, out=strip)
+        keep = min(rows, self.height - self.top)
+        if keep > 0:
+            pixels = strip[:keep, : self.width].astype(np.uint8)
+            self.image.paste(Image.fromarray(pixels, "RGB"), (0, self.top))
 
 
 def _paste_entropy(canvas, tile_entropy, left, top, tile, width, height):

@@ -23,7 +23,10 @@ from pure.tiling import (
     default_overlap,
     plan_tiles,
     restore_tiled,
+    seam_steps,
+    step_gradients,
     target_size,
+    tiled_memory,
 )
 
 TILE, OVERLAP = 64, 16
@@ -222,13 +225,6 @@ def test_target_smaller_than_a_tile_is_padded_and_cropped_back():
     np.testing.assert_array_equal(np.asarray(result.image), np.asarray(smooth_image(40, 30)))
 
 
-def step_gradients(image: np.ndarray, axis: int) -> np.ndarray:
-    """Mean absolute gradient of each pixel step along ``axis`` (1: columns, 0: rows), shape (W - 1,) or
-    (H - 1,): step c is between pixels c and c + 1."""
-    other = 1 - axis
-    return np.abs(np.diff(image.astype(np.float64), axis=axis)).mean(axis=(other, 2))
-
-
 @pytest.mark.parametrize("axis", [1, 0], ids=["vertical-seams", "horizontal-seams"])
 def test_blending_hides_the_seams_that_a_hard_paste_shows(axis):
     width, height = 232, 136  # 5 x 3 tiles of 64 px with 16 px overlap
@@ -243,10 +239,7 @@ def test_blending_hides_the_seams_that_a_hard_paste_shows(axis):
     for (left, top), offset in zip(boxes, fake.offsets, strict=True):  # later tiles cover earlier ones
         crop = pixels[top : top + TILE, left : left + TILE]
         hard[top : top + TILE, left : left + TILE] = np.rint(crop + offset).clip(0, 255)
-    starts = sorted({box[1 - axis] for box in boxes if box[1 - axis] > 0})
-    band = np.zeros(pixels.shape[axis] - 1, dtype=bool)  # steps within an overlap, where a seam can be
-    for start in starts:
-        band[start - 1 : start + OVERLAP] = True
+    band = seam_steps(boxes, pixels.shape[axis], TILE, axis)  # steps within an overlap, where a seam can be
     interior = step_gradients(pixels, axis)[~band].mean()  # the smooth input, away from any border
     hard_seam = step_gradients(hard, axis)[band].max()  # the worst step in any overlap
     blended_seam = step_gradients(blended, axis)[band].max()
@@ -256,6 +249,69 @@ def test_blending_hides_the_seams_that_a_hard_paste_shows(axis):
     assert blended_seam < hard_seam / 4
     # comparable to the image's own gradient: a 40-level jump spread by a cosine over 16 px is <= 3.9
     assert blended_seam < 3 * interior + 1.5
+
+
+def test_seam_steps_cover_every_overlap_and_nothing_else():
+    boxes = plan_tiles(232, 136, TILE, OVERLAP)  # columns at 0, 48, 96, 144, 168 (flush); rows 0, 48, 72
+
+    columns = seam_steps(boxes, 232, TILE, axis=1)
+    rows = seam_steps(boxes, 136, TILE, axis=0)
+
+    assert columns.shape == (231,) and rows.shape == (135,)
+    # from the step into each later tile to the end of the tile before it
+    assert np.flatnonzero(columns).tolist() == [
+        *range(47, 64),
+        *range(95, 112),
+        *range(143, 160),
+        *range(167, 208),
+    ]
+    assert np.flatnonzero(rows).tolist() == [*range(47, 64), *range(71, 112)]
+    assert not seam_steps(plan_tiles(64, 64, TILE, OVERLAP), 64, TILE, axis=1).any()  # one tile: no seam
+
+
+def test_step_gradients_are_the_mean_step_per_column_or_row():
+    image = np.zeros((4, 5, 3), dtype=np.uint8)
+    image[:, 3:] = 30  # a 30-level edge between columns 2 and 3
+    image[2:, :, 0] += 6  # red steps by 6 between rows 1 and 2
+
+    np.testing.assert_allclose(step_gradients(image, axis=1), [0, 0, 30, 0])
+    np.testing.assert_allclose(step_gradients(image, axis=0), [0, 2, 0])
+    with pytest.raises(ValueError, match="axis"):
+        step_gradients(image, axis=2)
+
+
+@pytest.mark.parametrize(("width", "height"), [(232, 136), (100, 60), (64, 200), (40, 30)])
+def test_band_stitching_equals_blending_on_a_whole_canvas(width, height):
+    """The stitcher holds one band of tile rows; the result is what a full float canvas gives."""
+    lq = smooth_image(width, height)
+    fake = OffsetRestorer(seed=2)
+
+    stitched = np.asarray(restore_tiled(fake, lq, tile=TILE, overlap=OVERLAP, tile_batch=3).image)
+
+    padded = np.pad(np.asarray(lq), ((0, max(0, TILE - height)), (0, max(0, TILE - width)), (0, 0)), "edge")
+    canvas = np.zeros(padded.shape, dtype=np.float64)
+    weights = np.zeros((*padded.shape[:2], 1), dtype=np.float64)
+    window = blend_window(TILE, OVERLAP).astype(np.float64)[..., None]
+    boxes = plan_tiles(padded.shape[1], padded.shape[0], TILE, OVERLAP)
+    for (left, top), offset in zip(boxes, fake.offsets, strict=True):
+        tile = np.rint(padded[top : top + TILE, left : left + TILE] + offset).clip(0, 255)
+        canvas[top : top + TILE, left : left + TILE] += tile * window
+        weights[top : top + TILE, left : left + TILE] += window
+    expected = np.rint(canvas / weights).clip(0, 255)[:height, :width]
+    assert stitched.shape == expected.shape
+    assert np.abs(stitched - expected).max() <= 1  # float32 vs float64 rounding at .5, no more
+
+
+def test_tiled_memory_counts_the_input_the_upsampled_input_the_output_and_one_band():
+    # 3000x2000 at x2: 4 bytes per input pixel, 8 per output pixel, and a 512-row float band of 6000 px
+    assert tiled_memory((3000, 2000), 512, scale=2) == 4 * 6_000_000 + 8 * 24_000_000 + 19 * 512 * 6000
+    assert (
+        tiled_memory((3000, 2000), 512, scale=2, alpha=True)
+        == tiled_memory((3000, 2000), 512, scale=2) + 5 * 24_000_000
+    )
+    # per output pixel at x2: 1 (the input), 8 and the band, which weighs more on a small image
+    small, big = (tiled_memory((w, h), 512, scale=2) / (4 * w * h) for w, h in ((600, 400), (3000, 2000)))
+    assert 9 < big < 12 < small
 
 
 # ---------------------------------------------------------------- the tiny model
