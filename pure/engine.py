@@ -494,9 +494,10 @@ class RestorationDecoder:
         s, v = self.sampling, self.fmt.vocab
         text_top_k = TopKLogitsWarper(s.text_top_k)
         batch, device = len(rows), state.seq.device
+        not_text = self._not_text(state.logits.shape[-1], device)
         while True:
             scores = constraint(state.seq[:, : state.length], self._text_logits(state))
-            scores[:, v.eot] = float("-inf")  # a restorer's answer must reach its image
+            scores = scores.masked_fill(not_text, float("-inf"))
             proposed = scores.argmax(-1)
             if s.text_top_k > 1:  # only rows still writing draw noise, so rows stay independent
                 todo = [i for i, row in enumerate(rows) if not row.done]
@@ -519,6 +520,14 @@ class RestorationDecoder:
                 feed.to(device).repeat_interleave(twins)[:, None],
                 live.to(device).repeat_interleave(twins),
             )
+
+    def _not_text(self, size: int, device: torch.device) -> torch.Tensor:
+        """(size,) bool: the special tokens an answer's text never holds (end of turn: the answer must reach
+        its image; ``<s>``, ``<pad>``, a tokenizer's reserved ids, ...): all but ``<boi>``, which ends it."""
+        ids = [i for i in self.fmt.special_ids if i != self.fmt.vocab.boi and i < size]
+        mask = torch.zeros(size, dtype=torch.bool, device=device)
+        mask[ids] = True
+        return mask
 
     @staticmethod
     def _text_logits(state: DecodeState) -> torch.Tensor:

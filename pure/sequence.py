@@ -73,8 +73,9 @@ class SequenceFormat:
         self.vocab = tokenizer.vocab
         v = self.vocab
         added = tokenizer.tokenizer.get_added_tokens_decoder()
-        self._special_ids = {i for i, token in added.items() if token.special}
-        self._special_ids |= {v.bos, v.pad, v.eot, v.boi, v.eoi, v.newline, *v.grid_ids}
+        # every id that is not plain text (image codes aside): the tokenizer's special tokens and PURE's
+        special = {i for i, token in added.items() if token.special}
+        self.special_ids = frozenset(special | {v.bos, v.pad, v.eot, v.boi, v.eoi, v.newline, *v.grid_ids})
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class SequenceFormat:
         """Plain text -> ids; refuses text that spells special tokens (it would forge the layout)."""
         ids = self.tokenizer.encode(text)
         image = self.vocab.image_mask()
-        if any(i in self._special_ids or image[i] for i in ids):
+        if any(i in self.special_ids or image[i] for i in ids):
             raise ValueError(f"text must not contain special-token strings: {text[:80]!r}")
         return ids
 

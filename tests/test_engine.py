@@ -94,6 +94,19 @@ def test_runaway_text_hands_over_to_the_image(tiny_restorer, tiny_format, prompt
     assert parsed.codes.shape == (H, W)
 
 
+def test_text_never_holds_special_tokens(tiny_restorer, tiny_format, prompt):
+    v = tiny_format.vocab
+    end_of_sequence = tiny_format.tokenizer.tokenizer.token_to_id("</s>")  # special in the tokenizer only
+    model = ScriptedModel(tiny_restorer.model.config, tiny_format, "A cat.", boi_after_text=False)
+    model.script += [v.pad, v.bos, v.eot, end_of_sequence, v.boi]  # what a random model might write
+    out = decode(model, tiny_format, prompt, cfg_scale=1.0)
+    answer = out.answer_ids[0].tolist()
+    text = answer[: answer.index(v.boi)]
+    assert not set(text) & tiny_format.special_ids
+    parsed = tiny_format.parse_answer(answer, strict=True)
+    assert parsed.text.startswith("A cat.") and parsed.codes.shape == (H, W)
+
+
 def test_forced_text_overrides_the_model(tiny_restorer, tiny_format, prompt):
     model = ScriptedModel(tiny_restorer.model.config, tiny_format, "Large blur, large noise. A car.")
     decoder = RestorationDecoder(model, tiny_format, SamplingConfig(temperature=0.0, cfg_scale=1.0))
