@@ -36,21 +36,26 @@ class FakeApi:
         self.calls.append(("upload_folder", kwargs))
 
 
-@pytest.fixture
-def summary_path(tmp_path):
+def score_two_grey_images(tmp_path, metrics: str, backend) -> dict:
+    """``python -m pure.eval``'s scoring of two grey pred/gt pairs into ``tmp_path/results``."""
     for sub in ("pred", "gt"):
         (tmp_path / sub).mkdir()
         for i, v in enumerate((50, 150)):
             Image.new("RGB", (8, 8), (v, v, v)).save(tmp_path / sub / f"{i}.png")
-    evaluate(
+    return evaluate(
         tmp_path / "pred",
         tmp_path / "gt",
-        parse_metrics("psnr,ssim,fid,musiq"),
-        GreyBackend(),
+        parse_metrics(metrics),
+        backend,
         tmp_path / "results",
         test_set="realsr",
         log=lambda _: None,
     )
+
+
+@pytest.fixture
+def summary_path(tmp_path):
+    score_two_grey_images(tmp_path, "psnr,ssim,fid,musiq", GreyBackend())
     return tmp_path / "results" / "summary.json"
 
 
@@ -138,19 +143,7 @@ def test_partial_means_stay_out_of_the_model_index(ckpt, tmp_path):
                 raise RuntimeError("CUDA out of memory")
             return super().score_pairs(spec, preds, gts)
 
-    for sub in ("pred", "gt"):
-        (tmp_path / sub).mkdir()
-        for i, v in enumerate((50, 150)):
-            Image.new("RGB", (8, 8), (v, v, v)).save(tmp_path / sub / f"{i}.png")
-    summary = evaluate(
-        tmp_path / "pred",
-        tmp_path / "gt",
-        parse_metrics("psnr,musiq"),
-        FailsOnOne(),
-        tmp_path / "results",
-        test_set="realsr",
-        log=lambda _: None,
-    )
+    summary = score_two_grey_images(tmp_path, "psnr,musiq", FailsOnOne())
     assert summary["metrics"]["musiq"]["count"] == 1 and summary["count"] == 2
     card = ModelCard(str(hub.build_card(ckpt, [summary])))
     assert {r.metric_type for r in card.data.eval_results} == {"psnr"}
