@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 # DeepSpeed compiles its CPU ops on first use (~1 min): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pure/torch_extensions
 
-.PHONY: test lint format demo pure-tiny clean
+.PHONY: test test-pyiqa lint format demo pure-tiny clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,19 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check pure tests data_prep recipes
 	$(PY) -m ruff format --check pure tests data_prep recipes
 	$(PY) -m pytest -q
+
+# pyiqa (the `eval` extra) needs torchvision, which cannot join the pinned CPU torch of .venv: its tests run
+# in an environment of their own (recipes/eval/pyiqa-constraints.txt). Offline, pyiqa scores PSNR and SSIM
+# only (the other metrics download weights); the tests use those two.
+IQA_VENV ?= .venv-pyiqa
+$(IQA_VENV)/.installed: pyproject.toml recipes/eval/pyiqa-constraints.txt
+	$(PYTHON) -m venv $(IQA_VENV)
+	$(IQA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(IQA_VENV)/bin/python -m pip install -q -c recipes/eval/pyiqa-constraints.txt -e ".[eval]" pytest
+	touch $@
+
+test-pyiqa: $(IQA_VENV)/.installed
+	$(IQA_VENV)/bin/python -m pytest -q tests/test_eval.py tests/test_hub.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check pure tests data_prep recipes
