@@ -130,9 +130,13 @@ def test_pyiqa_backend_without_pyiqa_reports_the_metric(folders):
     assert info.value.metric == "niqe"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pyiqa") is None, reason="needs pyiqa (pip install 'pure[eval]')"
+needs_pyiqa = pytest.mark.skipif(
+    importlib.util.find_spec("pyiqa") is None, reason="needs pyiqa ('pure[eval]', or make test-pyiqa)"
 )
+
+
+@pytest.mark.pyiqa
+@needs_pyiqa
 def test_pyiqa_psnr_ssim_y_channel(folders):
     pred, gt = folders
     backend = PyiqaBackend(device="cpu")
@@ -141,6 +145,25 @@ def test_pyiqa_psnr_ssim_y_channel(folders):
     assert psnr == pytest.approx(10 * np.log10(255**2 / (30 * 219 / 255) ** 2), abs=0.05)
     ssim = backend.score_pairs(METRICS["ssim"], [pred / "c.png"], [gt / "c.png"])[0]
     assert ssim == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.pyiqa
+@needs_pyiqa
+def test_pyiqa_cli_scores_and_names_a_metric_it_cannot_load(folders, tmp_path):
+    """The real backend end to end: PSNR/SSIM scored, NIQE (weights downloaded by pyiqa) either scored or,
+    offline, skipped with its reason while the others go on."""
+    pred, gt = folders
+    out = tmp_path / "results"
+    assert (
+        eval_main(["--pred", str(pred), "--gt", str(gt), "--out", str(out), "--metrics", "psnr,ssim,niqe"])
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["psnr"]["count"] == 3 and summary["metrics"]["ssim"]["count"] == 3
+    assert summary["metrics"]["psnr"]["pyiqa_name"] == "psnr"
+    niqe = summary["metrics"].get("niqe", {})
+    assert niqe.get("mean") is not None or "niqe" in summary["skipped"]
+    assert "psnr" in (out / "table.md").read_text().lower()
 
 
 # ---- pairing --------------------------------------------------------------------------------------------
