@@ -35,7 +35,7 @@ NATIVE_SIZE = 512  # PURE's native size: 512 px tiles
 # A language model small enough for a 512 px tile (8,192 positions with the LQ image) in a few seconds
 # on one CPU thread: attention over those positions is most of the time, so one head, one layer.
 TINY_MODEL = {"hidden": 32, "layers": 1, "heads": 1}
-# The text forced into every tile unless --describe: what describing the whole image once would give.
+# The text --fixed-text forces into every tile instead of the model's description of the whole image.
 STEER_DEGRADATION, STEER_CAPTION = "Small noise.", "A synthetic photograph of smooth colours and edges."
 MIN_SIDE = 8  # pure.imageio refuses smaller images
 RESULT_PREFIX = "bench_tiles_result: "  # the child's one line of JSON on stdout
@@ -123,7 +123,7 @@ def run_child(args: argparse.Namespace, model: Path, size: tuple[int, int], work
         "--scale", str(args.scale), "--tile-batch", str(args.tile_batch), "--cfg", str(args.cfg),
         "--device", "cpu", "--quiet",
     ]  # fmt: skip
-    if not args.describe:  # a random model's own text can be anything, even special-token strings
+    if args.fixed_text:  # else the model describes the image once and that text goes into every tile
         infer_args += ["--degradation", STEER_DEGRADATION, "--caption", STEER_CAPTION]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if args.threads:
@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tile batch, which is flat either way)",
     )
     p.add_argument(
-        "--describe",
+        "--fixed-text",
         action="store_true",
-        help="let the model describe the image (once) instead of forcing a fixed text into the tiles",
+        help="force a fixed degradation and caption into the tiles instead of the model's description of "
+        "the whole image (one describe pass per image, as pure.infer does)",
     )
     p.add_argument("--threads", type=int, help="torch threads in each restoring process (default: torch's)")
     p.add_argument("--workdir", help="keep the inputs, outputs and checkpoint here (default: a temp folder)")
