@@ -30,14 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pure.imageio import MIN_SIDE
+from pure.restorer import DEFAULT_IMAGE_SIZE as NATIVE_SIZE  # PURE's native size: 512 px tiles
+
 DEFAULT_SIZES = "3000x2000,600x400"  # the photo, and one with 6 tiles at x2 (a full tile batch)
-NATIVE_SIZE = 512  # PURE's native size: 512 px tiles
 # A language model small enough for a 512 px tile (8,192 positions with the LQ image) in a few seconds
 # on one CPU thread: attention over those positions is most of the time, so one head, one layer.
 TINY_MODEL = {"hidden": 32, "layers": 1, "heads": 1}
 # The text --fixed-text forces into every tile instead of the model's description of the whole image.
 STEER_DEGRADATION, STEER_CAPTION = "Small noise.", "A synthetic photograph of smooth colours and edges."
-MIN_SIDE = 8  # pure.imageio refuses smaller images
 RESULT_PREFIX = "bench_tiles_result: "  # the child's one line of JSON on stdout
 MIB = 2**20
 RU_MAXRSS_BYTES = 1024  # Linux reports ru_maxrss in KiB

@@ -59,10 +59,13 @@ class SamplingConfig:
     jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
 
     def __post_init__(self) -> None:
-        if self.cfg_scale < 0:
+        # `not x >= 0` also rejects NaN
+        if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance); got {self.cfg_scale}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if self.text_top_k < 1:
+            raise ValueError(f"text_top_k must be >= 1 (1 = greedy text); got {self.text_top_k}")
         if self.max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1; got {self.max_text_tokens}")
         if self.jacobi_window != 0 and self.jacobi_window < 2:

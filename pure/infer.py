@@ -199,14 +199,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from pure.restorer import GRID_PX
 
-    checks = (
-        ("--cfg", args.cfg, 0),
-        ("--temperature", args.temperature, 0),
-        ("--text-top-k", args.text_top_k, 1),
-    )
-    for flag, value, low in checks:
-        if not value >= low:  # also rejects NaN
-            raise CliError(f"{flag} must be >= {low}; got {value}")
     try:
         sampling = sampling_config(
             cfg_scale=args.cfg,
