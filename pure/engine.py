@@ -13,8 +13,10 @@ row's cache, interleaved with the row's image tokens, and separates the two cont
 no slot is allocated for nothing (2.2 GiB less for the 7B model at 512 px) and the prompt is run once.
 
 The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
-function of tensors with no host synchronisation: the constraint is looked up by body index, the noise
-is counter-based (:func:`pure.sampling.keyed_uniform`), the KV cache is static. ``compile=True`` captures
+function of tensors with no host synchronisation. It scores the image codes only (16,384 of PURE's 73,728
+ids: the LM head's matmul and every step after it shrink 4.5x), the grammar's newlines and ``<eoi>`` come
+from a table by body index, one counter-based uniform per token draws it (:func:`pure.sampling.
+entropy_top_k_draw`, :func:`pure.sampling.keyed_uniform`), the KV cache is static. ``compile=True`` captures
 it with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA; see :class:`RestorationDecoder`.
 :mod:`pure.jacobi` replaces the image phase with speculative Jacobi decoding.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -35,10 +38,10 @@ from pure.sampling import (
     ImageGridConstraintLogitsProcessor,
     TopKLogitsWarper,
     classifier_free_guidance,
-    entropy_top_k,
+    entropy_top_k_draw,
+    keyed_uniform,
     noise_keys,
     sample_tokens,
-    sample_tokens_keyed,
 )
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 
@@ -74,6 +77,13 @@ class SamplingConfig:
             )
         EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates
         TopKLogitsWarper(self.text_top_k)
+
+
+class ImageCodes(NamedTuple):
+    """What the image step scores: the image codes' ids, and their LM-head rows if the model can use them."""
+
+    ids: torch.Tensor  # (K,) the id of every code
+    head: torch.Tensor | None  # (K, hidden) rows of the LM head's weight, or None
 
 
 @dataclass
@@ -291,10 +301,13 @@ class RestorationDecoder:
             ~allowed, torch.finfo(dtype).min
         )
 
-    def _forward(self, ids, positions, mask, cache, keep: int) -> torch.Tensor:
-        """The model on ``ids`` (R, q) at ``positions`` (R, q) -> fp32 logits (R, keep, V)."""
+    def _forward(
+        self, ids, positions, mask, cache, keep: int, codes: ImageCodes | None = None
+    ) -> torch.Tensor:
+        """The model on ``ids`` (R, q) at ``positions`` (R, q) -> fp32 logits (R, keep, V), or (R, keep, K)
+        over the image codes only when ``codes`` is given."""
         if self._use_decode:
-            return self.model.decode(ids, positions, mask, cache, keep)
+            return self.model.decode(ids, positions, mask, cache, keep, None if codes is None else codes.head)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -303,7 +316,8 @@ class RestorationDecoder:
             use_cache=True,
             logits_to_keep=keep,
         )
-        return out.logits.float()
+        logits = out.logits.float()
+        return logits if codes is None else logits.index_select(-1, codes.ids)
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
         """Image-phase logits of a forward (R, k, V) -> guided scores (B, n, V) of its n image tokens.
@@ -552,28 +566,37 @@ class RestorationDecoder:
             state.next_pos[1::2] = 0  # ... and its image block starts at position 0
         self._feed(state, head.expand(state.mask.shape[0], -1))
 
-    def _select(
-        self,
-        scores: torch.Tensor,
-        constraint: ImageGridConstraintLogitsProcessor,
-        body: torch.Tensor,
-        keys: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Guided scores (B, V) at body index ``body`` (0-d) -> (token (B,), entropy (B,)).
+    def _image_codes(self, device: torch.device, head: bool = True) -> ImageCodes:
+        """The image codes' ids and (for :class:`PureForConditionalGeneration`, when ``head``) a copy of their
+        LM-head rows, made per decode so that it follows the weights (128 MiB for the 7B model)."""
+        ids = self.fmt.vocab.code_to_id.to(device)
+        if not (head and self._use_decode):
+            return ImageCodes(ids, None)
+        return ImageCodes(ids, self.model.lm_head.weight.index_select(0, ids))
 
-        The structural constraint, entropy top-k, temperature and sampling, in that order.
+    def _image_noise(self, keys: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, n)``: the uniform that draws body index ``i`` of each row, for all ``i`` at once."""
+        return keyed_uniform(keys, (TOKEN_STREAM, torch.arange(n, device=keys.device)[None]), 1)[..., 0]
+
+    def _select(
+        self, scores: torch.Tensor, codes: torch.Tensor, forced: torch.Tensor, uniform: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guided scores (B, K) over the image codes ``codes`` (K,) -> (token id (B,), entropy (B,)).
+
+        Entropy top-k, temperature and the draw by ``uniform`` (B,) (:func:`entropy_top_k_draw`); the
+        structural constraint is that only codes are scored, or the token ``forced`` (0-d, ``-1`` for none)
+        is taken: a newline or ``<eoi>``.
         """
         s = self.sampling
-        scores = scores.masked_fill(~constraint.allowed_at(body), float("-inf"))
-        scores, entropy = entropy_top_k(scores, s.min_k, s.max_k)
-        return sample_tokens_keyed(scores, s.temperature, keys, (TOKEN_STREAM, body)), entropy
+        index, entropy = entropy_top_k_draw(scores, s.min_k, s.max_k, s.temperature, uniform)
+        return torch.where(forced >= 0, forced, codes[index]), entropy
 
-    def _decode_step(self, ids, positions, mask, cache, constraint, body, keys):
-        """The per-token image step: forward the ids of one image token, guidance, then :meth:`_select`
-        at ``body`` (0-d). Tensors in, tensors out, no host sync: this is what ``compile`` captures.
+    def _decode_step(self, ids, positions, mask, cache, codes: ImageCodes, forced, uniform):
+        """The per-token image step: forward the ids of one image token (logits of the image codes only),
+        guidance, then :meth:`_select`. Tensors in, tensors out, no host sync: what ``compile`` captures.
         """
-        scores = self._guide(self._forward(ids, positions, mask, cache, ids.shape[1]))[:, -1]
-        return self._select(scores, constraint, body, keys)
+        scores = self._guide(self._forward(ids, positions, mask, cache, ids.shape[1], codes))[:, -1]
+        return self._select(scores, codes.ids, forced, uniform)
 
     def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
         """REstore, a token per forward: guidance, constraint, entropy top-k, temperature, sampling."""
@@ -581,10 +604,13 @@ class RestorationDecoder:
         n_body = height * (width + 1)
         device = state.seq.device
         keys = noise_keys(generators if self.sampling.temperature > 0 else None, entropy.shape[0], device)
-        body = torch.arange(n_body + 1, device=device)
+        forced = constraint.forced_at(torch.arange(n_body + 1, device=device))  # (n_body + 1,)
+        uniform = self._image_noise(keys, n_body + 1)  # (B, n_body + 1)
+        codes = self._image_codes(device)
         step = self._compiled_fn("_decode_step", device)
         graphs = self.compile is True and device.type == "cuda"
-        token, step_entropy = self._select(self.guided_scores(state), constraint, body[0], keys)
+        first = self.guided_scores(state).index_select(-1, codes.ids)
+        token, step_entropy = self._select(first, codes.ids, forced[0], uniform[:, 0])
         base = state.block_start + 3  # body index 0 in `seq`
         for i in range(n_body + 1):
             state.seq[:, base + i] = token
@@ -598,7 +624,9 @@ class RestorationDecoder:
             ids, positions, mask = self._image_inputs(state, token[:, None])
             if graphs:  # a replay overwrites the previous outputs: tell cudagraph trees a step begins
                 torch.compiler.cudagraph_mark_step_begin()
-            token, step_entropy = step(ids, positions, mask, state.cache, constraint, body[i + 1], keys)
+            token, step_entropy = step(
+                ids, positions, mask, state.cache, codes, forced[i + 1], uniform[:, i + 1]
+            )
             if graphs:
                 token, step_entropy = token.clone(), step_entropy.clone()
             state.passes += 1

@@ -159,20 +159,22 @@ class JacobiRestorationDecoder(RestorationDecoder):
 
     def _image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
         """REstore, up to ``window`` tokens per forward (module docstring)."""
-        s, vocab = self.sampling, self.fmt.vocab
+        s = self.sampling
         batch, height, width = entropy.shape
         total = height * (width + 1) + 1  # body tokens, <eoi> included
         w_len, device = self.window, state.seq.device
         greedy = s.temperature == 0
         keys = noise_keys(None if greedy else generators, batch, device)
-        code_ids = vocab.code_to_id.to(device)
         body_ids = torch.arange(total + w_len, device=device)
+        code_ids = self._image_codes(device, head=False).ids
         step = self._compiled_fn("_window_step", device)
 
         tokens = torch.empty((batch, total), dtype=torch.long, device=device)
         entropies = torch.zeros((batch, total), device=device)
         # The first token comes from the <boi> <grid h> <grid w> forward, exactly as in the one-token loop.
-        first, first_entropy = self._select(self.guided_scores(state), constraint, body_ids[0], keys)
+        first_scores = self.guided_scores(state).index_select(-1, code_ids)
+        forced0, uniform0 = constraint.forced_at(body_ids[0]), self._image_noise(keys, 1)[:, 0]
+        first, first_entropy = self._select(first_scores, code_ids, forced0, uniform0)
         tokens[:, 0], entropies[:, 0] = first, first_entropy
         last, done, iteration = first, 1, 0
         counter = torch.zeros((), dtype=torch.long, device=device)  # iteration, on the device

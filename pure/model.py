@@ -91,8 +91,12 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
         attention_mask: torch.Tensor,
         past_key_values,
         logits_to_keep: int = 1,
+        head: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` for a decode loop: the same layers on the same inputs -> fp32 logits (B, keep, V).
+
+        ``head``: rows of the LM head's weight (``(V', hidden)``, e.g. the image codes' rows) to compute the
+        logits of those ids only, ``(B, keep, V')``.
 
         A loop that keeps its attention mask in the form the attention takes (4-D for ``sdpa`` and
         ``eager``) skips, per call, transformers' mask building over the whole cache, its output capturing
@@ -118,8 +122,9 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )[0]
-        # the norm is per position: only the kept ones need it
-        return self.lm_head(self.model.norm(hidden[:, -logits_to_keep:])).float()
+        hidden = self.model.norm(hidden[:, -logits_to_keep:])  # the norm is per position: kept ones only
+        logits = self.lm_head(hidden) if head is None else torch.nn.functional.linear(hidden, head)
+        return logits.float()
 
 
 def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:

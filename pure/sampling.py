@@ -37,13 +37,51 @@ def entropy_top_k(
 
     Returns ``(filtered scores (B, V), entropy (B,))``.
     """
+    entropy, k, top = _entropy_k(scores, min_k, max_k)
+    kth = scores.topk(top, dim=-1).values.gather(-1, (k - 1)[:, None])  # (B, 1)
+    return scores.masked_fill(scores < kth, float("-inf")), entropy
+
+
+def _entropy_k(scores: torch.Tensor, min_k: int, max_k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(entropy (B,), k (B,) int64, top)`` of :func:`entropy_top_k`; ``top = min(max_k, V)`` bounds k."""
     probs = scores.float().softmax(dim=-1)
     entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=-1)  # (B,)
     weight = torch.sigmoid(entropy.clamp(0.0, ENTROPY_CLAMP) - ENTROPY_CENTER)
     top = min(max_k, scores.shape[-1])
     k = torch.round(min_k + (max_k - min_k) * weight).long().clamp(min_k, top)  # all `top` if min_k > top
-    kth = scores.topk(top, dim=-1).values.gather(-1, (k - 1)[:, None])  # (B, 1)
-    return scores.masked_fill(scores < kth, float("-inf")), entropy
+    return entropy, k, top
+
+
+def entropy_top_k_draw(
+    scores: torch.Tensor, min_k: int, max_k: int, temperature: float, uniform: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PURE's image-token sampler in one pass: :func:`entropy_top_k`, temperature, then a draw.
+
+    The same law as ``sample_tokens(entropy_top_k(scores)[0], temperature, ...)``, computed on the
+    ``min(max_k, V)`` largest scores only (nothing else can be kept): the kept scores, in descending
+    order, are tempered and one ``uniform`` in ``(0, 1)`` per row picks a token by inverse CDF. Equal
+    scores and uniforms give equal tokens, which is how decoders that share the noise agree. Ties with
+    the k-th score are kept as far as they fall among the ``max_k`` largest.
+
+    Args:
+        scores: ``(B, V)`` (``-inf`` for forbidden ids; at least one finite per row).
+        uniform: ``(B,)`` in ``(0, 1)``, e.g. from :func:`keyed_uniform`. Unused when greedy.
+
+    Returns ``(index (B,) into V, entropy (B,))``; ``temperature == 0`` is the argmax.
+    """
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    entropy, k, top = _entropy_k(scores, min_k, max_k)
+    if temperature == 0:
+        return scores.argmax(dim=-1), entropy
+    values, index = scores.float().topk(top, dim=-1)  # descending
+    kept = values >= values.gather(-1, (k - 1)[:, None])  # (B, top): a leading run
+    weights = torch.where(kept, ((values - values[:, :1]) / temperature).exp(), 0.0)
+    cdf = weights.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)  # first cdf > u * total
+    # u * total may round up to total: stay on the last token of positive weight (they lead, descending)
+    pick = torch.minimum(pick, (weights > 0).sum(dim=-1, keepdim=True) - 1)
+    return index.gather(-1, pick)[:, 0], entropy
 
 
 class EntropyTopKLogitsWarper(LogitsProcessor):
@@ -245,27 +283,3 @@ def _unit_interval(x: torch.Tensor) -> torch.Tensor:
     """32-bit integers -> float32 strictly inside (0, 1): the top 23 bits, centred. (With 24 bits the
     largest value would round to 1.0 in float32, and -log(1.0) = -0.0 breaks the exponential race.)"""
     return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
-
-
-def keyed_race(
-    weights: torch.Tensor, keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...]
-) -> torch.Tensor:
-    """A draw from each row of ``weights`` ``(B, ..., V)`` (non-negative, not necessarily normalised).
-
-    The exponential race: ``argmax(weights / E)`` with ``E ~ Exp(1)`` i.i.d. is a sample from
-    ``weights / weights.sum()``. Returns ``(B, ...)`` indices.
-    """
-    noise = -torch.log(keyed_uniform(keys, counter, weights.shape[-1]))  # Exp(1)
-    return (weights / noise).argmax(dim=-1)
-
-
-def sample_tokens_keyed(
-    scores: torch.Tensor, temperature: float, keys: torch.Tensor, counter: tuple[torch.Tensor | int, ...]
-) -> torch.Tensor:
-    """:func:`sample_tokens` with counter-based noise: ``scores`` ``(B, ..., V)`` -> tokens ``(B, ...)``."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-    if temperature == 0:
-        return scores.argmax(dim=-1)
-    probs = (scores.float() / temperature).softmax(dim=-1)
-    return keyed_race(probs, keys, counter)

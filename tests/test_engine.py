@@ -167,7 +167,7 @@ def test_caption_alone_is_always_fed_to_the_model(tiny_restorer, tiny_format, pr
     assert out.answer_ids[0][boi - len(caption_ids) : boi].tolist() == caption_ids
 
 
-def test_model_decode_is_the_forward(tiny_restorer):
+def test_model_decode_is_the_forward(tiny_restorer, tiny_format):
     """The engine's forward (pure.model's `decode`): the model's logits (up to rounding: the final norm
     runs on the kept positions only), from a 2-D mask, or from the 4-D one the engine builds with a cache."""
     from transformers import StaticCache
@@ -187,3 +187,10 @@ def test_model_decode_is_the_forward(tiny_restorer):
         )
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-5)
+    # the image step's logits: the LM head's rows of the image codes only, the same values
+    codes = tiny_format.vocab.code_to_id
+    with torch.inference_mode():
+        head = model.lm_head.weight.index_select(0, codes)
+        code_logits = model.decode(ids, positions, mask, None, 3, head)
+    assert code_logits.shape == (2, 3, len(codes))
+    assert torch.allclose(code_logits, expected[..., codes], atol=1e-5)

@@ -21,9 +21,9 @@ from pure.sampling import (
     ImageGridConstraintLogitsProcessor,
     classifier_free_guidance,
     entropy_top_k,
+    entropy_top_k_draw,
     keyed_uniform,
     noise_keys,
-    sample_tokens_keyed,
 )
 
 H, W = 8, 4  # latent grid of the generated image (most tests)
@@ -98,15 +98,13 @@ def test_keyed_noise_is_uniform_and_samples_the_distribution():
     )
     assert abs(float(torch.corrcoef(torch.stack([grid[:-1].flatten(), grid[1:].flatten()]))[0, 1])) < 0.01
 
+    # the engine's draw with keyed uniforms, one per step, samples the distribution
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    scores = probs.log()[None, None].expand(1, 20000, -1)  # (B, steps, V)
-    tokens = sample_tokens_keyed(scores, 1.0, keys, (1, torch.arange(20000)[None]))
-    freq = torch.bincount(tokens.flatten(), minlength=5).float() / 20000
+    uniform = keyed_uniform(keys, (1, torch.arange(20000)[None]), 1).flatten()
+    tokens, _ = entropy_top_k_draw(probs.log().expand(20000, -1), 1, 2000, 1.0, uniform)
+    freq = torch.bincount(tokens, minlength=5).float() / 20000
     assert freq[4] == 0
     assert torch.allclose(freq, probs, atol=0.012)  # ~3.5 standard errors
-    assert torch.equal(
-        sample_tokens_keyed(scores[:, :3], 0.0, keys, (1, 0)), torch.zeros(1, 3, dtype=torch.long)
-    )
 
 
 # -- the constraint by body index -----------------------------------------------------------------------
@@ -149,9 +147,10 @@ def reference_image(model, fmt, prefix: torch.Tensor, h, w, sampling: SamplingCo
         if sampling.cfg_scale != 1.0:
             uncond = model(input_ids=block).logits[:, -1].float()
             scores = classifier_free_guidance(scores, uncond, sampling.cfg_scale)
-        scores = constraint(cond, scores)
-        scores, _ = entropy_top_k(scores, sampling.min_k, sampling.max_k)
-        token = sample_tokens_keyed(scores, sampling.temperature, keys, (TOKEN_STREAM, torch.tensor(body)))
+        scores = constraint(cond, scores)  # over the whole vocabulary
+        uniform = keyed_uniform(keys, (TOKEN_STREAM, body), 1)[:, 0]
+        s = sampling
+        token, _ = entropy_top_k_draw(scores, s.min_k, s.max_k, s.temperature, uniform)
         tokens.append(int(token))
         cond = torch.cat([cond, token[:, None]], dim=1)
         block = torch.cat([block, token[:, None]], dim=1)

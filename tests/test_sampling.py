@@ -18,6 +18,7 @@ from pure.sampling import (
     TopKLogitsWarper,
     classifier_free_guidance,
     entropy_top_k,
+    entropy_top_k_draw,
     sample_tokens,
 )
 
@@ -194,6 +195,60 @@ def test_entropy_top_k_rows_are_independent():
         out_i, entropy_i = entropy_top_k(row)
         assert torch.equal(out[i : i + 1], out_i)
         assert abs(float(entropy[i]) - float(entropy_i[0])) < 1e-6
+
+
+# -- the engine's one-pass draw -----------------------------------------------------------------------
+
+
+def draw_on_a_grid(scores: torch.Tensor, temperature: float, n: int = 20000, **k) -> torch.Tensor:
+    """Tokens drawn by ``entropy_top_k_draw`` from one row of scores at ``n`` evenly spaced uniforms."""
+    uniform = (torch.arange(n, dtype=torch.float64) + 0.5).div(n).float()
+    tokens, _ = entropy_top_k_draw(
+        scores.expand(n, -1), k.get("min_k", 1), k.get("max_k", 2000), temperature, uniform
+    )
+    return tokens
+
+
+@pytest.mark.parametrize("rate, temperature", [(2.0, 0.9), (0.05, 1.0), (0.01, 0.7), (1e-4, 1.3)])
+def test_draw_is_the_inverse_cdf_of_the_filtered_tempered_distribution(rate, temperature):
+    # over evenly spaced uniforms every token's share is its probability, to within one grid step
+    scores = geometric_scores(rate, n=3000, seed=3)
+    filtered, _ = entropy_top_k(scores)
+    expected = (filtered.double() / temperature).softmax(dim=-1)[0]
+    n = 20000
+    freq = torch.bincount(draw_on_a_grid(scores, temperature, n), minlength=3000).double() / n
+    assert (freq[expected == 0] == 0).all()  # nothing outside the entropy top-k
+    assert (freq - expected).abs().max() <= 1.5 / n
+    # the uniform orders the kept tokens by descending score: the smallest uniforms take the argmax
+    assert int(draw_on_a_grid(scores, temperature, n)[0]) == int(scores.argmax())
+
+
+def test_draw_greedy_entropy_and_rows():
+    rows = torch.cat([geometric_scores(r, n=3000, seed=i) for i, r in enumerate((2.0, 4e-3, 1e-6))])
+    uniform = torch.tensor([0.3, 0.6, 0.9])
+    tokens, entropy = entropy_top_k_draw(rows, 1, 2000, 0.0, uniform)
+    assert torch.equal(tokens, rows.argmax(dim=-1))
+    assert torch.equal(entropy, entropy_top_k(rows)[1])
+    sampled, _ = entropy_top_k_draw(rows, 1, 2000, 0.9, uniform)
+    for i in range(3):  # a row's token depends on its scores and uniform only
+        alone, _ = entropy_top_k_draw(rows[i : i + 1], 1, 2000, 0.9, uniform[i : i + 1])
+        assert int(alone) == int(sampled[i])
+    with pytest.raises(ValueError, match="temperature"):
+        entropy_top_k_draw(rows, 1, 2000, float("nan"), uniform)
+
+
+def test_draw_never_takes_a_token_outside_the_top_k():
+    # a uniform that rounds u * total up to total must not run past the kept tokens
+    scores = geometric_scores(2.0, n=500)  # peaked: k = 22, of which the last ones weigh nothing in fp32
+    top = torch.isfinite(entropy_top_k(scores)[0][0]).nonzero()[:, 0]
+    assert len(top) == 22
+    for u in (1.0 - 2**-24, 1.0, 0.999999):
+        token, _ = entropy_top_k_draw(scores, 1, 2000, 1.0, torch.tensor([u]))
+        assert int(token) in top.tolist()
+    one_hot = torch.full((1, 500), float("-inf"))  # a single finite score: it is always the token
+    one_hot[0, 77] = 0.0
+    for u in (1e-7, 0.5, 1.0):
+        assert int(entropy_top_k_draw(one_hot, 1, 2000, 0.9, torch.tensor([u]))[0]) == 77
 
 
 # -- static top-k --------------------------------------------------------------------------------------
