@@ -247,6 +247,31 @@ def measure(name: str, fn, model, device: torch.device, steps: int, batch: int, 
     return Result(name, seconds, steps, batch, passes, peak, counter.cache_bytes(), tokens.cpu())
 
 
+def forward_seconds(decoder: RestorationDecoder, run) -> tuple[float, float]:
+    """``(seconds of run(), mean seconds of its image steps' forwards)`` for a run of ``generate_image``,
+    timed on the host (CPU only: on a GPU the host times launches, not work)."""
+    spent, count = 0.0, 0
+
+    def timed(*args, **kwargs):
+        nonlocal spent, count
+        start = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            count += 1
+            if count > 2:  # image steps: not the prompt's forward, nor the grid tokens'
+                spent += time.perf_counter() - start
+
+    forward = decoder._forward
+    decoder._forward = timed
+    try:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start, spent / max(count - 2, 1)
+    finally:
+        del decoder._forward  # the class's method again
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -270,6 +295,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     interleaved = batch * (prompt + text + 2 * block) * slot  # the "shared" guidance layout
     interleaved_jacobi = batch * (prompt + text + 2 * block + 2 * window) * slot
     logits = 2 * batch * window * c.vocab_size * 4
+    head_rows = PURE_CODEBOOK * c.hidden_size * 2
     lines = [
         f"memory estimate: 7B architecture ({n_params / 1e9:.2f} B parameters), bf16, {size}x{size} output, "
         f"guidance on, batch {batch}",
@@ -279,6 +305,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         f"  KV cache as allocated (2 rows x {capacity} slots: prompt {prompt} + text reserve {text} + "
         f"block {block})  {gib(kv)}   (Jacobi: + {window} slots per row: {gib(kv_jacobi)})",
         f"  fp32 logits of a Jacobi window           {gib(logits)}",
+        f"  image codes' LM-head rows (one-token step) {gib(head_rows)} (a copy per decode)",
         f"  weights + KV cache                       {gib(weights + kv)} = {(weights + kv) / 1e9:.1f} GB",
         f"  of which the twins' prompt/text slots     {gib(wasted)} (allocated, never attended)",
         f"  guidance_layout='shared' (twin in its row) {gib(weights + interleaved)} = "
@@ -288,7 +315,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     for name, total in (("rows", weights + kv), ("shared", weights + interleaved)):
         verdict = "fits" if total / 1e9 <= 22 else "does NOT fit"
         lines.append(f"  22 GB peak target, '{name}' layout: weights + KV {verdict}")
-    lines.append("  (plus activations: the prompt's prefill and the logits, a few hundred MB)")
+    lines.append("  (plus activations: the prompt's prefill, the logits and the head rows, a few hundred MB)")
     return lines
 
 
@@ -443,6 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature == 0 and len(results) > 1:
         same = all(torch.equal(results[0].tokens, r.tokens) for r in results[1:])
         print(f"greedy: identical image tokens across methods: {same}")
+    if base is not None and "b" in methods and device.type == "cpu" and not compile_flag:
+        with torch.inference_mode():
+            total, per_pass = forward_seconds(engine_b, methods["b"][1](h_out))
+        per_pass *= 1e3
+        per_token_a = base.seconds / steps * 1e3
+        print(
+            f"(b) per token {total / steps * 1e3:.2f} ms, of which its forward {per_pass:.2f} ms: "
+            f"transformers' decoder layers, which (a) runs twice per token ({per_token_a:.2f} ms in all); "
+            f"so (b)/(a) stays below {per_token_a / per_pass:.1f}x without compiling"
+        )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     if device.type == "cpu":
         print(
