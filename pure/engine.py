@@ -119,6 +119,7 @@ class DecodeState:
     block_start: int = 0  # index of <boi> in `seq`
     owner: torch.Tensor | None = None  # "shared" layout: (B, capacity) int8, 0 context, 1 row, 2 twin
     twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's rotary tables for every position
 
 
 # "Medium blur, small noise." is about 8 tokens; with a user caption, the model's own degradation sentence
@@ -270,7 +271,8 @@ class RestorationDecoder:
         state.mask[:, state.length : state.length + q] = live[:, None]
         positions = state.next_pos[:, None] + torch.arange(q, device=ids.device)
         state.length += q
-        state.logits = self._forward(ids, positions, self._attention_mask(state, q), state.cache, keep)
+        mask = self._attention_mask(state, q)
+        state.logits = self._forward(ids, positions, mask, state.cache, keep, state.rotary)
         state.next_pos += live * q
         state.passes += 1
 
@@ -302,12 +304,13 @@ class RestorationDecoder:
         )
 
     def _forward(
-        self, ids, positions, mask, cache, keep: int, codes: ImageCodes | None = None
+        self, ids, positions, mask, cache, keep: int, rotary=None, codes: ImageCodes | None = None
     ) -> torch.Tensor:
         """The model on ``ids`` (R, q) at ``positions`` (R, q) -> fp32 logits (R, keep, V), or (R, keep, K)
-        over the image codes only when ``codes`` is given."""
+        over the image codes only when ``codes`` is given. ``rotary``: ``DecodeState.rotary``."""
         if self._use_decode:
-            return self.model.decode(ids, positions, mask, cache, keep, None if codes is None else codes.head)
+            head = None if codes is None else codes.head
+            return self.model.decode(ids, positions, mask, cache, keep, head, rotary)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -498,6 +501,8 @@ class RestorationDecoder:
         if self.shared:
             state.owner = torch.zeros((batch, capacity), dtype=torch.int8, device=device)
             state.twin_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        if self._use_decode:  # a lookup per forward instead of the rotary embedding's computation
+            state.rotary = self.model.rotary_tables(capacity, device)
         state.seq[:, :prompt_len] = prompts
         self._feed(state, prompts.repeat_interleave(twins, dim=0))
         return state
@@ -558,7 +563,7 @@ class RestorationDecoder:
         state.seq[:, state.length : state.length + 3] = head
         if self.shared:  # the twin starts here, at position 0, in slots of its own
             ids, positions, mask = self._image_inputs(state, head.expand(state.seq.shape[0], -1))
-            state.logits = self._forward(ids, positions, mask, state.cache, ids.shape[1])
+            state.logits = self._forward(ids, positions, mask, state.cache, ids.shape[1], state.rotary)
             state.passes += 1
             return
         if state.twins == 2:
@@ -591,11 +596,12 @@ class RestorationDecoder:
         index, entropy = entropy_top_k_draw(scores, s.min_k, s.max_k, s.temperature, uniform)
         return torch.where(forced >= 0, forced, codes[index]), entropy
 
-    def _decode_step(self, ids, positions, mask, cache, codes: ImageCodes, forced, uniform):
+    def _decode_step(self, ids, positions, mask, cache, rotary, codes: ImageCodes, forced, uniform):
         """The per-token image step: forward the ids of one image token (logits of the image codes only),
         guidance, then :meth:`_select`. Tensors in, tensors out, no host sync: what ``compile`` captures.
         """
-        scores = self._guide(self._forward(ids, positions, mask, cache, ids.shape[1], codes))[:, -1]
+        logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
+        scores = self._guide(logits)[:, -1]
         return self._select(scores, codes.ids, forced, uniform)
 
     def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
@@ -625,7 +631,7 @@ class RestorationDecoder:
             if graphs:  # a replay overwrites the previous outputs: tell cudagraph trees a step begins
                 torch.compiler.cudagraph_mark_step_begin()
             token, step_entropy = step(
-                ids, positions, mask, state.cache, codes, forced[i + 1], uniform[:, i + 1]
+                ids, positions, mask, state.cache, state.rotary, codes, forced[i + 1], uniform[:, i + 1]
             )
             if graphs:
                 token, step_entropy = token.clone(), step_entropy.clone()

@@ -106,12 +106,15 @@ class JacobiRestorationDecoder(RestorationDecoder):
     def _extra_capacity(self) -> int:
         return self.window  # the padded last windows write past <eoi> before being cropped
 
-    def _window_step(self, ids, positions, mask, cache, constraint, body, keys, iteration, drafts, q, fixed):
+    def _window_step(
+        self, ids, positions, mask, cache, rotary, constraint, body, keys, iteration, drafts, q, fixed
+    ):
         """Forward a window and verify its drafts. No host sync; fixed shapes (what ``compile`` captures).
 
         Args:
             ids, positions, mask: from :meth:`_image_inputs` for the last committed token and the
-                ``W - 1`` drafts. body: ``(W,)`` body index predicted at each window position.
+                ``W - 1`` drafts. cache, rotary: the state's. body: ``(W,)`` body index predicted at each
+                window position.
             keys: ``(B, 2)`` noise keys. iteration: 0-d int64, the noise counter of this iteration.
             drafts: ``(B, W-1)`` ids. q: ``(B, W-1, V)`` their draft distributions (``None`` when greedy).
             fixed: ``(B, W-1)`` drafts accepted without test (already decided, or forced by the grammar).
@@ -123,7 +126,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
         """
         s = self.sampling
         batch, width = drafts.shape[0], drafts.shape[1] + 1
-        logits = self._forward(ids, positions, mask, cache, ids.shape[1])  # (R, W, V) or (B, 2W, V)
+        logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary)  # (R, W, V) or (B, 2W, V)
         scores = self._guide(logits).masked_fill(~constraint.allowed_at(body), float("-inf"))  # (B, W, V)
         scores, entropy = entropy_top_k(scores.flatten(0, 1), s.min_k, s.max_k)  # per position
         scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
@@ -209,6 +212,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
                 positions,
                 mask,
                 state.cache,
+                state.rotary,
                 constraint,
                 body,
                 keys,

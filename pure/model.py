@@ -92,11 +92,13 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
         past_key_values,
         logits_to_keep: int = 1,
         head: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` for a decode loop: the same layers on the same inputs -> fp32 logits (B, keep, V).
 
         ``head``: rows of the LM head's weight (``(V', hidden)``, e.g. the image codes' rows) to compute the
-        logits of those ids only, ``(B, keep, V')``.
+        logits of those ids only, ``(B, keep, V')``. ``rotary``: :meth:`rotary_tables` covering every
+        position: the positions' rotary embeddings are looked up rather than computed (the same values).
 
         A loop that keeps its attention mask in the form the attention takes (4-D for ``sdpa`` and
         ``eager``) skips, per call, transformers' mask building over the whole cache, its output capturing
@@ -112,7 +114,10 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
                 past_key_values=past_key_values,
                 position_ids=position_ids,
             )
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        if rotary is None:
+            position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        else:
+            position_embeddings = (rotary[0][position_ids], rotary[1][position_ids])
         for layer in self.model.layers:
             hidden = layer(
                 hidden,
@@ -125,6 +130,17 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
         hidden = self.model.norm(hidden[:, -logits_to_keep:])  # the norm is per position: kept ones only
         logits = self.lm_head(hidden) if head is None else torch.nn.functional.linear(hidden, head)
         return logits.float()
+
+    def rotary_tables(self, length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``(length, head_dim)``: the rotary embeddings of positions ``0 .. length - 1``
+        as the model computes them (in its dtype), for :meth:`decode` to look up. ``None`` when the model's
+        rotary embedding depends on more than the position (a dynamic RoPE variant)."""
+        rotary = self.model.rotary_emb
+        if getattr(rotary, "rope_type", "default") != "default":
+            return None
+        x = torch.zeros((), dtype=self.dtype, device=device)  # gives the device and dtype only
+        cos, sin = rotary(x, torch.arange(length, device=device)[None])
+        return cos[0], sin[0]
 
 
 def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:

@@ -209,6 +209,7 @@ def meta_state(decoder, fmt, capacity: int, length: int) -> DecodeState:
         twins=rows,
         length=length,
         logits=torch.zeros(rows, 1, fmt.vocab.size, device=meta),
+        rotary=decoder.model.rotary_tables(capacity, meta),
     )
 
 
@@ -248,6 +249,7 @@ def test_jacobi_window_step_never_syncs_with_the_host(tiny_restorer, tiny_format
             torch.zeros(2, 6, dtype=torch.long, device=meta),
             decoder._attention_mask(state, 6),
             state.cache,
+            state.rotary,
             ImageGridConstraintLogitsProcessor(v, H, W),
             torch.arange(6, device=meta),
             torch.zeros(1, 2, dtype=torch.long, device=meta),
@@ -426,6 +428,7 @@ def window_step(decoder, tiny_format, batch, drafts, q, fixed=None, body=None, s
     keys = noise_keys(generators(range(seed, seed + batch)), batch, "cpu")
     return decoder._window_step(
         torch.zeros(rows, width, dtype=torch.long),
+        None,  # positions, mask, cache, rotary: the stubbed forward takes none
         None,
         None,
         None,
