@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="default: cuda for 7b, cpu for tiny")
     p.add_argument(
-        "--repeats", type=int, help="timed runs per method, the fastest kept (default 3 tiny, 1 7b)"
+        "--repeats", type=int, help="timed runs per method, the fastest kept (default 5 tiny, 1 7b)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma-separated methods to skip, e.g. 'a'")
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         f"compile {compile_flag if device.type == 'cuda' or isinstance(compile_flag, str) else False}, "
         f"guidance layout {layout}"
     )
-    repeats = args.repeats or (3 if args.arch == "tiny" else 1)
+    repeats = args.repeats or (5 if args.arch == "tiny" else 1)
     runs: dict[str, list[Result]] = {key: [] for key in methods}
     with torch.inference_mode():
         for key, (_, make, _) in methods.items():
