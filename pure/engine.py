@@ -178,6 +178,18 @@ class _TokenCounter:
             self.callback(rows * self.tokens_per_row)
 
 
+def check_compile(compile: bool | str) -> None:
+    """Refuse a ``compile`` setting that is neither a bool nor a ``torch.compile`` backend's name, now
+    rather than at the first image."""
+    if isinstance(compile, bool):
+        return
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if compile not in backends:
+        raise ValueError(
+            f"compile must be True, False or a torch.compile backend ({', '.join(backends)}); got {compile!r}"
+        )
+
+
 def make_decoder(
     model,
     fmt: SequenceFormat,
@@ -224,6 +236,7 @@ class RestorationDecoder:
     ):
         if guidance_layout not in ("rows", "shared"):
             raise ValueError(f"guidance_layout must be 'rows' or 'shared'; got {guidance_layout!r}")
+        check_compile(compile)
         self.model = model
         self.fmt = fmt
         self.sampling = sampling or SamplingConfig()

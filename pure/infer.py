@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tokenizer", help="tokenizer.json overriding the checkpoint's own")
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 on CUDA, float32 on CPU")
+    model.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="capture the per-token image step with torch.compile: CUDA graphs on CUDA (ignored on CPU); "
+        "with a BACKEND (e.g. inductor) on any device. The first image pays for it, the next ones reuse it",
+    )
     sampling = p.add_argument_group("sampling")
     sampling.add_argument(
         "--cfg", type=float, default=0.8, help="classifier-free guidance scale (default 0.8)"
@@ -463,7 +472,12 @@ def load_restorer(args: argparse.Namespace):
         raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
         return PureRestorer.from_pretrained(
-            args.model, vq=args.vq, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES.get(args.dtype)
+            args.model,
+            vq=args.vq,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=DTYPES.get(args.dtype),
+            compile=args.compile,
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         raise CliError(err) from None

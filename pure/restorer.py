@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
-from pure.engine import SamplingConfig, TextPrior, make_decoder
+from pure.engine import RestorationDecoder, SamplingConfig, TextPrior, check_compile, make_decoder
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
 from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
 from pure.tokenizer import PureTokenizer
@@ -26,6 +27,7 @@ OUTPUT_SIZE = DEFAULT_IMAGE_SIZE  # the former name, kept for callers that impor
 IMAGE_SIZE_KEY = "pure_image_size"
 LATENT_PX = 8  # pixels per latent of the LlamaGen VQ-8 (8x downsampling)
 GRID_PX = LATENT_PER_GRID * LATENT_PX  # pixels per grid token with the 8x VQ: sizes are multiples of this
+DECODERS_KEPT = 4  # sampling settings whose decoders (and compiled steps) a restorer keeps
 NATIVE_SCALES = (1, 2, 4)  # size, size/2 and size/4 px square inputs are upsampled without any other change
 
 # ``progress`` of restore_batch: a bar (True), none (False), or a callback told how many more image tokens of
@@ -98,9 +100,13 @@ class PureRestorer:
         vq: VQModel,
         identity: dict | None = None,
         image_size: int | None = None,
+        compile: bool | str = False,
     ):
         """``image_size``: the native output side; default the model config's :data:`IMAGE_SIZE_KEY`
-        (512 when absent)."""
+        (512 when absent). ``compile``: capture the per-token image step (``compile`` of
+        :class:`pure.engine.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a ``torch.compile``
+        backend such as ``"inductor"`` on any device); the first image of each sampling setting pays for
+        it, the next ones reuse it (:meth:`decoder`)."""
         if tokenizer.vocab.codebook_size != vq.config.codebook_size:
             raise ValueError(
                 f"the tokenizer names {tokenizer.vocab.codebook_size} image tokens but the VQ has "
@@ -115,6 +121,21 @@ class PureRestorer:
         config = getattr(model, "config", None)
         self.image_size = image_size_of(config, grid_px) if image_size is None else image_size
         self._check_size(self.image_size)
+        check_compile(compile)
+        self.compile = compile
+        self._decoders: OrderedDict[tuple, RestorationDecoder] = OrderedDict()
+
+    def decoder(self, sampling: SamplingConfig) -> RestorationDecoder:
+        """The decoder of ``sampling``; the last :data:`DECODERS_KEPT` settings' decoders are kept, so a
+        compiled step is reused by the next calls rather than compiled again."""
+        key = astuple(sampling)
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            decoder = make_decoder(self.model, self.format, replace(sampling), self.compile)
+        self._decoders[key] = decoder
+        while len(self._decoders) > DECODERS_KEPT:
+            self._decoders.popitem(last=False)
+        return decoder
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +150,7 @@ class PureRestorer:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
+        compile: bool | str = False,
     ) -> PureRestorer:
         """Load a checkpoint folder or Hub id.
 
@@ -139,7 +161,9 @@ class PureRestorer:
                 defaults to the checkpoint's ``vq/`` folder.
             tokenizer: a tokenizer file overriding the checkpoint's ``tokenizer.json``.
             device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+            compile: capture the per-token image step (see :class:`PureRestorer`).
         """
+        check_compile(compile)  # before loading the weights
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         folder = resolve_checkpoint(model)
@@ -161,7 +185,7 @@ class PureRestorer:
             "tokenizer": str(tokenizer_file),
             "dtype": str(dtype),
         }
-        return cls(lm, text, image_tokenizer, identity)
+        return cls(lm, text, image_tokenizer, identity, compile=compile)
 
     # -- input preparation ------------------------------------------------------------------------------
 
@@ -233,7 +257,7 @@ class PureRestorer:
         seeds = [0] * len(images) if seeds is None else seeds
         _, _, prompts = self._prompts(images, size)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        decoder = make_decoder(self.model, self.format, sampling or SamplingConfig())
+        decoder = self.decoder(sampling or SamplingConfig())
         texts = decoder.describe(prompts, generators=generators)
         return [split_answer_text(self.tokenizer.decode(ids)) for ids in texts]
 
@@ -288,7 +312,7 @@ class PureRestorer:
         encoded = time.perf_counter()
 
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        decoder = make_decoder(self.model, self.format, sampling)
+        decoder = self.decoder(sampling)
         h, w = lq_codes.shape[1:]
         if forced_text is None:
             priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]

@@ -142,6 +142,7 @@ def test_help_exits_0_and_names_the_main_options(cli):
         # checked by SamplingConfig alone; the message names the option, not the field
         ("--jacobi", "1", "--jacobi must be 0 (off) or >= 2"),
         ("--jacobi", "-3", "--jacobi must be 0 (off) or >= 2"),
+        ("--compile", "no-such-backend", "torch.compile backend"),
     ],
 )
 def test_bad_setting_is_one_error_line_and_exit_2(cli, tmp_path, option, value, word):

@@ -150,6 +150,23 @@ def test_degradation_and_caption_are_forced_exactly(tiny_restorer):
     assert result.caption == CAPTION
 
 
+def test_a_compiled_restorer_restores_the_same_and_keeps_its_decoders(tiny_checkpoint, tiny_restorer):
+    # "eager": dynamo captures the step as one graph (what CUDA graphs need) without generating code
+    compiled = PureRestorer.from_pretrained(tiny_checkpoint, device="cpu", compile="eager")
+    image = astronaut(32)
+    first = compiled.restore(image, seed=3, size=32)
+    assert_same_result(first, tiny_restorer.restore(image, seed=3, size=32))
+    decoder = compiled.decoder(SamplingConfig())
+    assert decoder.compile == "eager" and "_decode_step" in decoder._compiled  # it ran compiled
+    assert_same_result(compiled.restore(image, seed=3, size=32), first)
+    assert compiled.decoder(SamplingConfig()) is decoder  # reused, not compiled again
+    for scale in (1.0, 1.5, 2.0, 2.5, 3.0):  # other settings get their own; the oldest are let go
+        compiled.decoder(SamplingConfig(cfg_scale=scale))
+    assert compiled.decoder(SamplingConfig()) is not decoder
+    with pytest.raises(ValueError, match=r"torch\.compile backend"):
+        PureRestorer.from_pretrained(tiny_checkpoint, device="cpu", compile="no-such-backend")
+
+
 def test_caption_alone_is_forced_exactly(tiny_restorer):
     result = tiny_restorer.restore(astronaut(32), size=32, caption=CAPTION)
 
