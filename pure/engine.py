@@ -336,7 +336,8 @@ class RestorationDecoder:
         return logits if codes is None else logits.index_select(-1, codes.ids)
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
-        """Image-phase logits of a forward (R, k, V) -> guided scores (B, n, V) of its n image tokens.
+        """Image-phase logits of a forward (R, k, V) -> guided scores (B, n, V) of its n image tokens (V: the
+        vocabulary, or the K image codes).
 
         "rows": R = 2B rows cond0, twin0, ...; "shared": k = 2n positions cond, twin, cond, twin, ...
         """
