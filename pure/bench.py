@@ -117,9 +117,12 @@ def build_arch(arch: str) -> Arch:
     return Arch(config, PureTokenizer(text, vocab), torch.bfloat16)
 
 
-def build_model(arch: Arch, device: torch.device, seed: int) -> PureForConditionalGeneration:
-    """Random weights, built on the meta device and materialised on ``device`` (one copy, no download)."""
-    arch.config._attn_implementation = default_attn_implementation(device, arch.dtype)
+def build_model(
+    arch: Arch, device: torch.device, seed: int, attn: str | None = None
+) -> PureForConditionalGeneration:
+    """Random weights, built on the meta device and materialised on ``device`` (one copy, no download).
+    ``attn``: the attention implementation (default: flash-attention 2 on CUDA when installed, else sdpa)."""
+    arch.config._attn_implementation = attn or default_attn_implementation(device, arch.dtype)
     with torch.device("meta"):
         model = PureForConditionalGeneration(arch.config).to(arch.dtype)
     model.to_empty(device=device)
@@ -347,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         "row's cache (shared: no slots for a prompt the twin never sees)",
     )
     p.add_argument(
+        "--attn",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        help="attention implementation (default flash_attention_2 on CUDA when installed, else sdpa; "
+        "the shared layout needs sdpa or eager)",
+    )
+    p.add_argument(
         "--threads", type=int, help="torch CPU threads (default 1 for tiny: its ops are too small)"
     )
     p.add_argument("--device", help="default: cuda for 7b, cpu for tiny")
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         h_out = min(lat, max(LATENT_PER_GRID, math.ceil(args.steps_limit / (lat + 1) / LATENT_PER_GRID) * 4))
     steps = h_out * (lat + 1) + 1
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build_model(arch, device, args.seed)
+    model = build_model(arch, device, args.seed, args.attn)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.stack([synthetic_prompt(fmt, lat, lat, gen) for _ in range(args.batch_size)]).to(device)
     sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature)
