@@ -465,22 +465,24 @@ def per_image_texts(value: str | None, flag: str) -> Callable[[Path], str | None
     return lambda src: mapping.get(src.name, mapping.get(src.stem))
 
 
-def load_restorer(args: argparse.Namespace):
+def load_restorer(args: argparse.Namespace, error: type[Exception] = CliError):
+    """The restorer the options ``--model --vq --tokenizer --device --dtype --compile`` name; a model that
+    cannot be loaded raises ``error`` with the reason (this CLI's and ``pure.eval``'s own error types)."""
     from pure.restorer import PureRestorer
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        raise error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     try:
         return PureRestorer.from_pretrained(
             args.model,
             vq=args.vq,
             tokenizer=args.tokenizer,
             device=args.device,
-            dtype=DTYPES.get(args.dtype),
+            dtype=DTYPES.get(args.dtype) if args.dtype else None,
             compile=args.compile,
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
-        raise CliError(err) from None
+        raise error(str(err)) from None
 
 
 def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:

@@ -535,11 +535,16 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     base = ["--model", "ckpt", "--lq", str(tmp_path / "lq"), "--pred", str(tmp_path / "p")]
     base += ["--out", str(tmp_path / "o"), "--metrics", "niqe", "--size", "16", "--device", "cpu"]
     base += ["--no-pictures", "--overwrite"]
-    flags = ["--vq", "vq.pt", "--tokenizer", "tok.json", "--dtype", "bfloat16", "--jacobi"]
+    flags = ["--vq", "vq.pt", "--tokenizer", "tok.json", "--dtype", "bfloat16", "--jacobi", "--compile"]
     assert eval_main([*base, *flags], backend=FakeBackend()) == 0
-    assert loaded == [
-        ("ckpt", {"vq": "vq.pt", "tokenizer": "tok.json", "device": "cpu", "dtype": torch.bfloat16})
-    ]
+    expected = {
+        "vq": "vq.pt",
+        "tokenizer": "tok.json",
+        "device": "cpu",
+        "dtype": torch.bfloat16,
+        "compile": True,
+    }
+    assert loaded == [("ckpt", expected)]
     [call] = restorer.calls
     assert call["sampling"].jacobi_window == 16  # bare --jacobi: pure.infer's default window
     assert (call["size"], call["seeds"], call["color_fix"]) == (16, [0], True)
@@ -551,7 +556,8 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     loaded.clear()
     restorer.calls.clear()
     assert eval_main(base, backend=FakeBackend()) == 0
-    assert loaded == [("ckpt", {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None})]
+    expected = {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None, "compile": False}
+    assert loaded == [("ckpt", expected)]
     assert restorer.calls[0]["sampling"].jacobi_window == 0
 
 

@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{JACOBI_DEFAULT_WINDOW}): fewer forward passes, same output distribution",
     )
     bench.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="capture the per-token image step with torch.compile (as python -m pure.infer --compile)",
+    )
+    bench.add_argument(
         "--no-pictures", action="store_true", help="skip <out>/pictures/ (comparison grids, entropy maps)"
     )
     return p
@@ -141,7 +149,7 @@ def _restore(args: argparse.Namespace) -> dict | None:
         restore_set,
         write_record,
     )
-    from pure.infer import sampling_config
+    from pure.infer import load_restorer, sampling_config
 
     if not args.lq:
         raise EvalError("--model needs --lq, the folder of LQ inputs to restore")
@@ -172,7 +180,7 @@ def _restore(args: argparse.Namespace) -> dict | None:
         print(line)
     print(f"{len(jobs)} image(s) to restore into {args.pred}")
     if jobs:
-        restorer = _load_restorer(args)
+        restorer = load_restorer(args, EvalError)
         check_identity(record, dict(getattr(restorer, "identity", {})), pred_dir)
         pred_dir.mkdir(parents=True, exist_ok=True)
         write_record(pred_dir, record)  # before the first image: no restoration without its settings
@@ -214,29 +222,6 @@ def _recorded_restoration(pred: str) -> dict | None:
     if record.get("model_identity"):
         restoration["model_identity"] = record["model_identity"]  # resolved paths and dtype
     return restoration
-
-
-def _load_restorer(args: argparse.Namespace) -> Any:
-    """The restorer for benchmark mode, loaded as `python -m pure.infer` loads it (same --vq, --tokenizer,
-    --device, --dtype), so a benchmark measures what users run; load errors become one-line EvalErrors."""
-    import torch
-
-    from pure.infer import DTYPES
-    from pure.model import ModelLoadError
-    from pure.restorer import PureRestorer
-
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return PureRestorer.from_pretrained(
-            args.model,
-            vq=args.vq,
-            tokenizer=args.tokenizer,
-            device=args.device,
-            dtype=DTYPES.get(args.dtype) if args.dtype else None,
-        )
-    except (ModelLoadError, FileNotFoundError, ValueError) as err:
-        raise EvalError(str(err)) from None
 
 
 def _failure_report(summary: dict[str, Any]) -> str | None:
