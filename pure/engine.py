@@ -84,6 +84,7 @@ class ImageCodes(NamedTuple):
 
     ids: torch.Tensor  # (K,) the id of every code
     head: torch.Tensor | None  # (K, hidden) rows of the LM head's weight, or None
+    index: torch.Tensor  # (V,) the code of every id, -1 for ids that are not image codes
 
 
 @dataclass
@@ -585,13 +586,13 @@ class RestorationDecoder:
             state.next_pos[1::2] = 0  # ... and its image block starts at position 0
         self._feed(state, head.expand(state.mask.shape[0], -1))
 
-    def _image_codes(self, device: torch.device, head: bool = True) -> ImageCodes:
-        """The image codes' ids and (for :class:`PureForConditionalGeneration`, when ``head``) a copy of their
-        LM-head rows, made per decode so that it follows the weights (128 MiB for the 7B model)."""
-        ids = self.fmt.vocab.code_to_id.to(device)
-        if not (head and self._use_decode):
-            return ImageCodes(ids, None)
-        return ImageCodes(ids, self.model.lm_head.weight.index_select(0, ids))
+    def _image_codes(self, device: torch.device) -> ImageCodes:
+        """The image codes' ids and (for :class:`PureForConditionalGeneration`) a copy of their LM-head rows,
+        made per decode so that it follows the weights (128 MiB for the 7B model)."""
+        ids, index = self.fmt.vocab.code_to_id.to(device), self.fmt.vocab.id_to_code.to(device)
+        if not self._use_decode:
+            return ImageCodes(ids, None, index)
+        return ImageCodes(ids, self.model.lm_head.weight.index_select(0, ids), index)
 
     def _image_noise(self, keys: torch.Tensor, n: int) -> torch.Tensor:
         """``(B, n)``: the uniform that draws body index ``i`` of each row, for all ``i`` at once."""

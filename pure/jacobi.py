@@ -9,10 +9,11 @@ one-token loop (:class:`pure.engine.RestorationDecoder`). What differs from PURE
 
 * the window is anchored at the output image (it starts after ``<boi> <grid h> <grid w>`` and ends at
   ``<eoi>``), not at an offset from the prompt;
-* drafts and targets range over the full image-code vocabulary (all the tokenizer's image ids);
-* the structural constraint is applied per window position from its body index (the same
-  :meth:`ImageGridConstraintLogitsProcessor.allowed_at` as the one-token step; forced newline and
-  ``<eoi>`` positions get the forced token as their draft and are always accepted);
+* drafts and targets range over the full image-code vocabulary (all the tokenizer's image ids), and only
+  over it: as in the one-token step, the window's logits are those of the codes (the LM head's rows of
+  the codes), and the grammar's newline and ``<eoi>`` positions, found from their body index
+  (:meth:`ImageGridConstraintLogitsProcessor.forced_at`), get the forced token as their draft and are
+  always accepted;
 * entropy top-k is computed per position, not from the window's mean entropy: the target at each
   position is the one-token loop's distribution, which is what makes the scheme lossless;
 * guidance uses the one-token loop's definition, in the same batched forward (twins get the same window
@@ -107,42 +108,51 @@ class JacobiRestorationDecoder(RestorationDecoder):
         return self.window  # the padded last windows write past <eoi> before being cropped
 
     def _window_step(
-        self, ids, positions, mask, cache, rotary, constraint, body, keys, iteration, drafts, q, fixed
+        self, ids, positions, mask, cache, rotary, codes, forced, keys, iteration, drafts, q, fixed
     ):
         """Forward a window and verify its drafts. No host sync; fixed shapes (what ``compile`` captures).
 
         Args:
             ids, positions, mask: from :meth:`_image_inputs` for the last committed token and the
-                ``W - 1`` drafts. cache, rotary: the state's. body: ``(W,)`` body index predicted at each
-                window position.
+                ``W - 1`` drafts. cache, rotary: the state's. codes: the image codes (targets, drafts and
+                residuals range over them). forced: ``(W,)`` the token the grammar forces at each window
+                position (a newline, ``<eoi>``), ``-1`` where a code is drawn.
             keys: ``(B, 2)`` noise keys. iteration: 0-d int64, the noise counter of this iteration.
-            drafts: ``(B, W-1)`` ids. q: ``(B, W-1, V)`` their draft distributions (``None`` when greedy).
+            drafts: ``(B, W-1)`` ids. q: ``(B, W-1, K)`` their draft distributions over the codes (``None``
+                when greedy).
             fixed: ``(B, W-1)`` drafts accepted without test (already decided, or forced by the grammar).
 
         Returns:
-            ``tokens (B, W)``: position ``i < accepted`` holds the accepted draft, ``accepted`` the
+            ``tokens (B, W)`` ids: position ``i < accepted`` holds the accepted draft, ``accepted`` the
             corrected or bonus token, later positions a prediction sampled from a wrong prefix;
-            ``accepted (B,)``; ``probs (B, W, V)`` the targets (``None`` when greedy); ``entropy (B, W)``.
+            ``accepted (B,)``; ``probs (B, W, K)`` the targets (``None`` when greedy); ``entropy (B, W)``.
         """
         s = self.sampling
         batch, width = drafts.shape[0], drafts.shape[1] + 1
-        logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary)  # (R, W, V) or (B, 2W, V)
-        scores = self._guide(logits).masked_fill(~constraint.allowed_at(body), float("-inf"))  # (B, W, V)
-        scores, entropy = entropy_top_k(scores.flatten(0, 1), s.min_k, s.max_k)  # per position
+        logits = self._forward(
+            ids, positions, mask, cache, ids.shape[1], rotary, codes
+        )  # (R, W, K) / (B, 2W, K)
+        scores, entropy = entropy_top_k(self._guide(logits).flatten(0, 1), s.min_k, s.max_k)  # per position
         scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
         slots = torch.arange(width, device=ids.device)
+
+        def as_ids(index: torch.Tensor) -> torch.Tensor:  # code indices -> ids, the grammar's where it forces
+            at = slots[: index.shape[1]]
+            return torch.where(forced[at] >= 0, forced[at], codes.ids[index])
+
         if s.temperature == 0:
             probs = None
-            best = scores.argmax(dim=-1)  # (B, W)
+            best = as_ids(scores.argmax(dim=-1))  # (B, W)
             ok = fixed | (drafts == best[:, :-1])
             predicted = corrected = best
         else:
-            probs = (scores / s.temperature).softmax(dim=-1)  # (B, W, V)
-            p_x = probs[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, W-1)
-            q_x = q.gather(-1, drafts[..., None])[..., 0]
+            probs = (scores / s.temperature).softmax(dim=-1)  # (B, W, K)
+            draft_codes = codes.index[drafts].clamp_min(0)[..., None]  # forced drafts are fixed: any code
+            p_x = probs[:, :-1].gather(-1, draft_codes)[..., 0]  # (B, W-1)
+            q_x = q.gather(-1, draft_codes)[..., 0]
             coin = keyed_uniform(keys, (ACCEPT_STREAM, iteration, slots[None, :-1]), 1)[..., 0]
             ok = fixed | (coin * q_x < p_x)  # probability min(1, p(x) / q(x))
-            residual = (probs[:, :-1] - q).clamp_min(0.0)  # (B, W-1, V)
+            residual = (probs[:, :-1] - q).clamp_min(0.0)  # (B, W-1, K)
             # p == q leaves nothing (and cannot reject, up to rounding): fall back to p
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])
             # A slot keeps at most one of its corrected and predicted tokens: they can share the noise.
@@ -150,6 +160,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
             predicted = (probs / noise).argmax(dim=-1)  # (B, W) exponential races
             corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (B, W-1)
             corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
+            predicted, corrected = as_ids(predicted), as_ids(corrected)
         accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) leading accepted drafts
         at = slots[None]
         drafts_w = torch.cat([drafts, drafts[:, -1:]], dim=1)  # (B, W); the pad column is never chosen
@@ -169,7 +180,8 @@ class JacobiRestorationDecoder(RestorationDecoder):
         greedy = s.temperature == 0
         keys = noise_keys(None if greedy else generators, batch, device)
         body_ids = torch.arange(total + w_len, device=device)
-        code_ids = self._image_codes(device, head=False).ids
+        codes = self._image_codes(device)
+        code_ids, n_codes = codes.ids, codes.ids.numel()
         step = self._compiled_fn("_window_step", device)
 
         tokens = torch.empty((batch, total), dtype=torch.long, device=device)
@@ -181,10 +193,9 @@ class JacobiRestorationDecoder(RestorationDecoder):
         tokens[:, 0], entropies[:, 0] = first, first_entropy
         last, done, iteration = first, 1, 0
         counter = torch.zeros((), dtype=torch.long, device=device)  # iteration, on the device
-        vocab_size = state.logits.shape[-1]
         # Proposals for body indices done, done + 1, ...: ids, draft distributions, fixed flags.
         proposed = torch.empty((batch, 0), dtype=torch.long, device=device)
-        proposed_q = None if greedy else torch.empty((batch, 0, vocab_size), device=device)
+        proposed_q = None if greedy else torch.empty((batch, 0, n_codes), device=device)
         proposed_fixed = torch.empty((batch, 0), dtype=torch.bool, device=device)
         rows_done = 0
         while done < total:
@@ -194,16 +205,17 @@ class JacobiRestorationDecoder(RestorationDecoder):
                 u = keyed_uniform(
                     keys, (DRAFT_STREAM, iteration, torch.arange(missing, device=device)[None]), 1
                 )
-                fresh = code_ids[(u[..., 0] * code_ids.numel()).long().clamp_max(code_ids.numel() - 1)]
+                fresh_codes = (u[..., 0] * n_codes).long().clamp_max(n_codes - 1)
+                fresh = code_ids[fresh_codes]
                 proposed = torch.cat([proposed, fresh], dim=1)
                 proposed_fixed = torch.cat([proposed_fixed, torch.zeros_like(fresh, dtype=torch.bool)], dim=1)
                 if not greedy:
-                    one_hot = torch.nn.functional.one_hot(fresh, vocab_size).float()
+                    one_hot = torch.nn.functional.one_hot(fresh_codes, n_codes).float()
                     proposed_q = torch.cat([proposed_q, one_hot], dim=1)
             body = body_ids[done - 1 : done - 1 + w_len] + 1  # body index predicted at each position
-            forced = constraint.forced_at(body[:-1])  # (W-1,) the grammar's newlines and <eoi>
-            drafts = torch.where(forced >= 0, forced, proposed)
-            fixed = proposed_fixed | (forced >= 0)
+            forced = constraint.forced_at(body)  # (W,) the grammar's newlines and <eoi>
+            drafts = torch.where(forced[:-1] >= 0, forced[:-1], proposed)
+            fixed = proposed_fixed | (forced[:-1] >= 0)
 
             ids, positions, mask = self._image_inputs(state, torch.cat([last[:, None], drafts], dim=1))
             state.passes += 1
@@ -213,8 +225,8 @@ class JacobiRestorationDecoder(RestorationDecoder):
                 mask,
                 state.cache,
                 state.rotary,
-                constraint,
-                body,
+                codes,
+                forced,
                 keys,
                 counter,
                 drafts,

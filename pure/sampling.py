@@ -173,9 +173,9 @@ class ImageGridConstraintLogitsProcessor(LogitsProcessor):
     def allowed_at(self, body: torch.Tensor) -> torch.Tensor:
         """``(*body.shape, V)`` bool: the ids allowed at each body index (see :meth:`forced_at`).
 
-        The image-phase mechanism of :meth:`__call__`, for decoders that know where they are in the block
-        (:mod:`pure.engine` per token, :mod:`pure.jacobi` for a whole window at once): two table
-        lookups, no scan of the sequence, no host sync.
+        The image-phase mechanism of :meth:`__call__`: two table lookups, no scan of the sequence, no host
+        sync. (:mod:`pure.engine` and :mod:`pure.jacobi` score only the image codes and take
+        :meth:`forced_at`'s tokens where the grammar forces one, which is the same constraint.)
         """
         allowed, kind = self._device_tables(body.device)[0], self._kind(body)
         return allowed.index_select(0, kind.flatten()).view(*kind.shape, -1)

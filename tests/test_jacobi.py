@@ -250,15 +250,15 @@ def test_jacobi_window_step_never_syncs_with_the_host(tiny_restorer, tiny_format
             decoder._attention_mask(state, 6),
             state.cache,
             state.rotary,
-            ImageGridConstraintLogitsProcessor(v, H, W),
-            torch.arange(6, device=meta),
+            decoder._image_codes(meta),
+            ImageGridConstraintLogitsProcessor(v, H, W).forced_at(torch.arange(6, device=meta)),
             torch.zeros(1, 2, dtype=torch.long, device=meta),
             torch.tensor(0, device=meta),
             torch.zeros(1, 5, dtype=torch.long, device=meta),
-            torch.zeros(1, 5, v.size, device=meta),
+            torch.zeros(1, 5, v.codebook_size, device=meta),
             torch.zeros(1, 5, dtype=torch.bool, device=meta),
         )
-    assert tokens.shape == (1, 6) and accepted.shape == (1,) and probs.shape == (1, 6, v.size)
+    assert tokens.shape == (1, 6) and accepted.shape == (1,) and probs.shape == (1, 6, v.codebook_size)
 
 
 # -- the "shared" guidance layout ---------------------------------------------------------------------------
@@ -416,9 +416,15 @@ def test_restorer_and_cli_take_a_jacobi_window(tiny_restorer):
 
 
 def stub_window(tiny_format, monkeypatch, logits: torch.Tensor, sampling: SamplingConfig):
-    """A Jacobi decoder whose forward returns ``logits`` (R, W, V) whatever it is fed."""
+    """A Jacobi decoder whose forward returns ``logits`` (R, W, V) whatever it is fed (the image codes'
+    columns when it is asked for those)."""
     decoder = JacobiRestorationDecoder(None, tiny_format, sampling, window=logits.shape[1])
-    monkeypatch.setattr(decoder, "_forward", lambda ids, *args: logits.expand(ids.shape[0], -1, -1))
+
+    def forward(ids, positions, mask, cache, keep, rotary=None, codes=None):
+        out = logits if codes is None else logits.index_select(-1, codes.ids)
+        return out.expand(ids.shape[0], -1, -1)
+
+    monkeypatch.setattr(decoder, "_forward", forward)
     return decoder
 
 
@@ -432,8 +438,10 @@ def window_step(decoder, tiny_format, batch, drafts, q, fixed=None, body=None, s
         None,
         None,
         None,
-        ImageGridConstraintLogitsProcessor(tiny_format.vocab, H, W),
-        torch.arange(width) if body is None else body,
+        decoder._image_codes("cpu"),
+        ImageGridConstraintLogitsProcessor(tiny_format.vocab, H, W).forced_at(
+            torch.arange(width) if body is None else body
+        ),
         keys,
         torch.tensor(0),
         drafts,
@@ -453,15 +461,20 @@ def test_window_targets_are_the_one_token_distributions_per_position(tiny_format
     decoder = stub_window(tiny_format, monkeypatch, logits, sampling)
     body = torch.arange(width) + 2  # body 4 is a forced newline (width 4)
     drafts = v.code_to_id[torch.zeros(1, width - 1, dtype=torch.long)]
-    q = torch.nn.functional.one_hot(drafts, v.size).float()
-    _, _, probs, entropy = window_step(decoder, tiny_format, 1, drafts, q, body=body)
+    q = torch.nn.functional.one_hot(torch.zeros(1, width - 1, dtype=torch.long), v.codebook_size).float()
+    tokens, _, probs, entropy = window_step(decoder, tiny_format, 1, drafts, q, body=body)
     constraint = ImageGridConstraintLogitsProcessor(v, H, W)
     ks = set()
     for i in range(width):
-        scores = classifier_free_guidance(logits[0, i], logits[1, i], 0.8)[None]
-        scores = scores.masked_fill(~constraint.allowed_at(body[i]), float("-inf"))
+        if int(constraint.forced_at(body[i])) >= 0:  # the grammar's newline: the token, not a target
+            assert int(tokens[0, i]) == int(constraint.forced_at(body[i]))
+            continue
+        scores = classifier_free_guidance(logits[0, i], logits[1, i], 0.8)[None]  # the one-token way:
+        scores = scores.masked_fill(~constraint.allowed_at(body[i]), float("-inf"))  # whole vocabulary
         scores, h = entropy_top_k(scores, sampling.min_k, sampling.max_k)
-        assert torch.allclose(probs[0, i], (scores / 0.9).softmax(-1)[0], atol=1e-6)
+        expected = (scores / 0.9).softmax(-1)[0]
+        assert torch.allclose(probs[0, i], expected[v.code_to_id], atol=1e-6)  # targets over the codes
+        assert expected[~v.image_mask()].sum() == 0
         assert torch.allclose(entropy[0, i], h[0])
         ks.add(int((probs[0, i] > 0).sum()))
     assert len(ks) >= 3  # the positions really have different k
@@ -481,15 +494,14 @@ def test_speculative_step_outputs_follow_the_target(tiny_format, monkeypatch, dr
     codes = v.code_to_id
     target = logits[0].masked_fill(~v.image_mask(), float("-inf")).softmax(-1)  # (3, V)
     if draft_kind == "recycled":  # drafts sampled from a flatter, shifted distribution q
-        q_codes = (torch.randn(2, codes.numel(), generator=gen) * 1.5).softmax(-1)
-        q = torch.zeros(2, v.size).index_copy(1, codes, q_codes)  # (2, V)
-        drafts = torch.stack(
-            [torch.multinomial(q[i], n, replacement=True, generator=gen) for i in range(2)], 1
-        )
+        q = (torch.randn(2, codes.numel(), generator=gen) * 1.5).softmax(-1)  # (2, K)
+        drafts = codes[
+            torch.stack([torch.multinomial(q[i], n, replacement=True, generator=gen) for i in range(2)], 1)
+        ]
         q = q[None].expand(n, -1, -1)
     else:  # uniform random codes taken as given: q one-hot
-        drafts = codes[torch.randint(codes.numel(), (n, 2), generator=gen)]
-        q = torch.nn.functional.one_hot(drafts, v.size).float()
+        picked = torch.randint(codes.numel(), (n, 2), generator=gen)
+        drafts, q = codes[picked], torch.nn.functional.one_hot(picked, codes.numel()).float()
     tokens, accepted, _, _ = window_step(decoder, tiny_format, n, drafts, q)
     assert (accepted == 0).sum() > 100 and (accepted >= 1).sum() > 100  # both branches are exercised
 
