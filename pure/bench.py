@@ -295,7 +295,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     wasted = batch * (prompt + text) * slot  # twin rows' slots for a prompt and text they never attend
     interleaved = batch * (prompt + text + 2 * block) * slot  # the "shared" guidance layout
     interleaved_jacobi = batch * (prompt + text + 2 * block + 2 * window) * slot
-    logits = 2 * batch * window * c.vocab_size * 4
+    logits = 2 * batch * window * PURE_CODEBOOK * 4  # the window scores the image codes only
     head_rows = PURE_CODEBOOK * c.hidden_size * 2
     lines = [
         f"memory estimate: 7B architecture ({n_params / 1e9:.2f} B parameters), bf16, {size}x{size} output, "
