@@ -136,9 +136,8 @@ class JacobiRestorationDecoder(RestorationDecoder):
         scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
         slots = torch.arange(width, device=ids.device)
 
-        def as_ids(index: torch.Tensor) -> torch.Tensor:  # code indices -> ids, the grammar's where it forces
-            at = slots[: index.shape[1]]
-            return torch.where(forced[at] >= 0, forced[at], codes.ids[index])
+        def as_ids(index: torch.Tensor) -> torch.Tensor:  # (B, W) code indices -> ids, or the forced token
+            return torch.where(forced >= 0, forced, codes.ids[index])
 
         if s.temperature == 0:
             probs = None
