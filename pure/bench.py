@@ -306,7 +306,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         f"  KV cache as allocated (2 rows x {capacity} slots: prompt {prompt} + text reserve {text} + "
         f"block {block})  {gib(kv)}   (Jacobi: + {window} slots per row: {gib(kv_jacobi)})",
         f"  fp32 logits of a Jacobi window           {gib(logits)}",
-        f"  image codes' LM-head rows (one-token step) {gib(head_rows)} (a copy per decode)",
+        f"  image codes' LM-head rows                {gib(head_rows)} (a copy per decode)",
         f"  weights + KV cache                       {gib(weights + kv)} = {(weights + kv) / 1e9:.1f} GB",
         f"  of which the twins' prompt/text slots     {gib(wasted)} (allocated, never attended)",
         f"  guidance_layout='shared' (twin in its row) {gib(weights + interleaved)} = "

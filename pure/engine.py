@@ -594,6 +594,15 @@ class RestorationDecoder:
             return ImageCodes(ids, None, index)
         return ImageCodes(ids, self.model.lm_head.weight.index_select(0, ids), index)
 
+    def _first_image_token(
+        self, state, codes: ImageCodes, constraint, keys
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Body index 0 of every row, from the logits of the ``<boi> <grid h> <grid w>`` forward: how both
+        image phases (one token at a time, Jacobi windows) start. Returns (token id (B,), entropy (B,))."""
+        scores = self.guided_scores(state).index_select(-1, codes.ids)
+        forced = constraint.forced_at(torch.zeros((), dtype=torch.long, device=keys.device))
+        return self._select(scores, codes.ids, forced, self._image_noise(keys, 1)[:, 0])
+
     def _image_noise(self, keys: torch.Tensor, n: int) -> torch.Tensor:
         """``(B, n)``: the uniform that draws body index ``i`` of each row, for all ``i`` at once."""
         return keyed_uniform(keys, (TOKEN_STREAM, torch.arange(n, device=keys.device)[None]), 1)[..., 0]
@@ -630,8 +639,7 @@ class RestorationDecoder:
         codes = self._image_codes(device)
         step = self._compiled_fn("_decode_step", device)
         graphs = self.compile is True and device.type == "cuda"
-        first = self.guided_scores(state).index_select(-1, codes.ids)
-        token, step_entropy = self._select(first, codes.ids, forced[0], uniform[:, 0])
+        token, step_entropy = self._first_image_token(state, codes, constraint, keys)
         base = state.block_start + 3  # body index 0 in `seq`
         for i in range(n_body + 1):
             state.seq[:, base + i] = token

@@ -129,9 +129,8 @@ class JacobiRestorationDecoder(RestorationDecoder):
         """
         s = self.sampling
         batch, width = drafts.shape[0], drafts.shape[1] + 1
-        logits = self._forward(
-            ids, positions, mask, cache, ids.shape[1], rotary, codes
-        )  # (R, W, K) / (B, 2W, K)
+        # (R, W, K) code logits, or (B, 2W, K) in the "shared" layout
+        logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
         scores, entropy = entropy_top_k(self._guide(logits).flatten(0, 1), s.min_k, s.max_k)  # per position
         scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
         slots = torch.arange(width, device=ids.device)
@@ -186,9 +185,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
         tokens = torch.empty((batch, total), dtype=torch.long, device=device)
         entropies = torch.zeros((batch, total), device=device)
         # The first token comes from the <boi> <grid h> <grid w> forward, exactly as in the one-token loop.
-        first_scores = self.guided_scores(state).index_select(-1, code_ids)
-        forced0, uniform0 = constraint.forced_at(body_ids[0]), self._image_noise(keys, 1)[:, 0]
-        first, first_entropy = self._select(first_scores, code_ids, forced0, uniform0)
+        first, first_entropy = self._first_image_token(state, codes, constraint, keys)
         tokens[:, 0], entropies[:, 0] = first, first_entropy
         last, done, iteration = first, 1, 0
         counter = torch.zeros((), dtype=torch.long, device=device)  # iteration, on the device

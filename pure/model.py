@@ -131,7 +131,9 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
         logits = self.lm_head(hidden) if head is None else torch.nn.functional.linear(hidden, head)
         return logits.float()
 
-    def rotary_tables(self, length: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_tables(
+        self, length: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(cos, sin)``, each ``(length, head_dim)``: the rotary embeddings of positions ``0 .. length - 1``
         as the model computes them (in its dtype), for :meth:`decode` to look up. ``None`` when the model's
         rotary embedding depends on more than the position (a dynamic RoPE variant)."""

@@ -311,7 +311,7 @@ def restore_tiled(
     stitcher = _BandStitcher(
         (width, height),
         tile,
-        window=np.outer(ramp, ramp).astype(np.float32)[..., None],  # (tile, tile, 1)
+        window=blend_window(tile, overlap)[..., None],  # (tile, tile, 1)
         row_weights=_summed_ramps(tops, ramp, padded_h),
         column_weights=_summed_ramps(lefts, ramp, padded_w),
     )
