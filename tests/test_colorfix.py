@@ -107,7 +107,7 @@ def test_small_images_need_no_special_case(size: tuple[int, int]) -> None:
     torch.testing.assert_close(high + low, image)
     if size == (1, 1):
         torch.testing.assert_close(low, image)  # a single pixel is its own low band
-        assert high.abs().max() == 0
+        assert high.abs().max() < 1e-12  # zero up to the blur's rounding
 
 
 def test_constant_image_has_no_high_band() -> None:
