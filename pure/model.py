@@ -216,12 +216,20 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
 ) -> PureForConditionalGeneration:
     """Load a PURE/Lumina-mGPT checkpoint strictly (every weight used; none missing but Chameleon's VQ).
 
     The model is built on the meta device and its tensors are assigned shard by shard, so peak memory
-    is one copy of the weights.
+    is one copy of the weights. ``quantize``: ``"int8"`` or ``"int4"`` weight-only quantisation of the
+    decoder layers' linears (:mod:`pure.quant`, needs torchao): the weights are read onto the CPU and each
+    linear is quantised on ``device``, so the device never holds the unquantised decoder.
     """
+    if quantize is not None:
+        from pure.quant import check_quantize
+
+        check_quantize(quantize)
+    load_device = "cpu" if quantize is not None else device  # quantize_model moves it, linear by linear
     folder = resolve_checkpoint(name_or_path)
     config = load_config(folder)
     config._attn_implementation = attn_implementation or default_attn_implementation(device, dtype)
@@ -231,7 +239,7 @@ def load_model(
 
     state_dict = {}
     for file in _state_dict_files(folder):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with safe_open(file, framework="pt", device=str(load_device)) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if _IGNORED_KEYS.match(key):
                     continue
@@ -246,6 +254,10 @@ def load_model(
         )
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Non-persistent buffers were created on the meta device: rebuild them for real.
-    model.model.rotary_emb = ChameleonRotaryEmbedding(config).to(device)
+    model.model.rotary_emb = ChameleonRotaryEmbedding(config).to(load_device)
     model.eval().requires_grad_(False)
+    if quantize is not None:
+        from pure.quant import quantize_model
+
+        quantize_model(model, quantize, device)
     return model

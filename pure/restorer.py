@@ -15,6 +15,7 @@ from PIL import Image
 from pure.colorfix import wavelet_color_fix
 from pure.engine import RestorationDecoder, SamplingConfig, TextPrior, check_compile, make_decoder
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
+from pure.quant import check_quantize
 from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
 from pure.tokenizer import PureTokenizer
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
@@ -151,6 +152,7 @@ class PureRestorer:
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         compile: bool | str = False,
+        quantize: str | None = None,
     ) -> PureRestorer:
         """Load a checkpoint folder or Hub id.
 
@@ -162,8 +164,11 @@ class PureRestorer:
             tokenizer: a tokenizer file overriding the checkpoint's ``tokenizer.json``.
             device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
             compile: capture the per-token image step (see :class:`PureRestorer`).
+            quantize: ``"int8"`` or ``"int4"``: weight-only quantisation of the decoder's linear layers
+                (:mod:`pure.quant`; needs torchao, the ``quant`` extra), from the bf16 checkpoint.
         """
         check_compile(compile)  # before loading the weights
+        check_quantize(quantize)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         folder = resolve_checkpoint(model)
@@ -173,7 +178,9 @@ class PureRestorer:
                 f"no VQ tokenizer: {folder} has no vq/ folder; pass --vq vq_ds8_c2i.pt "
                 "(LlamaGen's VQ-8, from the FoundationVision/LlamaGen Hub repo)"
             )
-        lm = load_model(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        lm = load_model(
+            folder, device=device, dtype=dtype, attn_implementation=attn_implementation, quantize=quantize
+        )
         tokenizer_file = Path(tokenizer) if tokenizer is not None else folder / "tokenizer.json"
         text = PureTokenizer.from_file(
             tokenizer_file, vocabulary_map=lm.config.vocabulary_map, vocab_size=lm.config.vocab_size
@@ -185,6 +192,8 @@ class PureRestorer:
             "tokenizer": str(tokenizer_file),
             "dtype": str(dtype),
         }
+        if quantize is not None:  # absent otherwise: records of unquantised runs keep their identity
+            identity["quantize"] = quantize
         return cls(lm, text, image_tokenizer, identity, compile=compile)
 
     # -- input preparation ------------------------------------------------------------------------------

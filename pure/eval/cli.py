@@ -60,6 +60,7 @@ examples:
 # so that `--help` needs no torch import.
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 JACOBI_DEFAULT_WINDOW = 16  # tokens per forward for a bare --jacobi, as in python -m pure.infer
+QUANTIZE_MODES = ("int8", "int4")  # pure.quant.QUANTIZE_MODES, spelled out for the same reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the per-token image step with torch.compile (as python -m pure.infer --compile)",
     )
     bench.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="weight-only quantisation of the decoder's linears (as pure.infer --quantize; needs torchao)",
+    )
+    bench.add_argument(
         "--no-pictures", action="store_true", help="skip <out>/pictures/ (comparison grids, entropy maps)"
     )
     return p
@@ -174,6 +180,8 @@ def _restore(args: argparse.Namespace) -> dict | None:
         "jacobi_window": args.jacobi,
         "color_fix": not args.no_color_fix,
     }
+    if args.quantize:  # only when set: the records of unquantised runs keep their settings
+        settings["quantize"] = args.quantize
     pred_dir = Path(args.pred)
     jobs, record = plan_restorations(args.lq, pred_dir, settings, overwrite=args.overwrite)
     for line in protocol_warnings(args.test_set, [lq for lq, _ in jobs])[:5]:
