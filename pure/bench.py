@@ -278,22 +278,38 @@ def gib(n: float) -> str:
 
 
 def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDOW) -> list[str]:
-    """Analytic memory of the 7B model, bf16, guidance on, at ``size`` px (no GPU needed)."""
+    """Analytic memory of the 7B model, guidance on, at ``size`` px (no GPU needed): the KV cache's sizes
+    and, for each guidance layout and weight format, the predicted peak against issue 15's targets
+    (:mod:`pure.memory`)."""
+    from pure.memory import (
+        LAYOUTS,
+        TARGET_GB,
+        WEIGHT_FORMATS,
+        DecodeShape,
+        default_layout,
+        estimate_peak,
+        peak_table,
+    )
+    from pure.vq import VQConfig, VQModel
+
     arch = build_arch("7b")
     c = arch.config
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in PureForConditionalGeneration(c).parameters())
+        model = PureForConditionalGeneration(c)
+        vq_params = sum(p.numel() for p in VQModel(VQConfig()).parameters())
+    n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * 2
     lat = size // VQ_DOWNSAMPLE
     block = SequenceFormat.image_block_length(lat, lat)
     prompt = 1 + INSTRUCTION_TOKENS + block + 1
     text = SamplingConfig().max_text_tokens
+    shape = DecodeShape(prompt, text, block, batch)
     slot = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
-    capacity = prompt + text + block  # what RestorationDecoder._prefill allocates per cache row
-    kv = 2 * batch * capacity * slot
-    kv_jacobi = 2 * batch * (capacity + window) * slot
+    rows, capacity = shape.cache("rows")
+    kv = rows * capacity * slot
+    kv_jacobi = rows * (capacity + window) * slot
     wasted = batch * (prompt + text) * slot  # twin rows' slots for a prompt and text they never attend
-    interleaved = batch * (prompt + text + 2 * block) * slot  # the "shared" guidance layout
+    interleaved = slot * shape.cache("shared")[1] * batch  # the "shared" guidance layout
     interleaved_jacobi = batch * (prompt + text + 2 * block + 2 * window) * slot
     logits = 2 * batch * window * PURE_CODEBOOK * 4  # the window scores the image codes only
     head_rows = PURE_CODEBOOK * c.hidden_size * 2
@@ -312,11 +328,29 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         f"  guidance_layout='shared' (twin in its row) {gib(weights + interleaved)} = "
         f"{(weights + interleaved) / 1e9:.1f} GB (KV {gib(interleaved)}: prompt, text, 2 blocks; "
         f"Jacobi {gib(interleaved_jacobi)})",
+        "",
+        f"predicted peak (pure.memory), 7B, {size}x{size}, guidance on, batch {batch}, one token per "
+        "forward; GiB unless marked; format: the decoder layers' linears' (the rest bf16); VQ fp32",
     ]
-    for name, total in (("rows", weights + kv), ("shared", weights + interleaved)):
-        verdict = "fits" if total / 1e9 <= 22 else "does NOT fit"
-        lines.append(f"  22 GB peak target, '{name}' layout: weights + KV {verdict}")
-    lines.append("  (plus activations: the prompt's prefill, the logits and the head rows, a few hundred MB)")
+    default = default_layout()
+    estimates = [
+        estimate_peak(c, shape, layout, fmt, PURE_CODEBOOK, vq_params, model)
+        for layout in LAYOUTS
+        for fmt in WEIGHT_FORMATS
+    ]
+    lines += ["  " + line for line in peak_table(estimates, default)]
+    jacobi = DecodeShape(prompt, text, block, batch, window=window)
+    for fmt in TARGET_GB:
+        e = estimate_peak(c, jacobi, default, fmt, PURE_CODEBOOK, vq_params, model)
+        lines.append(
+            f"  with Jacobi {window}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.1f} GB"
+        )
+    for fmt, target in TARGET_GB.items():
+        fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
+        lines.append(
+            f"  {target} GB peak target ({fmt}): default layout '{default}' "
+            f"{'fits' if default in fit else 'does NOT fit'}; fitting layouts: {', '.join(fit) or 'none'}"
+        )
     return lines
 
 
