@@ -137,8 +137,11 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-def synthetic_prompt(fmt: SequenceFormat, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    """``<s>`` instruction, random ``h x w`` LQ block, ``<eot>``, answer text (random text ids): 1-D int64."""
+def synthetic_prompt(
+    fmt: SequenceFormat, h: int, w: int, gen: torch.Generator, answer_tokens: int = ANSWER_TOKENS
+) -> torch.Tensor:
+    """``<s>`` instruction, random ``h x w`` LQ block, ``<eot>``, ``answer_tokens`` of answer text (random
+    text ids): 1-D int64."""
     v = fmt.vocab
     text_ids = (~v.inside_image_mask() & ~v.image_mask()).nonzero().flatten()
     text_ids = text_ids[~torch.isin(text_ids, torch.tensor([v.bos, v.pad, v.eot, v.boi]))]
@@ -148,7 +151,7 @@ def synthetic_prompt(fmt: SequenceFormat, h: int, w: int, gen: torch.Generator) 
 
     lq = torch.randint(v.codebook_size, (h, w), generator=gen)
     bos, eot = torch.tensor([v.bos]), torch.tensor([v.eot])
-    return torch.cat([bos, text(INSTRUCTION_TOKENS), fmt.image_block(lq), eot, text(ANSWER_TOKENS)])
+    return torch.cat([bos, text(INSTRUCTION_TOKENS), fmt.image_block(lq), eot, text(answer_tokens)])
 
 
 class PassCounter:
