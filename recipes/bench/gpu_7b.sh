@@ -1,24 +1,12 @@
 #!/usr/bin/env bash
-# The GPU half of the decoding benchmark in one go: a 7B-architecture model with random weights (no download),
-# a 512x512 output with guidance (the full ~4.2k-token prompt, ~4.3k image tokens), on one CUDA GPU. Each run
-# prints its table (steps/s, s/image, forward passes, peak memory, ratios); all of them are also appended to
-# $LOG (default outputs/bench_7b.log), ready for the README's "Decoding speed".
+# The first GPU run in one command: `python -m pure.gpu_check` with the GPU machine's own python3 (no .venv):
+# environment, the tiny model on the GPU against the CPU, 7B decoding speed (eager, CUDA graphs, Jacobi
+# compiled), a profile of 3 compiled steps, a LoRA micro-step. Every stage has its own timeout and all of
+# them fit in 8 minutes on an H200; summary.json, check.log and table.md land in OUT_DIR.
 #
-#   bash recipes/bench/gpu_7b.sh          # about 10 minutes on an H200; needs ~30 GB of GPU memory for (a)
+#   bash recipes/bench/gpu_7b.sh OUT_DIR        # = PYTHONPATH=. timeout 480 python3 -m pure.gpu_check OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-LOG=${LOG:-outputs/bench_7b.log}
-mkdir -p "$(dirname "$LOG")"
-: >"$LOG"
-
-run() {
-    printf '\n== python -m pure.bench --arch 7b %s\n' "$*" | tee -a "$LOG"
-    $PY -m pure.bench --arch 7b "$@" 2>&1 | tee -a "$LOG"
-}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
-run                                                          # (a), (b), (c) eager; default attention, rows
-run --skip a --compile                                       # (b), (c) in CUDA graphs
-run --skip a --compile --attn sdpa --guidance-layout shared  # the layout that fits under 22 GB
-run --skip a --attn sdpa                                     # eager sdpa (against flash-attention 2 above)
+OUT_DIR=${1:?usage: bash recipes/bench/gpu_7b.sh OUT_DIR}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+exec timeout 480 "${PYTHON:-python3}" -m pure.gpu_check "$OUT_DIR"
