@@ -536,6 +536,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     base += ["--out", str(tmp_path / "o"), "--metrics", "niqe", "--size", "16", "--device", "cpu"]
     base += ["--no-pictures", "--overwrite"]
     flags = ["--vq", "vq.pt", "--tokenizer", "tok.json", "--dtype", "bfloat16", "--jacobi", "--compile"]
+    flags += ["--quantize", "int8"]
     assert eval_main([*base, *flags], backend=FakeBackend()) == 0
     expected = {
         "vq": "vq.pt",
@@ -543,6 +544,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
         "device": "cpu",
         "dtype": torch.bfloat16,
         "compile": True,
+        "quantize": "int8",
     }
     assert loaded == [("ckpt", expected)]
     [call] = restorer.calls
@@ -550,6 +552,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     assert (call["size"], call["seeds"], call["color_fix"]) == (16, [0], True)
     restoration = json.loads((tmp_path / "o" / "summary.json").read_text())["restoration"]
     assert restoration["jacobi_window"] == 16 and restoration["tokenizer"] == "tok.json"
+    assert restoration["quantize"] == "int8"
     assert restoration["model_identity"] == FAKE_IDENTITY
 
     # without the flags: pure.infer's defaults (no Jacobi; the restorer picks dtype and tokenizer)
@@ -557,7 +560,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     restorer.calls.clear()
     assert eval_main(base, backend=FakeBackend()) == 0
     expected = {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None, "compile": False}
-    assert loaded == [("ckpt", expected)]
+    assert loaded == [("ckpt", {**expected, "quantize": None})]
     assert restorer.calls[0]["sampling"].jacobi_window == 0
 
 
