@@ -109,3 +109,6 @@ def test_gpu_recipe_runs_the_check_with_the_machines_python():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert "-m pure.gpu_check" in text and "python3" in text and ".venv/bin" not in text
+    readme = Path("README.md").read_text()
+    assert "PYTHONPATH=. timeout 480 python3 -m pure.gpu_check $OUT/gpu_check" in readme
+    assert f"inside a {gpu_check.BUDGET_S} s budget" in readme and gpu_check.BUDGET_S < 480
