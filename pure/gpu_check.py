@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 # them, starts in seconds on a loaded CPU.
 
 BUDGET_S = 460  # all stages together; the GPU machine's command runs under `timeout 480`
-TIMEOUTS_S = {"env": 30, "tiny": 120, "decode": 190, "profile": 60, "lora": 60}  # compiles dominate
+TIMEOUTS_S = {"env": 30, "tiny": 120, "decode": 200, "profile": 55, "lora": 55}  # compiles dominate
 NEEDS_MODEL = ("decode", "profile", "lora")  # the stages that run --arch's model
 TINY_SIZE = 64  # px of the tiny stage's images: 8 x 8 codes
 TINY_TEXT_TOKENS = 24  # the tiny stage's text phase: the random model would write until max_text_tokens
@@ -285,11 +285,15 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
         return out, time.perf_counter() - start
 
     def differing(answers: list[torch.Tensor], expected: list[torch.Tensor]) -> list:
-        """Per row: how many tokens differ (or how the lengths do)."""
-        return [
-            int((a != b).sum()) if a.shape == b.shape else f"length {a.numel()} != {b.numel()}"
-            for a, b in zip(answers, expected, strict=True)
-        ]
+        """Per row: how many tokens differ and where the first does (a late first difference after
+        identical tokens can be a near-tie that rounding flipped; a wrong engine differs from the start)."""
+        rows = []
+        for a, b in zip(answers, expected, strict=True):
+            n = min(a.numel(), b.numel())
+            diff = (a[:n] != b[:n]).nonzero()
+            first = int(diff[0]) if diff.numel() else (n if a.numel() != b.numel() else None)
+            rows.append(0 if first is None else {"tokens": int(diff.numel()), "first": first, "of": n})
+        return rows
 
     failures, greedy_results, sampled_results = [], {}, {}
     cases = [  # the cheap eager ones first: a timeout then still leaves them
@@ -304,7 +308,7 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
         try:
             out, seconds = decode(sampling, mode == "compiled", layout)
             diff = differing(out.answer_ids, reference)
-            equal = all(d == 0 for d in diff)
+            equal = diff == [0] * len(diff)
             greedy_results[name] = {"equal": equal, "differing_tokens": diff, "seconds": round(seconds, 2)}
             if not equal:
                 failures.append(f"{name}: greedy tokens differ from the CPU reference {diff}")
@@ -497,7 +501,9 @@ def stage_decode(record: StageRecord, cfg: CheckConfig) -> None:
 
 # -- stage 4: where a compiled step's time goes ----------------------------------------------------------
 
-ATTENTION_KERNEL = re.compile(r"attention|fmha|flash|sdpa|sdp_|softmax", re.IGNORECASE)
+# Kernels by name (CUDA) or operators (CPU). A softmax is left out of attention: the compiled step's softmax
+# kernels are the sampling's, while sdpa runs as one fused kernel (the record's "top" list shows the names).
+ATTENTION_KERNEL = re.compile(r"attention|fmha|flash|sdpa|sdp_", re.IGNORECASE)
 GEMM_KERNEL = re.compile(
     r"gemm|gemv|nvjet|xmma|cublas|cutlass|matmul|splitk|aten::(add|b)?mm\b|_mm\b|mm_", re.I
 )
@@ -590,6 +596,8 @@ def stage_profile(record: StageRecord, cfg: CheckConfig, out_dir: Path) -> None:
         raise CheckFailed(
             f"the profiler traced nothing: fewer than {PROFILE_SKIP + 2 + PROFILE_STEPS} steps?"
         )
+    if not traced["traced_ms_per_step"]:
+        raise CheckFailed("the trace holds no kernel time: the profiler did not see inside the CUDA graphs")
     record["trace"] = str(trace.name)
     record.data.update(traced)
     # The weights a step reads: every decoder layer's, and the image codes' rows of the LM head.
@@ -812,7 +820,11 @@ def run_all(
             summary["stages"].setdefault(name, {"status": "not run: interrupted"})
         summary["seconds"] = round(time.monotonic() - start, 1)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (out_dir / "table.md").write_text(markdown_table(summary))
+        try:
+            table = markdown_table(summary)
+        except Exception as err:  # a figure of an unexpected shape must not lose the summary
+            table = f"no table: {short_error(err)}\n"
+        (out_dir / "table.md").write_text(table)
     return summary
 
 
@@ -853,7 +865,7 @@ def markdown_table(summary: dict) -> str:
         values = [cell(record.get(key, "-")) for key in TABLE_COLUMNS.values()]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     profile = stages.get("profile", {})
-    if "share" in profile:
+    if profile.get("traced_ms_per_step"):
         share = profile["share"]
         lines.append(
             f"\nProfile of {PROFILE_STEPS} compiled steps: {profile['traced_ms_per_step']} ms traced a step; "

@@ -112,3 +112,24 @@ def test_gpu_recipe_runs_the_check_with_the_machines_python():
     readme = Path("README.md").read_text()
     assert "PYTHONPATH=. timeout 480 python3 -m pure.gpu_check $OUT/gpu_check" in readme
     assert f"inside a {gpu_check.BUDGET_S} s budget" in readme and gpu_check.BUDGET_S < 480
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+        ("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+        ("cudnn_generated_fused_attention_forward", "attention"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+        ("nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "gemm"),
+        (
+            "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>",
+            "gemm",
+        ),
+        ("aten::addmm", "gemm"),
+        ("triton_red_fused__softmax_div_12", "other"),
+        ("triton_poi_fused_add_mul_rsqrt_3", "other"),
+    ],
+)
+def test_profile_sorts_kernels_into_attention_and_gemms(name, kind):
+    assert gpu_check.classify_kernel(name) == kind
