@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import pure
-from pure import viz
+from pure import distributed, viz
 from pure.engine import SamplingConfig
 from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, none is half-written", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()  # the process group of a torchrun command, if it started one
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,15 +240,23 @@ def run(args: argparse.Namespace) -> int:
     single = len(inputs) == 1 and Path(args.input).is_file()
     args.caption_for = per_image_texts(args.caption, "--caption")
     args.degradation_for = per_image_texts(args.degradation, "--degradation")
+    try:
+        ranks = distributed.Ranks.from_env()  # under torchrun: this process's share of the images
+    except ValueError as err:
+        raise CliError(err) from None
+    args.device = ranks.device(args.device)
+    args.quiet = args.quiet or not ranks.is_main  # one set of progress bars
     if args.describe_only:
-        return describe(args, inputs, sampling)
+        return describe(args, ranks.shard(inputs), sampling)
     jobs = plan_outputs(inputs, args.output, single)
-    todo = [(src, dst) for src, dst in jobs if args.overwrite or not dst.exists()]
-    skipped = len(jobs) - len(todo)
+    mine = ranks.shard(jobs)  # of the whole list, before anything is written: the same split on every rank
+    todo = [(src, dst) for src, dst in mine if args.overwrite or not dst.exists()]
+    skipped = len(mine) - len(todo)
     if single and skipped:
         raise CliError(f"{jobs[0][1]} exists; pass --overwrite to replace it")
-    if not todo:
-        print(f"nothing to do: all {len(jobs)} outputs exist (pass --overwrite to redo them)")
+    if not ranks.sum(len(todo)):
+        if ranks.is_main:
+            print(f"nothing to do: all {len(jobs)} outputs exist (pass --overwrite to redo them)")
         return 0
     for folder in sorted({dst.parent for _, dst in todo}):  # fail before hours of work, not after
         try:
@@ -300,9 +310,11 @@ def run(args: argparse.Namespace) -> int:
             del result  # a tiled output is big: let it go before the next one is restored
     tokens.close()
     bar.close()
+    done, skipped = ranks.sum(done), ranks.sum(skipped)
+    failed = [line for rank_failed in ranks.gather(failed) for line in rank_failed]
     if summary:
         print(summary)
-    if len(jobs) > 1 or failed:
+    if ranks.is_main and (len(jobs) > 1 or failed):
         print(f"restored {done}, skipped {skipped} existing, failed {len(failed)}")
     return 1 if failed else 0
 

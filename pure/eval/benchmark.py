@@ -14,6 +14,10 @@ whose restoration exists is skipped, so an interrupted run continues where it st
 restorations in that folder were made with and which images they are. A restoration counts as done only
 when the record lists it under the same settings: a resumed run never mixes images made with different
 models or sampling settings into one score, and the summary reports the settings the images really had.
+
+Under ``torchrun --nproc-per-node N -m pure.eval ...`` (:mod:`pure.distributed`) every rank plans the same
+jobs and restores every N-th one on its own device; rank 0 writes the record (the others their
+`RANK_RECORD_FILE`, folded in at the end) and alone scores and writes the summary.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from pure.imageio import ImageLoadError, load_image, save_image, save_json
 
 RECORD_FILE = "restoration.json"  # in --pred: the settings its restorations were made with, and which
 RECORD_FORMAT = "pure.eval.restoration/1"
+# Under torchrun, rank r > 0 records the images it restored in its own file beside RECORD_FILE (only rank 0
+# writes that one); rank 0 folds them in at the end of the run, and read_record at the start of the next one
+# (what an interrupted run left), so a resume counts every rank's finished images.
+RANK_RECORD_FILE = "restoration.rank{rank}.json"
 
 
 def _json_form(value: Any) -> Any:
@@ -35,19 +43,38 @@ def _json_form(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def read_record(pred_dir: str | Path) -> dict[str, Any] | None:
-    """The restoration record of `pred_dir`, or None when it has none (or none that can be read)."""
+def _read_record_file(path: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads((Path(pred_dir) / RECORD_FILE).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     valid = isinstance(record, dict) and record.get("format") == RECORD_FORMAT
     return record if valid and isinstance(record.get("restored"), list) else None
 
 
-def write_record(pred_dir: str | Path, record: dict[str, Any]) -> None:
-    """Replace the restoration record of `pred_dir` atomically (a reader sees the old or the new one)."""
-    save_json(record, Path(pred_dir) / RECORD_FILE, overwrite=True)
+def rank_records(pred_dir: str | Path) -> list[Path]:
+    """The per-rank record files of `pred_dir` (see `RANK_RECORD_FILE`)."""
+    return sorted(Path(pred_dir).glob(RANK_RECORD_FILE.format(rank="*")))
+
+
+def read_record(pred_dir: str | Path) -> dict[str, Any] | None:
+    """The restoration record of `pred_dir`, or None when it has none (or none that can be read). The
+    images of its per-rank records made with the same settings count as restored too."""
+    record = _read_record_file(Path(pred_dir) / RECORD_FILE)
+    if record is None:
+        return None
+    for path in rank_records(pred_dir):
+        part = _read_record_file(path)
+        if part is not None and part.get("settings") == record.get("settings"):
+            record["restored"] = sorted({*record["restored"], *part["restored"]})
+    return record
+
+
+def write_record(pred_dir: str | Path, record: dict[str, Any], rank: int = 0) -> None:
+    """Replace the restoration record of `pred_dir` atomically (a reader sees the old or the new one);
+    rank ``r > 0`` of a torchrun command writes its own (`RANK_RECORD_FILE`)."""
+    name = RECORD_FILE if rank == 0 else RANK_RECORD_FILE.format(rank=rank)
+    save_json(record, Path(pred_dir) / name, overwrite=True)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -148,10 +148,12 @@ def _path_or_id(value: str | None) -> str | None:
 def _restore(args: argparse.Namespace) -> dict | None:
     """Benchmark mode: restore what is missing in --pred; returns the settings for the summary (those
     the restorations in --pred were made with, from its record; see `_recorded_restoration`)."""
+    from pure.distributed import Ranks
     from pure.eval.benchmark import (
         check_identity,
         plan_restorations,
         protocol_warnings,
+        rank_records,
         restore_set,
         write_record,
     )
@@ -183,23 +185,31 @@ def _restore(args: argparse.Namespace) -> dict | None:
     if args.quantize:  # only when set: the records of unquantised runs keep their settings
         settings["quantize"] = args.quantize
     pred_dir = Path(args.pred)
+    ranks = Ranks.from_env()  # under torchrun: each rank restores every N-th image, on its own device
+    args.device = ranks.device(args.device)
     jobs, record = plan_restorations(args.lq, pred_dir, settings, overwrite=args.overwrite)
-    for line in protocol_warnings(args.test_set, [lq for lq, _ in jobs])[:5]:
-        print(line)
-    print(f"{len(jobs)} image(s) to restore into {args.pred}")
+    ranks.gather(None)  # every rank has planned (the same jobs) before any rank writes
+    if ranks.is_main:
+        for line in protocol_warnings(args.test_set, [lq for lq, _ in jobs])[:5]:
+            print(line)
+        print(f"{len(jobs)} image(s) to restore into {args.pred}")
     if jobs:
         restorer = load_restorer(args, EvalError)
         check_identity(record, dict(getattr(restorer, "identity", {})), pred_dir)
-        pred_dir.mkdir(parents=True, exist_ok=True)
-        write_record(pred_dir, record)  # before the first image: no restoration without its settings
+        if ranks.is_main:
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            write_record(pred_dir, record)  # before the first image: no restoration without its settings
+            for path in rank_records(pred_dir):  # what an interrupted run's ranks recorded: folded in now
+                path.unlink()
+        ranks.gather(None)  # the record exists before any rank's first image
 
         def on_batch(preds: list[Path]) -> None:
             record["restored"] = sorted({*record["restored"], *(pred.stem for pred in preds)})
-            write_record(pred_dir, record)
+            write_record(pred_dir, record, ranks.rank)
 
         restore_set(
             restorer,
-            jobs,
+            ranks.shard(jobs),
             seed=args.seed,
             size=args.size,
             batch_size=args.batch_size,
@@ -209,6 +219,12 @@ def _restore(args: argparse.Namespace) -> dict | None:
             sampling=sampling,
             color_fix=not args.no_color_fix,
         )
+        restored = ranks.gather(record["restored"])  # every rank has finished
+        if ranks.is_main and ranks.world > 1:
+            record["restored"] = sorted({stem for stems in restored for stem in stems})
+            write_record(pred_dir, record)
+            for path in rank_records(pred_dir):
+                path.unlink()
     return _recorded_restoration(args.pred)
 
 
@@ -230,6 +246,18 @@ def _recorded_restoration(pred: str) -> dict | None:
     if record.get("model_identity"):
         restoration["model_identity"] = record["model_identity"]  # resolved paths and dtype
     return restoration
+
+
+def _is_main_rank() -> bool:
+    from pure.distributed import Ranks
+
+    return Ranks.from_env().is_main
+
+
+def _leave_process_group() -> None:
+    """The end of a torchrun command's collectives (nothing to do in a single process)."""
+    if "pure.distributed" in sys.modules:  # imported by benchmark mode only: scoring alone needs no torch
+        sys.modules["pure.distributed"].finish()
 
 
 def _failure_report(summary: dict[str, Any]) -> str | None:
@@ -255,6 +283,8 @@ def main(argv: list[str] | None = None, backend: MetricBackend | None = None) ->
         else:
             specs = parse_metrics(list(FULL_REFERENCE + NO_REFERENCE) if args.gt else list(NO_REFERENCE))
         restoration = _restore(args) if args.model else _recorded_restoration(args.pred)
+        if args.model and not _is_main_rank():  # under torchrun, rank 0 alone scores and writes the summary
+            return 0
         summary = evaluate(
             args.pred,
             args.gt,
@@ -271,6 +301,8 @@ def main(argv: list[str] | None = None, backend: MetricBackend | None = None) ->
     except KeyboardInterrupt:
         print("interrupted; finished restorations and scores are kept, a rerun continues", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     print(f"wrote {args.out}/per_image.csv, summary.json, table.md")
     report = _failure_report(summary)
     if report:
