@@ -58,7 +58,10 @@ class SamplingConfig:
     min_k: int = 1
     max_k: int = 2000
     text_top_k: int = 1
-    max_text_tokens: int = 256
+    # the answer text's tokens (degradation sentence and caption) before <boi> is forced: PURE's captions are
+    # LLaVA's, which pure.data.captions caps at 512 tokens, after a sentence of about 8; 768 leaves room for a
+    # tokenizer that splits finer, for ~6% more KV cache slots at 512 px than 256 took
+    max_text_tokens: int = 768
     jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
 
     def __post_init__(self) -> None:
@@ -102,6 +105,7 @@ class DecodeOutput:
     forward_passes: int  # all of them: prompt, text, image
     seconds: dict[str, float] = field(default_factory=dict)
     image_forward_passes: int = 0  # those of the image block: <boi> <grid h> <grid w>, then the body
+    text_cut: list[bool] = field(default_factory=list)  # per row: its text reached max_text_tokens
 
 
 @dataclass
@@ -137,6 +141,7 @@ class _TextRow:
         self.pending: list[int] = []  # forced tokens, fed before anything is generated
         self.caption_after_sentence: list[int] = []  # forced once the degradation sentence has ended
         self.done = False
+        self.cut = False  # the text reached max_tokens and <boi> was forced after it
         if prior.degradation and prior.caption:
             answer = fmt.answer_text(prior.degradation, prior.caption)
             self.pending = [*fmt.encode_text(answer), fmt.vocab.boi]
@@ -157,7 +162,8 @@ class _TextRow:
         if self.pending:
             token = self.pending.pop(0)
         else:  # a runaway caption hands over to the image anyway
-            token = proposed if len(self.tokens) < max_tokens else self.fmt.vocab.boi
+            self.cut = len(self.tokens) >= max_tokens
+            token = self.fmt.vocab.boi if self.cut else proposed
         if token == self.fmt.vocab.boi:
             self.done = True
         else:
@@ -423,7 +429,9 @@ class RestorationDecoder:
                 of image tokens decoded (all rows together, a grid row at a time), for a caller's own bar.
         """
         rows = [_TextRow(self.fmt, p) for p in (priors or [TextPrior() for _ in range(prompts.shape[0])])]
-        return self._decode(prompts, height, width, rows, generators, progress)
+        out = self._decode(prompts, height, width, rows, generators, progress)
+        out.text_cut = [row.cut for row in rows]
+        return out
 
     @torch.inference_mode()
     def generate_image(

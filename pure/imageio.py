@@ -61,6 +61,7 @@ __all__ = [
     "NOTICE_KEY",
     "ImageLoadError",
     "atomic_write",
+    "check_writable",
     "list_images",
     "load_image",
     "save_image",
@@ -286,6 +287,18 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a probe file in ``folder``, so that a folder outputs cannot be written to (read-only,
+    no permission, a full disk's inode table) fails now, before any work is spent on what would go there.
+
+    Raises:
+        OSError: from creating or removing the probe.
+    """
+    probe = Path(folder) / f".pure-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    probe.unlink()
 
 
 def _exists_message(path: Path) -> str:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import pure
 from pure import distributed, viz
 from pure.engine import SamplingConfig
-from pure.imageio import ImageLoadError, list_images, load_image, save_image, save_json
+from pure.imageio import ImageLoadError, check_writable, list_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
 from pure.quant import QUANTIZE_MODES
 from pure.restorer import IMAGE_SIZE_KEY
@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--text-top-k", type=int, default=1, help="top-k for text tokens; 1 = greedy (default)"
+    )
+    sampling.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=SamplingConfig.max_text_tokens,
+        metavar="N",
+        help="the model's answer text (degradation sentence and caption) is cut after N tokens and the image "
+        f"starts (default {SamplingConfig.max_text_tokens}); a cut text is marked in the sidecar (text_cut)",
     )
     sampling.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same output"
@@ -223,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             cfg_scale=args.cfg,
             temperature=args.temperature,
             text_top_k=args.text_top_k,
+            max_text_tokens=args.max_text_tokens,
             jacobi_window=args.jacobi,
         )
     except ValueError as err:
@@ -263,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CliError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+        try:
+            check_writable(folder)
+        except OSError as err:
+            raise CliError(f"cannot write into the output folder {folder}: {err.strerror or err}") from None
 
     restorer = load_restorer(args)
     resolve_sizes(args, native=restorer.image_size)
@@ -509,6 +522,8 @@ def load_restorer(args: argparse.Namespace, error: type[Exception] = CliError):
 
 def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
     """``--describe-only``: one line per image, ``file: degradation | caption``; nothing is written."""
+    from pure.restorer import text_notices
+
     restorer = load_restorer(args)
     resolve_sizes(args, native=restorer.image_size)
     failed = 0
@@ -519,9 +534,11 @@ def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
             print(f"error: {src}: {err}", file=sys.stderr)
             failed += 1
             continue
-        ((degradation, caption),) = restorer.describe([image], sampling, seeds=[args.seed], size=args.size)
-        caption = " ".join(caption.split())  # one line per image, whatever the model wrote
-        print(f"{src.name}: {degradation or '(no degradation sentence)'} | {caption}")
+        (answer,) = restorer.describe_answers([image], sampling, seeds=[args.seed], size=args.size)
+        for notice in text_notices(answer.text_cut, sampling):
+            print(f"note: {src.name}: {notice}", file=sys.stderr)
+        caption = " ".join(answer.caption.split())  # one line per image, whatever the model wrote
+        print(f"{src.name}: {answer.degradation or '(no degradation sentence)'} | {caption}")
     return 1 if failed else 0
 
 
@@ -556,6 +573,7 @@ def sidecar(src: Path, dst: Path, result, restorer, notices: list[str]) -> dict:
         "degradation": result.degradation,
         "caption": result.caption,
         "text": result.text,
+        "text_cut": result.text_cut,  # the text reached --max-text-tokens and was cut there
         "seed": result.seed,
         "settings": result.settings,
         "model": restorer.identity,

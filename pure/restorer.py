@@ -75,7 +75,9 @@ class RestoreResult:
         caption: the Understand answer.
         codes: ``(h, w)`` int64 VQ codes of the restored image.
         entropy: ``(h, w)`` float nats, the entropy of each image token's distribution (sets its top-k).
-        notices: what was done to the input (resizing, conversions), one line each.
+        notices: what was done to the input (resizing, conversions) or to the text, one line each.
+        text_cut: the model's text reached ``max_text_tokens`` and ``<boi>`` was forced after it, so the image
+            follows a caption cut short (see :data:`TEXT_CUT_NOTICE`).
     """
 
     image: Image.Image
@@ -89,6 +91,29 @@ class RestoreResult:
     settings: dict
     timings: dict
     notices: list[str] = field(default_factory=list)
+    text_cut: bool = False
+
+
+@dataclass
+class TextAnswer:
+    """What :meth:`PureRestorer.describe_answers` finds in one image: the Perceive and Understand answers,
+    and whether the text reached ``max_text_tokens`` and was cut there."""
+
+    degradation: str | None
+    caption: str
+    text_cut: bool = False
+
+
+# The notice of a restoration whose text reached the limit (RestoreResult.text_cut).
+TEXT_CUT_NOTICE = (
+    "the model's text reached max_text_tokens ({limit}) and was cut there, so the image follows a cut "
+    "caption; raise the limit (--max-text-tokens) to let it finish"
+)
+
+
+def text_notices(text_cut: bool, sampling: SamplingConfig) -> list[str]:
+    """The notice of a text cut at ``sampling.max_text_tokens`` (none when it was not cut)."""
+    return [TEXT_CUT_NOTICE.format(limit=sampling.max_text_tokens)] if text_cut else []
 
 
 class PureRestorer:
@@ -259,6 +284,17 @@ class PureRestorer:
 
         ``size``: the side the images are upsampled to first (default the native :attr:`image_size`).
         """
+        return [(a.degradation, a.caption) for a in self.describe_answers(images, sampling, seeds, size)]
+
+    @torch.inference_mode()
+    def describe_answers(
+        self,
+        images: list[Image.Image],
+        sampling: SamplingConfig | None = None,
+        seeds: list[int] | None = None,
+        size: int | None = None,
+    ) -> list[TextAnswer]:
+        """:meth:`describe`, with each text's :attr:`TextAnswer.text_cut` (it reached ``max_text_tokens``)."""
         size = self.image_size if size is None else size
         self._check_size(size)
         if not images:
@@ -266,9 +302,13 @@ class PureRestorer:
         seeds = [0] * len(images) if seeds is None else seeds
         _, _, prompts = self._prompts(images, size)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        decoder = self.decoder(sampling or SamplingConfig())
-        texts = decoder.describe(prompts, generators=generators)
-        return [split_answer_text(self.tokenizer.decode(ids)) for ids in texts]
+        sampling = sampling or SamplingConfig()
+        texts = self.decoder(sampling).describe(prompts, generators=generators)
+        # nothing is forced here, so a text is cut exactly when it is as long as the limit (engine._TextRow)
+        return [
+            TextAnswer(*split_answer_text(self.tokenizer.decode(ids)), len(ids) >= sampling.max_text_tokens)
+            for ids in texts
+        ]
 
     @torch.inference_mode()
     def restore_batch(
@@ -326,14 +366,14 @@ class PureRestorer:
         if forced_text is None:
             priors = [TextPrior(d, c) for d, c in zip(degradations, captions, strict=True)]
             out = decoder.generate(prompts, h, w, priors=priors, generators=generators, progress=progress)
-            answers = out.answer_ids
+            answers, text_cut = out.answer_ids, out.text_cut
         else:
             # the text joins the prompt, so no row can drift from it (a caption-only prior would let each
             # row write its own degradation sentence); the same sequence as forcing it token by token
             text_ids = torch.tensor(self.format.encode_text(forced_text), dtype=torch.long)
             prompts = torch.cat([prompts, text_ids.to(device).expand(n, -1)], dim=1)
             out = decoder.generate_image(prompts, h, w, generators=generators, progress=progress)
-            answers = [torch.cat([text_ids, ids]) for ids in out.answer_ids]
+            answers, text_cut = [torch.cat([text_ids, ids]) for ids in out.answer_ids], [False] * n
 
         parsed = [self.format.parse_answer(ids, strict=True) for ids in answers]
         hq_codes = torch.stack([p.codes for p in parsed]).to(device)
@@ -370,7 +410,8 @@ class PureRestorer:
                     seed=seeds[i],
                     settings=settings,
                     timings=timings,
-                    notices=prepared[i][1],
+                    notices=prepared[i][1] + text_notices(text_cut[i], sampling),
+                    text_cut=text_cut[i],
                 )
             )
         return results

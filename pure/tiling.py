@@ -36,14 +36,15 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES
+from pure.engine import SamplingConfig
+from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES, text_notices
 from pure.sequence import SequenceFormat
 from pure.vq import to_rgb
 
@@ -81,7 +82,8 @@ class TiledResult:
         degradation, caption: the texts forced into every tile (described once, or given by the caller).
         tiles: how many tiles were restored.
         entropy: ``(h, w)`` float nats per image token over the whole output (latent grid, 1/8 px).
-        notices: what was done to the input, one line each.
+        notices: what was done to the input or the text, one line each.
+        text_cut: the described text reached ``max_text_tokens`` and was cut there (every tile got it so).
     """
 
     image: Image.Image
@@ -95,6 +97,7 @@ class TiledResult:
     timings: dict
     text: str | None = None
     notices: list[str] = field(default_factory=list)
+    text_cut: bool = False
 
 
 def plan_tiles(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -288,11 +291,14 @@ def restore_tiled(
             max(1, round(rgb.height * tile / long_side)),
         )
         view = rgb.resize(view_size, Image.BICUBIC)  # the whole image, `tile` px on its long side
-        ((described_degradation, described_caption),) = restorer.describe(
-            [view], sampling, seeds=[seed], size=tile
-        )
-        degradation = described_degradation if degradation is None else degradation
-        caption = described_caption if caption is None else caption
+        (answer,) = restorer.describe_answers([view], sampling, seeds=[seed], size=tile)
+        text_cut = answer.text_cut and caption is None  # a cut caption of the model's that the tiles get
+        degradation = answer.degradation if degradation is None else degradation
+        caption = answer.caption if caption is None else caption
+    else:
+        text_cut = False
+    sampling = sampling or SamplingConfig()
+    notices += text_notices(text_cut, sampling)
     described = time.perf_counter()
     has_text = any(t and t.strip() for t in (degradation, caption))
     forced_text = SequenceFormat.answer_text(degradation, caption) if has_text else ""
@@ -342,6 +348,7 @@ def restore_tiled(
     if alpha is not None:
         out.putalpha(alpha.resize((width, height), Image.BICUBIC))  # RGB -> RGBA in place: no split copies
     settings = {
+        **asdict(sampling),  # every tile's: the same settings as a whole image's sidecar
         "color_fix": color_fix,
         "tile": tile,
         "tile_overlap": overlap,
@@ -357,6 +364,7 @@ def restore_tiled(
         degradation=degradation.strip() if degradation else degradation,
         caption=caption.strip(),
         text=forced_text.strip(),
+        text_cut=text_cut,
         tiles=len(boxes),
         entropy=entropy[: math.ceil(height / per), : math.ceil(width / per)],
         seed=seed,

@@ -41,14 +41,16 @@ def cpu_generator():
 
 @pytest.fixture
 def cli(capsys, tiny_checkpoint):
-    """``cli(*argv)``: run ``pure.infer.main`` in-process on the tiny checkpoint at 64 px (argv can
-    override both), returning its exit code and captured output."""
+    """``cli(*argv)``: run ``pure.infer.main`` in-process on the tiny checkpoint at 64 px, its text cut at 32
+    tokens (the random model never ends it; argv can override all three), returning its exit code and
+    captured output."""
     from pure import infer
 
     def run(*args: str) -> CliRun:
         capsys.readouterr()  # drop anything printed before
         try:
-            code = infer.main(["--model", str(tiny_checkpoint), "--size", "64", "--quiet", *args])
+            defaults = ["--model", str(tiny_checkpoint), "--size", "64", "--max-text-tokens", "32", "--quiet"]
+            code = infer.main([*defaults, *args])
         except SystemExit as exit_:  # argparse: --help, bad option syntax
             code = exit_.code
         captured = capsys.readouterr()

@@ -25,6 +25,7 @@ from pure.imageio import (
     NOTICE_KEY,
     ImageLoadError,
     atomic_write,
+    check_writable,
     list_images,
     load_image,
     save_image,
@@ -365,3 +366,12 @@ def test_list_images_nothing_found(tmp_path: Path) -> None:
         list_images(str(tmp_path / "*.png"))
     with pytest.raises(ImageLoadError, match="no such file or folder"):
         list_images(tmp_path / "missing")
+
+
+def test_check_writable_leaves_nothing_behind_and_raises_where_nothing_can_be_written(tmp_path: Path) -> None:
+    check_writable(tmp_path)
+
+    assert list(tmp_path.iterdir()) == []
+    if Path("/proc").is_dir():  # no one, root included, can create a file there
+        with pytest.raises(OSError):
+            check_writable("/proc")

@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from cli_run import CliRun
 from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
+
+from pure.engine import SamplingConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 FULL_SIZE_TEST = "test_full_size_folder_run"
@@ -143,6 +145,7 @@ def test_help_exits_0_and_names_the_main_options(cli):
         ("--jacobi", "1", "--jacobi must be 0 (off) or >= 2"),
         ("--jacobi", "-3", "--jacobi must be 0 (off) or >= 2"),
         ("--compile", "no-such-backend", "torch.compile backend"),
+        ("--max-text-tokens", "0", "--max-text-tokens must be >= 1"),
     ],
 )
 def test_bad_setting_is_one_error_line_and_exit_2(cli, tmp_path, option, value, word):
@@ -487,6 +490,76 @@ def test_caption_spelling_a_special_token_is_refused(cli, tmp_path):
     assert names(tmp_path) == {"lq.png"}
 
 
+# ---------------------------------------------------------------- the text limit and tiled sidecars
+
+SAMPLING_FIELDS = [f.name for f in fields(SamplingConfig)]
+
+
+def test_max_text_tokens_cuts_the_text_and_the_sidecar_says_so(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 32)
+
+    run = cli("--input", str(image), "--size", "32", "--max-text-tokens", "4")  # the random model babbles
+
+    assert run.returncode == 0, run.stderr
+    sidecar = read_sidecar(tmp_path / "lq_pure.png")
+    assert sidecar["text_cut"] is True and sidecar["settings"]["max_text_tokens"] == 4
+    assert any("max_text_tokens (4)" in notice for notice in sidecar["notices"])
+    assert any("--max-text-tokens" in line for line in run.note_lines)
+
+    steered = cli(
+        "--input", str(image), "--size", "32", "--max-text-tokens", "4", "--overwrite",
+        "--caption", CAPTION, "--degradation", DEGRADATION,
+    )  # fmt: skip
+
+    assert steered.returncode == 0, steered.stderr
+    assert read_sidecar(tmp_path / "lq_pure.png")["text_cut"] is False
+
+
+def test_tiled_sidecar_has_every_sampling_setting_and_the_text_cut(cli, tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 48)  # not native at 32 px: tiled
+
+    run = cli(
+        "--input", str(image), "--size", "32", "--scale", "1", "--max-text-tokens", "4",
+        "--cfg", "1.5", "--temperature", "0.7", "--text-top-k", "2", "--jacobi", "4",
+    )  # fmt: skip
+
+    assert run.returncode == 0, run.stderr
+    sidecar = read_sidecar(tmp_path / "lq_pure.png")
+    settings = sidecar["settings"]
+    assert set(SAMPLING_FIELDS) <= set(settings)
+    assert (settings["cfg_scale"], settings["temperature"], settings["text_top_k"]) == (1.5, 0.7, 2)
+    assert (settings["jacobi_window"], settings["max_text_tokens"]) == (4, 4)
+    assert settings["tiles"] == 4 and sidecar["text_cut"] is True
+
+
+# ---------------------------------------------------------------- checks before any work
+
+UNWRITABLE = Path("/proc")  # a folder no one, root included, can create a file in
+
+
+@pytest.mark.skipif(not UNWRITABLE.is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("mode", ["single", "folder"])
+def test_an_unwritable_output_folder_fails_before_the_model_loads(cli, tmp_path, monkeypatch, mode):
+    from pure.restorer import PureRestorer
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was found unwritable")
+
+    monkeypatch.setattr(PureRestorer, "from_pretrained", classmethod(loaded))
+    save_astronaut(tmp_path / "a.png", 32)
+    if mode == "single":
+        argv = ["--input", str(tmp_path / "a.png"), "--output", str(UNWRITABLE / "a_pure.png")]
+    else:
+        save_coffee(tmp_path / "b.png", 32)
+        argv = ["--input", str(tmp_path), "--output", str(UNWRITABLE)]
+
+    run = cli(*argv)
+
+    assert run.returncode == 2
+    (line,) = run.error_lines
+    assert f"cannot write into the output folder {UNWRITABLE}" in line
+
+
 # ---------------------------------------------------------------- the full-size run: keep this test last
 
 
@@ -539,10 +612,11 @@ def test_describe_only_prints_text_and_writes_nothing(cli, tiny_restorer, tmp_pa
     assert names(folder) == {"a.png", "b.png", "broken.png"}  # nothing written
     # the same text as a full restoration's (the text phase is shared)
     image = Image.open(folder / "a.png")
-    degradation, caption = tiny_restorer.describe([image], seeds=[3], size=64)[0]
+    short = SamplingConfig(max_text_tokens=32)  # the cli fixture's
+    degradation, caption = tiny_restorer.describe([image], short, seeds=[3], size=64)[0]
     one_line = " ".join(caption.split())
     assert lines[0] == f"a.png: {degradation or '(no degradation sentence)'} | {one_line}"
-    result = tiny_restorer.restore(image, seed=3, size=64)
+    result = tiny_restorer.restore(image, seed=3, size=64, sampling=short)
     assert (result.degradation, result.caption) == (degradation, caption)
 
 

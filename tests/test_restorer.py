@@ -48,6 +48,12 @@ def coffee(side: int, height: int | None = None) -> Image.Image:
     return Image.fromarray(data.coffee()).resize((side, height or side), Image.BICUBIC)
 
 
+def input_notices(result: RestoreResult) -> list[str]:
+    """The notices about the input: the random model never ends its text, so each result also says that
+    its text was cut at max_text_tokens."""
+    return [notice for notice in result.notices if "max_text_tokens" not in notice]
+
+
 def assert_same_result(a: RestoreResult, b: RestoreResult, pixel_tolerance: int = 0) -> None:
     assert torch.equal(a.codes, b.codes)
     assert (a.degradation, a.caption, a.text) == (b.degradation, b.caption, b.text)
@@ -76,7 +82,7 @@ def test_restore_result_shapes_and_ranges(tiny_restorer, side):
     assert torch.isfinite(result.entropy).all()
     assert float(result.entropy.min()) >= 0.0
     assert float(result.entropy.max()) <= math.log(codebook) + 1e-3
-    assert result.notices == []  # 64, 32 and 16 px squares are the native x1, x2, x4 cases
+    assert input_notices(result) == []  # 64, 32 and 16 px squares are the native x1, x2, x4 cases
     assert result.seed == 0
     assert result.settings["cfg_scale"] == 0.8 and result.settings["temperature"] == 0.9
     assert result.settings["size"] == 64 and result.settings["color_fix"] is True
@@ -87,8 +93,8 @@ def test_non_square_input_is_resized_with_a_notice(tiny_restorer):
     result = tiny_restorer.restore(astronaut(64, 48), size=32)
 
     assert result.image.size == (32, 32)
-    assert len(result.notices) == 1
-    assert "64x48" in result.notices[0] and "aspect ratio" in result.notices[0]
+    (notice,) = input_notices(result)
+    assert "64x48" in notice and "aspect ratio" in notice
 
 
 # ---------------------------------------------------------------- seeds and batches
@@ -209,9 +215,9 @@ def test_transparent_input_is_blended_on_white(tiny_restorer):
     assert from_clear.lq_upsampled.tobytes() == from_white.lq_upsampled.tobytes()
     assert torch.equal(from_clear.codes, from_white.codes)
     assert from_clear.image.tobytes() == from_white.image.tobytes()
-    assert from_white.notices == []
-    assert len(from_clear.notices) == 1
-    assert "RGBA" in from_clear.notices[0] and "white" in from_clear.notices[0]
+    assert input_notices(from_white) == []
+    (notice,) = input_notices(from_clear)
+    assert "RGBA" in notice and "white" in notice
 
 
 # ---------------------------------------------------------------- errors
@@ -329,3 +335,24 @@ def test_progress_callback_counts_every_image_token(tiny_restorer, jacobi_window
 
     assert sum(counted) == 2 * 4 * 4  # two images of 4 x 4 latents
     assert all(n > 0 for n in counted)
+
+
+def test_the_default_text_limit_holds_a_whole_pure_caption():
+    # pure.data.captions caps a LLaVA caption at 512 tokens; the degradation sentence comes before it
+    assert SamplingConfig().max_text_tokens >= 512 + 32
+
+
+def test_a_text_cut_at_max_text_tokens_is_flagged_with_a_notice(tiny_restorer):
+    image = astronaut(32)
+
+    cut = tiny_restorer.restore(image, size=32, max_text_tokens=4)  # the random model never ends its text
+    steered = tiny_restorer.restore(
+        image, size=32, max_text_tokens=4, degradation=DEGRADATION, caption=CAPTION
+    )
+    (answer,) = tiny_restorer.describe_answers([image], SamplingConfig(max_text_tokens=4), size=32)
+
+    assert cut.text_cut is True and cut.settings["max_text_tokens"] == 4
+    assert any("max_text_tokens (4)" in notice for notice in cut.notices)
+    assert steered.text_cut is False and steered.notices == []  # forced text is never cut
+    assert answer.text_cut is True
+    assert (answer.degradation, answer.caption) == (cut.degradation, cut.caption)

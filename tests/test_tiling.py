@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pure.restorer import TextAnswer
 from pure.tiling import (
     blend_window,
     count_tiles,
@@ -56,9 +57,9 @@ class OffsetRestorer:
         self.batches: list[dict] = []
         self.offsets: list[float] = []
 
-    def describe(self, images, sampling=None, seeds=None, size=None):
+    def describe_answers(self, images, sampling=None, seeds=None, size=None):
         self.describe_calls.append({"n": len(images), "size": size, "view": images[0].size})
-        return [self.described] * len(images)
+        return [TextAnswer(*self.described)] * len(images)
 
     def restore_batch(self, images, sampling=None, seeds=None, captions=None, degradations=None, **kwargs):
         size = kwargs["size"]
@@ -413,8 +414,8 @@ class RecordingRestorer:
         self.image_size = restorer.image_size
         self.tiles: list = []
 
-    def describe(self, *args, **kwargs):
-        return self.restorer.describe(*args, **kwargs)
+    def describe_answers(self, *args, **kwargs):
+        return self.restorer.describe_answers(*args, **kwargs)
 
     def restore_batch(self, *args, **kwargs):
         results = self.restorer.restore_batch(*args, **kwargs)
