@@ -663,23 +663,38 @@ def stage_lora(
         "loss_chunk_size": m.loss_chunk_size,
         "optimizer": "torch AdamW (DeepSpeed's ZeRO-2 in the recipe)",
     }
-    steps = []
-    for _ in range(2):  # the first also pays cuBLAS's and the allocator's start
+
+    def micro_step(rows: int) -> dict:
         reset_peak(device)
         sync(device)
         start = time.perf_counter()
-        loss = module(input_ids, labels, image_mask).loss
+        loss = module(input_ids[:rows], labels[:rows], image_mask[:rows]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         seconds = time.perf_counter() - start
-        steps.append(
-            {"seconds": round(seconds, 2), "peak_memory_gib": peak_gib(device), "loss": round(loss.item(), 3)}
-        )
+        return {
+            "seconds": round(seconds, 2),
+            "peak_memory_gib": peak_gib(device),
+            "loss": round(loss.item(), 3),
+        }
+
+    rows, steps = t.micro_batch_size, []
+    while len(steps) < 2:  # the first also pays cuBLAS's and the allocator's start
+        try:
+            steps.append(micro_step(rows))
+        except torch.cuda.OutOfMemoryError:
+            if rows == 1:
+                raise
+            record["out_of_memory_at_micro_batch"] = rows  # then measure one sequence
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            rows, steps = 1, []
+        record["micro_batch_run"] = rows
         record["micro_steps"] = steps
-    record["tokens_per_s"] = round(input_ids.numel() / steps[-1]["seconds"])
+    record["tokens_per_s"] = round(rows * input_ids.shape[1] / steps[-1]["seconds"])
 
 
 STAGES: dict[str, Callable[..., None]] = {
@@ -876,7 +891,7 @@ def markdown_table(summary: dict) -> str:
     if lora.get("micro_steps"):
         setup, step = lora["setup"], lora["micro_steps"][-1]
         lines.append(
-            f"\nLoRA micro-step ({setup['micro_batch']} x {setup['tokens_per_sequence']} tokens, "
+            f"\nLoRA micro-step ({lora['micro_batch_run']} x {setup['tokens_per_sequence']} tokens, "
             f"r {setup['lora_r']}, checkpointing, AdamW): {step['seconds']} s, "
             f"peak {cell(step['peak_memory_gib'])} GiB"
         )
