@@ -34,7 +34,7 @@ from pure.train.data import PaddingCollator, TrainingData, epoch_plan
 from pure.train.engine import deepspeed_config, learning_rate
 from pure.train.export import export_model
 from pure.train.loss import SupervisedLMLoss, full_logits_loss, supervised_loss
-from pure.train.modeling import add_residual_dropout, apply_lora, merge_lora
+from pure.train.modeling import add_residual_dropout, apply_lora, enable_gradient_checkpointing, merge_lora
 from pure.train.synthetic import synthetic_examples, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,6 +303,36 @@ def test_residual_dropout_in_train_mode_only(lm, tiny_format):
         for handle in handles:
             handle.remove()
         assert torch.equal(lm(input_ids=ids).logits, reference)  # no other dropout in train mode
+
+
+def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradients(lm, tiny_format):
+    """Under every supported transformers (5.17 names it gradient_checkpointing_enable, later ones
+    activation_checkpointing_enable): each decoder layer runs again in the backward, same gradients."""
+    from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer
+
+    module = SupervisedLMLoss(lm)
+    batch = _batch(tiny_format)
+    calls = []
+    for layer in lm.modules():
+        if isinstance(layer, ChameleonDecoderLayer):
+            # inside the layer: newer transformers checkpoint its forward, not its hooks; and a
+            # pre-hook, as the recompute stops once it has what the backward needs
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        calls.clear()
+        lm.zero_grad()
+        module(batch["input_ids"], batch["labels"], batch["image_mask"]).loss.backward()
+        return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    plain, plain_calls = gradients(), len(calls)
+    assert plain_calls == lm.config.num_hidden_layers
+    enable_gradient_checkpointing(lm)
+    checkpointed = gradients()
+    assert len(calls) == 2 * plain_calls
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
 
 
 def test_lora_trains_only_adapters_and_merged_export_reloads_identically(

@@ -50,7 +50,11 @@ def add_residual_dropout(model: nn.Module, p: float) -> list[torch.utils.hooks.R
 
 def enable_gradient_checkpointing(model: PureForConditionalGeneration) -> None:
     """Non-reentrant activation checkpointing on every decoder layer (PURE's ``--checkpointing``)."""
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers 5.17 (the oldest supported) has only the older name
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    else:  # newer ones warn that the older name is deprecated
+        enable({"use_reentrant": False})
 
 
 def apply_lora(
