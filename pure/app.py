@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pure.app",
         description="Start a local web page (Gradio) to restore images with a PURE model: upload, choose "
         "scale, guidance, temperature and seed, steer with your own caption, compare the result.",
-        epilog="example:\n  python -m pure.app --model examples/tiny-random   # then open http://127.0.0.1:7860",
+        epilog="example:\n  python -m pure.app --model examples/pure-tiny   # then open http://127.0.0.1:7860",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -158,12 +158,23 @@ def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) 
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is, else a Hub id downloaded (or found in the cache when ``HF_HUB_OFFLINE=1``)."""
-    path = Path(name_or_path).expanduser()
+    """A local folder as is, else a Hub id downloaded (or found in the cache when ``HF_HUB_OFFLINE=1``).
+
+    A name that looks like a path and is no folder fails as such, never as a Hub lookup: one that starts
+    with ``.``, ``/`` or ``~``, whose parent folder exists (``examples/tiny-random``), or not ``owner/name``.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise ModelLoadError(f"{name_or_path} is not a checkpoint folder or a Hub id like {HUB_MODEL_ID}")
+    if path.exists():
+        raise ModelLoadError(f"{name} is not a checkpoint folder but a file; give its folder or a Hub id")
+    hub_id = re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name) is not None
+    if not hub_id or name.startswith((".", "/", "~")) or path.parent.is_dir():
+        raise ModelLoadError(
+            f"{name} is not a checkpoint folder: no such folder (`python -m pure.make_random_checkpoint "
+            f"{name}` makes a tiny random one to try the code; a Hub id looks like {HUB_MODEL_ID})"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -168,6 +168,21 @@ def test_missing_model_folder_is_one_error_line_and_exit_2(cli, tmp_path):
     assert names(tmp_path) == {"lq.png"}
 
 
+@pytest.mark.parametrize("name", ["examples/tiny-random", "./tiny", "no/such/ckpt", "~/no-such-checkpoint"])
+def test_a_missing_model_folder_is_no_such_folder_not_a_hub_failure(cli, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").mkdir()  # as in a fresh clone, which has no examples/tiny-random
+    image = save_astronaut(tmp_path / "lq.png", 32)
+
+    run = cli("--input", str(image), "--model", name)
+
+    assert run.returncode == 2
+    (line,) = run.error_lines
+    assert f"{name} is not a checkpoint folder: no such folder" in line
+    assert f"pure.make_random_checkpoint {name}" in line
+    assert "hf download" not in line and "Hub could not be reached" not in line
+
+
 def test_hub_model_offline_says_how_to_get_it_quickly(tmp_path):
     image = save_astronaut(tmp_path / "lq.png", 64)
     empty_cache = tmp_path / "hf"
