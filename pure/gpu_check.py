@@ -107,13 +107,14 @@ class CheckConfig:
 
 
 class StageRecord:
-    """A stage's results, saved to its JSON file at every assignment, so that a stage killed by its
-    timeout still leaves what it measured."""
+    """A stage's results, saved to ``OUT_DIR/stages/NAME.json`` at every assignment, so that a stage killed
+    by its timeout still leaves what it measured."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, out_dir: Path, name: str):
+        self.out_dir = out_dir  # for the stage's other files
+        self.path = out_dir / "stages" / f"{name}.json"
         self.data: dict = {}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __setitem__(self, key: str, value) -> None:
         self.data[key] = value
@@ -568,7 +569,7 @@ def kernel_shares(averages, device: torch.device, steps: int) -> dict:
     }
 
 
-def stage_profile(record: StageRecord, cfg: CheckConfig, out_dir: Path) -> None:
+def stage_profile(record: StageRecord, cfg: CheckConfig) -> None:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     setup = DecodeSetup.build(cfg)
@@ -578,7 +579,7 @@ def stage_profile(record: StageRecord, cfg: CheckConfig, out_dir: Path) -> None:
         warm_s, _ = setup.run(decoder, rows)  # compiles (warm caches after the decode stage) and captures
     record["first_run_s"] = round(warm_s, 2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
-    trace = out_dir / "profile_trace.json.gz"  # ui.perfetto.dev opens it as it is
+    trace = record.out_dir / "profile_trace.json.gz"  # ui.perfetto.dev opens it as it is
     traced: dict = {}
 
     def ready(prof) -> None:
@@ -600,15 +601,14 @@ def stage_profile(record: StageRecord, cfg: CheckConfig, out_dir: Path) -> None:
         raise CheckFailed("the trace holds no kernel time: the profiler did not see inside the CUDA graphs")
     record["trace"] = str(trace.name)
     record.data.update(traced)
-    # The weights a step reads: every decoder layer's, and the image codes' rows of the LM head.
+    # The weights a step reads: every decoder layer's, and the image codes' rows of the LM head; read
+    # by the GEMMs, whose time gives the bandwidth they reached (an H200 copies at about 4.3 TB/s).
     layers = sum(p.numel() * p.element_size() for p in setup.model.model.layers.parameters())
     codes = setup.fmt.vocab.codebook_size * setup.model.config.hidden_size * setup.model.dtype.itemsize
-    record["weight_gib_per_step"] = round((layers + codes) / 2**30, 2)
-    gemm_ms = traced["ms_per_step"]["gemm"]
-    if setup.device.type == "cuda" and gemm_ms:
-        record["gemm_tb_per_s"] = round(
-            (layers + codes) / (gemm_ms / 1e3) / 1e12, 2
-        )  # the weights' bandwidth
+    weight_bytes, gemm_s = layers + codes, traced["ms_per_step"]["gemm"] / 1e3
+    record["weight_gib_per_step"] = round(weight_bytes / 2**30, 2)
+    if setup.device.type == "cuda" and gemm_s:
+        record["gemm_tb_per_s"] = round(weight_bytes / gemm_s / 1e12, 2)
 
 
 # -- stage 5: a LoRA micro-step --------------------------------------------------------------------------
@@ -697,7 +697,7 @@ def stage_lora(
     record["tokens_per_s"] = round(rows * input_ids.shape[1] / steps[-1]["seconds"])
 
 
-STAGES: dict[str, Callable[..., None]] = {
+STAGES: dict[str, Callable[[StageRecord, CheckConfig], None]] = {
     "env": stage_env,
     "tiny": stage_tiny,
     "decode": stage_decode,
@@ -711,14 +711,11 @@ STAGES: dict[str, Callable[..., None]] = {
 
 def run_stage(name: str, out_dir: Path, cfg: CheckConfig) -> int:
     """One stage, in this process: its record in ``out_dir/stages/NAME.json``; 1 when it failed."""
-    record = StageRecord(out_dir / "stages" / f"{name}.json")
+    record = StageRecord(out_dir, name)
     record["status"] = "running"
     start = time.perf_counter()
     try:
-        if name == "profile":
-            stage_profile(record, cfg, out_dir)
-        else:
-            STAGES[name](record, cfg)
+        STAGES[name](record, cfg)
         status = "ok"
     except Skip as why:
         status = f"skipped: {why}"
