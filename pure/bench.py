@@ -33,6 +33,7 @@ from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbe
 from pure.engine import RestorationDecoder, SamplingConfig
 from pure.jacobi import DEFAULT_WINDOW, JacobiRestorationDecoder
 from pure.model import PureForConditionalGeneration, default_attn_implementation
+from pure.quant import check_quantize
 from pure.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
@@ -387,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
         "row's cache (shared: no slots for a prompt the twin never sees)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="weight-only quantisation of the decoder layers' linears (pure.quant; needs torchao)",
+    )
+    p.add_argument(
         "--attn",
         choices=["sdpa", "eager", "flash_attention_2"],
         help="attention implementation (default flash_attention_2 on CUDA when installed, else sdpa; "
@@ -420,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.jacobi_window < 2:
         print("error: --batch-size must be >= 1 and --jacobi-window >= 2", file=sys.stderr)
         return 2
+    try:
+        check_quantize(args.quantize)
+    except ValueError as err:
+        print(f"error: --quantize: {err}", file=sys.stderr)
+        return 2
 
     if args.threads or (args.arch == "tiny" and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
@@ -432,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = h_out * (lat + 1) + 1
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build_model(arch, device, args.seed, args.attn)
+    if args.quantize:
+        from pure.quant import quantize_model
+
+        quantize_model(model, args.quantize)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.stack([synthetic_prompt(fmt, lat, lat, gen) for _ in range(args.batch_size)]).to(device)
     sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature)
@@ -463,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {m.strip() for m in args.skip.split(",") if m.strip()}
     methods = {key: method for key, method in methods.items() if key not in skip}
     n_params = sum(p.numel() for p in model.parameters())
-    dtype = str(arch.dtype).removeprefix("torch.")
+    dtype = str(arch.dtype).removeprefix("torch.") + (f", {args.quantize} linears" if args.quantize else "")
     print(
         f"arch {args.arch} ({n_params / 1e6:.1f} M parameters, {dtype}, "
         f"{arch.config._attn_implementation} attention) on {device}; "

@@ -180,11 +180,18 @@ def greedy_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> tuple[flo
 # -- python -m pure.quant: what quantisation changes, measured on CPU ------------------------------------
 
 
-def _measure_model(name: str, model, input_ids: torch.Tensor, modes: list[str], print_fn=print) -> None:
-    """Logits at every position of ``input_ids`` (B, T) of bf16 and of each quantised mode (from the fp32
-    and from the bf16 weights) against fp32, and of each mode against bf16 (what quantising the bf16
-    checkpoint changes). Only the decoder layers are copied to quantise them: the model's embedding and
-    head, most of a wide model's memory, are shared."""
+def _measure_model(
+    name: str,
+    model,
+    input_ids: torch.Tensor,
+    modes: list[str],
+    keep: torch.Tensor | None = None,
+    print_fn=print,
+) -> None:
+    """Logits at the positions ``keep`` (bool (T,), default all) of ``input_ids`` (B, T) of bf16 and of each
+    quantised mode (from the fp32 and from the bf16 weights) against fp32, and of each mode against bf16
+    (what quantising the bf16 checkpoint changes). Only the decoder layers are copied to quantise them: the
+    model's embedding and head, most of a wide model's memory, are shared."""
     import copy
 
     def logits_with_quantized_layers(base, mode: str) -> torch.Tensor:
@@ -193,14 +200,15 @@ def _measure_model(name: str, model, input_ids: torch.Tensor, modes: list[str], 
         quantize_layers(quantized, mode, torch.device("cpu"), base.dtype)
         base.model.layers = quantized
         try:
-            return base(input_ids=input_ids).logits
+            return base(input_ids=input_ids).logits[:, keep]
         finally:
             base.model.layers = layers
 
     with torch.inference_mode():
-        reference = model(input_ids=input_ids).logits  # (B, T, V) fp32
+        keep = torch.ones(input_ids.shape[1], dtype=torch.bool) if keep is None else keep
+        reference = model(input_ids=input_ids).logits[:, keep]  # (B, kept, V) fp32
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        bf16_logits = bf16(input_ids=input_ids).logits
+        bf16_logits = bf16(input_ids=input_ids).logits[:, keep]
         print_fn(f"{name}: bf16 vs fp32: {compare_logits(bf16_logits, reference).line()}")
         for mode in modes:
             logits = logits_with_quantized_layers(model, mode)
@@ -222,24 +230,18 @@ def wide_layer_model(layers: int = 1, seed: int = 0):
     return build_model(arch, torch.device("cpu"), seed, "sdpa"), arch
 
 
-def _restore_greedy(restorer, image, quantize_label: str, print_fn) -> torch.Tensor:
-    result = restorer.restore(image, seed=0, temperature=0.0)
-    print_fn(f"  {quantize_label}: text {result.text!r}")
-    return result.codes
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pure.quant",
-        description="What weight-only quantisation changes, on CPU: logits of a checkpoint (default "
-        "examples/pure-tiny) and of a 7B-width decoder layer with random weights against fp32 and bf16, "
-        "and the greedy restoration of an image (codes equal to the unquantised model's).",
+        description="What weight-only quantisation changes, on CPU: the greedy restoration of an image by a "
+        "checkpoint (default examples/pure-tiny: its text and codes against the fp32 model's), the logits "
+        "along it, and the logits of 7B-width decoder layers with random weights, against fp32 and bf16.",
     )
     p.add_argument("--model", default="examples/pure-tiny", help="checkpoint folder (default PURE-tiny)")
     p.add_argument("--image", default="examples/lq_astronaut_128.png", help="LQ image for the greedy run")
     p.add_argument("--modes", default="int8,int4", help="comma-separated of int8,int4 (default both)")
     p.add_argument("--wide-layers", type=int, default=1, help="7B-width decoder layers (0: skip)")
-    p.add_argument("--tokens", type=int, default=64, help="sequence length of the logit comparisons")
+    p.add_argument("--tokens", type=int, default=64, help="sequence length of the 7B-width comparison")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -253,32 +255,42 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from PIL import Image
 
-    from pure.model import load_model
     from pure.restorer import PureRestorer
+    from pure.vq import pil_to_pixels
 
     start = time.perf_counter()
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, modes {', '.join(modes)}")
-    model = load_model(args.model, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(model.config.vocab_size, (2, args.tokens), generator=gen)
-    _measure_model(f"{args.model} (random ids)", model, ids, modes)
-
     print(f"{args.model}: greedy restoration of {args.image} (temperature 0, guidance 0.8)")
     image = Image.open(args.image)
-    reference = _restore_greedy(PureRestorer.from_pretrained(args.model, device="cpu"), image, "fp32", print)
+    restorer = PureRestorer.from_pretrained(args.model, device="cpu")
+    reference = restorer.restore(image, seed=0, temperature=0.0)
+    print(f"  fp32: {reference.text!r}")
     for mode in modes:
-        restorer = PureRestorer.from_pretrained(args.model, device="cpu", quantize=mode)
-        codes = _restore_greedy(restorer, image, mode, print)
-        share, first = greedy_agreement(codes.flatten(), reference.flatten())
+        quantized = PureRestorer.from_pretrained(args.model, device="cpu", quantize=mode)
+        result = quantized.restore(image, seed=0, temperature=0.0)
+        share, first = greedy_agreement(result.codes.flatten(), reference.codes.flatten())
         print(
-            f"  {mode}: image codes equal to fp32's: {share:.2%}; identical for the first {first} of "
-            f"{reference.numel()}"
+            f"  {mode}: {result.text!r}; image codes equal to fp32's: {share:.2%}, identical for the first "
+            f"{first} of {reference.codes.numel()}"
         )
+        del quantized
+
+    # the logits along that restoration, teacher-forced: the answer's positions (text, image block, <eot>)
+    fmt = restorer.format
+    lq_up, _ = restorer.upsample_input(image)
+    lq_codes = restorer.vq.encode(pil_to_pixels(lq_up)[None])[0]
+    answer = fmt.answer_text(reference.degradation, reference.caption)
+    ids, labels = fmt.training_example(lq_codes, answer, reference.codes)
+    keep = torch.cat([labels[1:] != -100, torch.tensor([False])])  # positions that predict the answer
+    _measure_model(f"{args.model} (its restoration)", restorer.model, ids[None], modes, keep)
+
     if args.wide_layers:
         wide, arch = wide_layer_model(args.wide_layers)
         vocab = arch.tokenizer.vocab
         # image ids: what the decoder reads and writes for ~4,100 of an image's ~4,200 steps
-        codes = torch.randint(vocab.codebook_size, (1, args.tokens), generator=gen)
+        codes = torch.randint(
+            vocab.codebook_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)
+        )
         _measure_model(
             f"7B widths, {args.wide_layers} layer(s), random weights (image ids)",
             wide,

@@ -111,3 +111,23 @@ def test_restorer_restores_through_the_int8_model(tiny_checkpoint):
 
 def test_unquantized_identity_has_no_quantize_key(tiny_restorer):
     assert "quantize" not in tiny_restorer.identity
+
+
+def test_bench_without_torchao_is_one_error_line(monkeypatch, capsys):
+    from pure import bench
+
+    monkeypatch.setattr(quant, "torchao_available", lambda: False)
+    assert bench.main(["--size", "64", "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --quantize:") and ".[quant]" in err[0]
+
+
+@needs_torchao
+def test_bench_decodes_with_int8_linears(capsys):
+    from pure import bench
+
+    argv = ["--size", "64", "--temperature", "0", "--repeats", "1", "--skip", "a", "--quantize", "int8"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "float32, int8 linears" in out and "(b) engine" in out
+    assert "greedy: identical image tokens across methods: True" in out  # the engine and Jacobi agree
