@@ -463,6 +463,10 @@ def measure_decode(setup: DecodeSetup, cfg: CheckConfig, jacobi: bool, compiled:
         "graphs_compiled": graphs,
         "recompiles": max(0, graphs - 1) if compiled else None,
         "cudagraph_skips": compiled_counts.get("inductor.cudagraph_skips", 0),
+        # tensors that are not static buffers, copied into the graphs at every replay
+        "cudagraph_non_static_inputs": compiled_counts.get(
+            "inductor.cudagraph_recorded_non_static_inputs", 0
+        ),
         "dynamo_counters": compiled_counts,
         "runs": {
             f"{short} rows": [round(short_s, 3), short_passes],
@@ -798,7 +802,8 @@ def run_all(
         "budget_s": budget,
         "stages": {},
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**env, "TORCH_LOGS": "recompiles,graph_breaks", **os.environ}  # reasons into check.log
     start = time.monotonic()
     deadline = start + budget
 
