@@ -23,7 +23,9 @@ it with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA; see :cl
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -32,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
+from pure.decoding.attention import decoding_attention
 from pure.model import PureForConditionalGeneration
 from pure.sampling import (
     EntropyTopKLogitsWarper,
@@ -46,7 +49,8 @@ from pure.sampling import (
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 
 TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.jacobi uses others)
-CAPACITY_ALIGN = 256  # cache slots are allocated in multiples of this when compiling
+CAPACITY_ALIGN = 256  # compiled steps' cache capacities are multiples of this (and of flex attention's block)
+CAPACITY_GROWTH = 1.5  # ... and grow by at least this factor, so that recompiles stay few
 
 
 @dataclass
@@ -125,6 +129,8 @@ class DecodeState:
     owner: torch.Tensor | None = None  # "shared" layout: (B, capacity) int8, 0 context, 1 row, 2 twin
     twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's rotary tables for every position
+    static_shapes: bool = False  # masks span the whole capacity (a compiled step's one shape)
+    pair_owner: torch.Tensor | None = None  # "shared" layout: (2,) int8 [1, 2], a row's token then its twin's
 
 
 # "Medium blur, small noise." is about 8 tokens; with a user caption, the model's own degradation sentence
@@ -183,6 +189,37 @@ class _TokenCounter:
     def update(self, rows: int) -> None:
         if rows:
             self.callback(rows * self.tokens_per_row)
+
+
+def uses_cuda_graphs(compile: bool | str, device: torch.device) -> bool:
+    """``compile=True`` captures the image step in CUDA graphs on CUDA (elsewhere it is a no-op)."""
+    return compile is True and device.type == "cuda"
+
+
+def capture_cuda_graphs(fn: Callable) -> Callable:
+    """``fn`` compiled for CUDA-graph replay. A replay writes its outputs into the same memory as the previous
+    replay: see :func:`owning_outputs`."""
+    return torch.compile(fn, mode="reduce-overhead", dynamic=False)
+
+
+def owning_outputs(step: Callable) -> Callable:
+    """A CUDA-graph step whose outputs the caller owns: each call tells cudagraph trees that a new step
+    begins (the previous replay's outputs may be overwritten) and copies the new outputs out, so that a
+    loop can carry them into the next call (Jacobi's drafts and their distributions do)."""
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = step(*args)
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+
+    return call
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it measures the work (CUDA runs
+    asynchronously; a CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def check_compile(compile: bool | str) -> None:
@@ -249,34 +286,67 @@ class RestorationDecoder:
         self.sampling = sampling or SamplingConfig()
         self.compile = compile
         self.shared = guidance_layout == "shared" and self.sampling.cfg_scale != 1.0
-        attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
-        if self.shared and attention not in ("sdpa", "eager"):
-            raise ValueError(
-                f"guidance_layout='shared' passes a 4-D attention mask, which {attention!r} attention "
-                "does not take: load the model with attn_implementation='sdpa' or use the 'rows' layout"
-            )
         self._compiled: dict[str, object] = {}
-        # PureForConditionalGeneration.decode takes the mask in the attention's own form, which the loop
-        # keeps up to date at the cost of a view per token; any other causal LM gets the 2-D mask through
-        # its forward.
+        # PureForConditionalGeneration.decode takes a 4-D boolean mask, which the loop keeps up to date at
+        # the cost of a view per token, and runs its own attention whatever the model was loaded with; any
+        # other causal LM gets the 2-D mask through its forward, and must take it as sdpa or eager do.
         self._use_decode = isinstance(model, PureForConditionalGeneration)
-        self._mask_4d = self._use_decode and attention in ("sdpa", "eager")
-        self._additive_mask = attention == "eager"
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+        if not self._use_decode and attention not in (("sdpa",) if self.shared else ("sdpa", "eager")):
+            raise ValueError(
+                f"{type(model).__name__} gets a static cache's mask through its forward, which {attention!r} "
+                "attention does not take: load it with attn_implementation='sdpa' (the 'shared' guidance "
+                "layout's 4-D mask needs sdpa; a PureForConditionalGeneration decodes with any attention)"
+            )
+        # Made once per decoder and kept (static inputs of a CUDA graph): the image codes' LM-head rows
+        # and the rotary tables; the cache capacity compiled steps are specialised on, and how often it grew.
+        self._codes: ImageCodes | None = None
+        self._codes_key: tuple | None = None
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._capacity = 0
+        self.recompiles = 0
 
     def _make_cache(self, capacity: int):
         return StaticCache(config=self.model.config, max_cache_len=capacity)
 
+    def _compiles(self, device: torch.device) -> bool:
+        """Whether the image step runs compiled on ``device`` (then with one shape per cache capacity)."""
+        return uses_cuda_graphs(self.compile, device) or isinstance(self.compile, str)
+
     def _compiled_fn(self, name: str, device: torch.device):
         """The bound method ``name``, compiled as ``self.compile`` asks (see the class docstring)."""
         fn = getattr(self, name)
-        if not self.compile or (self.compile is True and device.type != "cuda"):
+        if not self._compiles(device):
             return fn
         if name not in self._compiled:
-            if self.compile is True:
-                self._compiled[name] = torch.compile(fn, mode="reduce-overhead", dynamic=False)
+            if uses_cuda_graphs(self.compile, device):
+                self._compiled[name] = owning_outputs(capture_cuda_graphs(fn))
             else:
                 self._compiled[name] = torch.compile(fn, backend=self.compile, fullgraph=True, dynamic=False)
         return self._compiled[name]
+
+    def _capacity_for(self, need: int) -> int:
+        """The cache capacity of a compiled decode needing ``need`` slots. Compiled steps specialise on it, so
+        a decoder keeps its largest capacity for anything that fits and grows it geometrically when it must:
+        a run of ever longer texts or larger images recompiles a handful of times, and says so before
+        dynamo's recompile limit would silently send the step back to eager."""
+        if need <= self._capacity:
+            return self._capacity
+        grown = max(need, int(self._capacity * CAPACITY_GROWTH))
+        capacity = -(-grown // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        if self._capacity:
+            self.recompiles += 1
+            limit = torch._dynamo.config.recompile_limit
+            if self.recompiles >= limit:
+                warnings.warn(
+                    f"the compiled image step has been recompiled {self.recompiles} times for growing cache "
+                    f"capacities (now {capacity} slots); past torch._dynamo.config.recompile_limit ({limit}) "
+                    "it runs eagerly: decode the largest images and texts first, or raise the limit",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self._capacity = capacity
+        return capacity
 
     def _feed(
         self, state: DecodeState, ids: torch.Tensor, live: torch.Tensor | None = None, keep: int = 1
@@ -297,31 +367,24 @@ class RestorationDecoder:
         state.passes += 1
 
     def _mask(self, state: DecodeState) -> torch.Tensor:
-        """The 2-D mask of the cache: the whole capacity with a static cache, else the used columns."""
-        return state.mask if self.static_cache else state.mask[:, : state.length]
+        """The 2-D mask of the slots a forward's attention reads: the whole capacity when the shapes must
+        stay fixed (a compiled step, or a static cache given to another LM's forward), else the slots in use,
+        so that the attention reads the live cache only (:mod:`pure.decoding.attention`)."""
+        fixed = state.static_shapes or (self.static_cache and not self._use_decode)
+        return state.mask if fixed else state.mask[:, : state.length]
 
     def _attention_mask(self, state: DecodeState, q: int) -> torch.Tensor:
-        """The mask of a forward whose ``q`` queries are the last ``q`` filled slots, in the form the model
-        takes: ``(R, 1, q, slots)`` for :meth:`pure.model.PureForConditionalGeneration.decode` with sdpa or
-        eager attention (transformers would otherwise rebuild it from the 2-D mask at every token), else
-        the 2-D mask."""
+        """The mask of a forward whose ``q`` queries are the last ``q`` filled slots: boolean ``(R, 1, q,
+        slots)`` for :meth:`pure.model.PureForConditionalGeneration.decode` (transformers would otherwise
+        rebuild it from the 2-D mask at every token), else the 2-D mask."""
         mask = self._mask(state)
-        if not self._mask_4d:
+        if not self._use_decode:
             return mask
         if q == 1:  # one query sees every filled slot: a view, nothing to build
-            return self._attention_form(mask[:, None, None, :])
+            return mask[:, None, None, :]
         query_slot = torch.arange(state.length - q, state.length, device=mask.device)
         causal = torch.arange(mask.shape[1], device=mask.device) <= query_slot[:, None]  # (q, slots)
-        return self._attention_form((mask[:, None] & causal)[:, None])
-
-    def _attention_form(self, allowed: torch.Tensor) -> torch.Tensor:
-        """A 4-D boolean mask as the attention takes it: as it is for sdpa, additive for eager."""
-        if not self._additive_mask:
-            return allowed
-        dtype = self.model.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
+        return (mask[:, None] & causal)[:, None]
 
     def _forward(
         self, ids, positions, mask, cache, keep: int, rotary=None, codes: ImageCodes | None = None
@@ -377,7 +440,7 @@ class RestorationDecoder:
         start, end = state.length, state.length + 2 * q
         positions = torch.stack([state.next_pos[:, None] + steps, state.twin_pos[:, None] + steps], dim=2)
         state.mask[:, start:end] = True
-        state.owner[:, start:end] = torch.tensor([1, 2], dtype=state.owner.dtype, device=device).repeat(q)
+        state.owner[:, start:end] = state.pair_owner.repeat(q)
         state.length = end
         state.next_pos += q
         state.twin_pos += q
@@ -386,14 +449,16 @@ class RestorationDecoder:
     def _shared_mask(self, state: DecodeState, q: int) -> torch.Tensor:
         """(B, 1, q, capacity) mask of the last ``q`` slots' queries in the "shared" layout: a row's tokens
         see the context and the row's image tokens, a twin's tokens only the twin's; both causally."""
-        capacity, device = state.mask.shape[1], state.mask.device
-        sees_row = state.mask & (state.owner <= 1)  # (B, capacity): context and the row's image tokens
-        sees_twin = state.mask & (state.owner == 2)
+        mask = self._mask(state)  # (B, slots)
+        slots, device = mask.shape[1], mask.device
+        owner = state.owner[:, :slots]
+        sees_row = mask & (owner <= 1)  # (B, slots): context and the row's image tokens
+        sees_twin = mask & (owner == 2)
         query_owner = state.owner[:, state.length - q : state.length]  # (B, q)
         allowed = torch.where((query_owner == 1)[..., None], sees_row[:, None], sees_twin[:, None])
         query_slot = torch.arange(state.length - q, state.length, device=device)
-        allowed &= torch.arange(capacity, device=device) <= query_slot[:, None]  # (B, q, capacity)
-        return self._attention_form(allowed[:, None])
+        allowed &= torch.arange(slots, device=device) <= query_slot[:, None]  # (B, q, slots)
+        return allowed[:, None]
 
     def _rollback(self, state: DecodeState, tokens: int) -> None:
         """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
@@ -460,16 +525,28 @@ class RestorationDecoder:
         # Only the constraint's text-phase mask is used here, so any grid will do.
         constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, LATENT_PER_GRID, LATENT_PER_GRID)
         budget = self.sampling.max_text_tokens + max(r.forced_length for r in rows)
-        state = self._prefill(prompts, budget, 0)
-        self._text_phase(state, rows, constraint, generators)
+        with self._attention_scope():
+            state = self._prefill(prompts, budget, 0)
+            self._text_phase(state, rows, constraint, generators)
         return [row.tokens for row in rows]
 
+    def _attention_scope(self) -> contextlib.AbstractContextManager:
+        """A whole decode runs the decode attention (:mod:`pure.decoding.attention`), so that a compiled
+        step never sees the model's attention setting change."""
+        return decoding_attention(self.model) if self._use_decode else contextlib.nullcontext()
+
     def _decode(self, prompts, height, width, rows, generators, progress) -> DecodeOutput:
+        with self._attention_scope():
+            return self._decode_phases(prompts, height, width, rows, generators, progress)
+
+    def _decode_phases(self, prompts, height, width, rows, generators, progress) -> DecodeOutput:
         batch = prompts.shape[0]
         if self.sampling.temperature > 0 and (generators is None or len(generators) != batch):
             raise ValueError(f"sampling (temperature > 0) needs one torch.Generator per row ({batch})")
         constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, height, width)
         block_len = self.fmt.image_block_length(height, width)
+        device = prompts.device
+        synchronize(device)
         start = time.perf_counter()
         text_budget = (
             0 if rows is None else self.sampling.max_text_tokens + max(r.forced_length for r in rows)
@@ -477,6 +554,7 @@ class RestorationDecoder:
         state = self._prefill(prompts, text_budget + block_len, block_len)
         if rows is not None:
             self._text_phase(state, rows, constraint, generators)
+        synchronize(device)
         text_done = time.perf_counter()
         passes_before_image = state.passes
         self._start_image(state, height, width)
@@ -486,6 +564,7 @@ class RestorationDecoder:
         else:
             with tqdm(total=height, desc="image rows", unit="row", disable=not progress, leave=False) as bar:
                 self._image_phase(state, constraint, generators, entropy, bar)
+        synchronize(device)
         image_done = time.perf_counter()
 
         eot = torch.tensor([self.fmt.vocab.eot])
@@ -512,20 +591,23 @@ class RestorationDecoder:
         capacity = prompt_len + answer_budget + self._extra_capacity()
         if self.shared:  # the twin's image tokens (and speculative window) sit beside the row's
             capacity += block_len + self._extra_capacity()
-        if self.compile:  # compiled steps specialise on the cache's shape: share it between nearby lengths
-            capacity = -(-capacity // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        static_shapes = self._compiles(device)
+        if static_shapes:  # compiled steps specialise on the cache's shape
+            capacity = self._capacity_for(capacity)
         state = DecodeState(
             seq=torch.full((batch, capacity), pad, dtype=torch.long, device=device),
             mask=torch.zeros((batch * twins, capacity), dtype=torch.bool, device=device),
             cache=self._make_cache(capacity),
             next_pos=torch.zeros(batch * twins, dtype=torch.long, device=device),
             twins=twins,
+            static_shapes=static_shapes,
         )
         if self.shared:
             state.owner = torch.zeros((batch, capacity), dtype=torch.int8, device=device)
             state.twin_pos = torch.zeros(batch, dtype=torch.long, device=device)
+            state.pair_owner = torch.tensor([1, 2], dtype=torch.int8, device=device)
         if self._use_decode:  # a lookup per forward instead of the rotary embedding's computation
-            state.rotary = self.model.rotary_tables(capacity, device)
+            state.rotary = self._rotary_tables(capacity, device)
         state.seq[:, :prompt_len] = prompts
         self._feed(state, prompts.repeat_interleave(twins, dim=0))
         return state
@@ -595,12 +677,25 @@ class RestorationDecoder:
         self._feed(state, head.expand(state.mask.shape[0], -1))
 
     def _image_codes(self, device: torch.device) -> ImageCodes:
-        """The image codes' ids and (for :class:`PureForConditionalGeneration`) a copy of their LM-head rows,
-        made per decode so that it follows the weights (128 MiB for the 7B model)."""
-        ids, index = self.fmt.vocab.code_to_id.to(device), self.fmt.vocab.id_to_code.to(device)
-        if not self._use_decode:
-            return ImageCodes(ids, None, index)
-        return ImageCodes(ids, self.model.lm_head.weight.index_select(0, ids), index)
+        """The image codes' ids and (for :class:`PureForConditionalGeneration`) a copy of their LM-head rows
+        (128 MiB for the 7B model): made once and kept, as static inputs of the compiled step, until the
+        device or the weights change."""
+        weight = self.model.lm_head.weight if self._use_decode else None
+        key = (device, None if weight is None else (weight.data_ptr(), weight._version))
+        if self._codes_key != key:
+            ids, index = self.fmt.vocab.code_to_id.to(device), self.fmt.vocab.id_to_code.to(device)
+            head = None if weight is None else weight.detach().index_select(0, ids)
+            self._codes, self._codes_key = ImageCodes(*_static(ids, head, index)), key
+        return self._codes
+
+    def _rotary_tables(self, capacity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's rotary tables for positions ``0 .. capacity - 1`` at least: made when a decode needs
+        more positions or another device, else the kept (static) ones."""
+        kept = self._rotary
+        if kept is None or kept[0].shape[0] < capacity or kept[0].device != device:
+            tables = self.model.rotary_tables(capacity, device)
+            self._rotary = kept = None if tables is None else _static(*tables)
+        return kept
 
     def _first_image_token(
         self, state, codes: ImageCodes, constraint, keys
@@ -646,7 +741,6 @@ class RestorationDecoder:
         uniform = self._image_noise(keys, n_body + 1)  # (B, n_body + 1)
         codes = self._image_codes(device)
         step = self._compiled_fn("_decode_step", device)
-        graphs = self.compile is True and device.type == "cuda"
         token, step_entropy = self._first_image_token(state, codes, constraint, keys)
         base = state.block_start + 3  # body index 0 in `seq`
         for i in range(n_body + 1):
@@ -659,11 +753,16 @@ class RestorationDecoder:
             if i == n_body:  # <eoi>: nothing left to predict
                 return
             ids, positions, mask = self._image_inputs(state, token[:, None])
-            if graphs:  # a replay overwrites the previous outputs: tell cudagraph trees a step begins
-                torch.compiler.cudagraph_mark_step_begin()
             token, step_entropy = step(
                 ids, positions, mask, state.cache, state.rotary, codes, forced[i + 1], uniform[:, i + 1]
             )
-            if graphs:
-                token, step_entropy = token.clone(), step_entropy.clone()
             state.passes += 1
+
+
+def _static(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` marked as static inputs: a CUDA-graph replay reads them where they are instead of copying
+    them into its own memory first."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
+    return tensors

@@ -169,6 +169,12 @@ class JacobiRestorationDecoder(RestorationDecoder):
         )
         return tokens, accepted, probs, entropy
 
+    @staticmethod
+    def _committed(decided: torch.Tensor, left: int) -> int:
+        """Tokens every row commits: the fewest any row decided, at most ``left``. The one host sync of an
+        iteration (the cache is cropped by it)."""
+        return min(int(decided.min()), left)
+
     def _image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
         """REstore, up to ``window`` tokens per forward (module docstring)."""
         s = self.sampling
@@ -230,7 +236,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
                 fixed,
             )
             decided = accepted + 1  # (B,) accepted drafts and the corrected/bonus token
-            commit = min(int(decided.min()), total - done)  # the one host sync of the iteration
+            commit = self._committed(decided, total - done)
             tokens[:, done : done + commit] = out[:, :commit]
             entropies[:, done : done + commit] = step_entropy[:, :commit]
             self._rollback(state, w_len - commit)  # keep the last committed token and those before it

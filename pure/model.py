@@ -28,6 +28,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
+from pure.decoding.attention import decoding_attention
+
 HUB_MODEL_ID = "nonwhy/PURE"
 _QK_NORM_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_norm\.(weight|bias)$")
 _IGNORED_KEYS = re.compile(r"model\.vqmodel\.|.*rotary_emb\.inv_freq$")
@@ -100,11 +102,19 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
         logits of those ids only, ``(B, keep, V')``. ``rotary``: :meth:`rotary_tables` covering every
         position: the positions' rotary embeddings are looked up rather than computed (the same values).
 
-        A loop that keeps its attention mask in the form the attention takes (4-D for ``sdpa`` and
-        ``eager``) skips, per call, transformers' mask building over the whole cache, its output capturing
-        and its output dataclasses: about a quarter of a small model's forward on a CPU. A 2-D mask goes
-        through transformers' mask builder, as in :meth:`forward`.
+        The attention is :func:`pure.decoding.attention.decode_attention` whatever the model was loaded with
+        (flash-attention 2 cannot take a static cache's mask): it reads only the cache slots the mask spans.
+        ``attention_mask``: boolean ``(B, 1, q, slots)``, which of the cache's first ``slots`` slots each
+        query sees; a loop that keeps it up to date skips, per call, transformers' mask building over the
+        whole cache, its output capturing and its output dataclasses (about a quarter of a small model's
+        forward on a CPU). A 2-D mask goes through transformers' mask builder, as in :meth:`forward`.
         """
+        with decoding_attention(self):
+            return self._decode(
+                input_ids, position_ids, attention_mask, past_key_values, logits_to_keep, head, rotary
+            )
+
+    def _decode(self, input_ids, position_ids, attention_mask, past_key_values, logits_to_keep, head, rotary):
         hidden = self.model.embed_tokens(input_ids)
         if attention_mask.ndim == 2:
             attention_mask = create_causal_mask(
@@ -146,7 +156,8 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
 
 
 def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
-    """flash-attention 2 on CUDA in half precision when it is installed, else PyTorch's sdpa."""
+    """flash-attention 2 on CUDA in half precision when it is installed, else PyTorch's sdpa. (Training's
+    choice: decoding runs its own attention whatever this is: :meth:`PureForConditionalGeneration.decode`.)"""
     if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             import flash_attn  # noqa: F401

@@ -313,15 +313,27 @@ def test_shared_layout_same_tokens_less_cache(tiny_restorer, tiny_format, monkey
     assert seen_rows.batch_sizes[0] == 4 and seen_shared.batch_sizes == [2] * len(seen_shared.batch_sizes)
 
 
-def test_shared_layout_needs_a_4d_mask_attention(tiny_format):
+def test_another_lm_needs_an_attention_that_takes_a_static_cache_s_mask(tiny_format):
+    """A PureForConditionalGeneration decodes with its own attention whatever it was loaded with
+    (tests/test_gpu_paths.py); any other causal LM gets the static cache's mask through its forward, which
+    flash-attention would read as left padding, and the "shared" layout's 4-D mask, which only sdpa takes."""
     from types import SimpleNamespace
 
-    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    def lm(attention):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+
+    for layout in ("rows", "shared"):
+        with pytest.raises(ValueError, match="sdpa"):
+            RestorationDecoder(lm("flash_attention_2"), tiny_format, SamplingConfig(), guidance_layout=layout)
     with pytest.raises(ValueError, match="sdpa"):
-        RestorationDecoder(flash, tiny_format, SamplingConfig(), guidance_layout="shared")
-    RestorationDecoder(flash, tiny_format, SamplingConfig(cfg_scale=1.0), guidance_layout="shared")  # no twin
+        RestorationDecoder(lm("eager"), tiny_format, SamplingConfig(), guidance_layout="shared")
+    RestorationDecoder(lm("eager"), tiny_format, SamplingConfig(), guidance_layout="rows")
+    RestorationDecoder(lm("sdpa"), tiny_format, SamplingConfig(), guidance_layout="shared")
+    RestorationDecoder(
+        lm("eager"), tiny_format, SamplingConfig(cfg_scale=1.0), guidance_layout="shared"
+    )  # no twin
     with pytest.raises(ValueError, match="guidance_layout"):
-        RestorationDecoder(flash, tiny_format, guidance_layout="columns")
+        RestorationDecoder(lm("sdpa"), tiny_format, guidance_layout="columns")
 
 
 # -- speculative Jacobi decoding: greedy ------------------------------------------------------------------

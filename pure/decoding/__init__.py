@@ -1,0 +1,1 @@
+"""Decoding internals shared by the decode loops (:mod:`pure.engine`, :mod:`pure.jacobi`)."""

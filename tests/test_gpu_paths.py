@@ -1,0 +1,256 @@
+"""The GPU's code paths, emulated on the CPU: flash-attention kernels, CUDA-graph replays, host copies.
+
+Nothing here needs a GPU: each test makes the CPU behave as a GPU would where it matters (reference kernels
+of flash-attn 2.x injected into transformers' own glue; a compiled step whose outputs are overwritten by its
+next call, as cudagraph trees do; a device that refuses host data inside the image loop).
+"""
+
+import copy
+
+import flash_reference
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from pure import engine
+from pure.engine import RestorationDecoder, SamplingConfig, make_decoder
+from pure.jacobi import JacobiRestorationDecoder
+from pure.model import load_model
+from pure.sampling import ImageGridConstraintLogitsProcessor
+
+H, W = 8, 4
+
+
+def prompts_for(fmt, n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    codes = [torch.randint(fmt.vocab.codebook_size, (H, W), generator=gen) for _ in range(n)]
+    return torch.stack([fmt.prompt_ids(c, instruction="Restore.") for c in codes])
+
+
+def decode(decoder, prompts, seeds=(3, 4)):
+    gens = [torch.Generator().manual_seed(s) for s in seeds[: prompts.shape[0]]]
+    return decoder.generate(prompts, H, W, generators=gens)
+
+
+def same_answers(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.answer_ids, b.answer_ids, strict=True))
+
+
+# -- flash-attention 2 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flash_model(tiny_checkpoint, monkeypatch):
+    """The tiny checkpoint with attn_implementation="flash_attention_2", the kernels emulated. (Loaded with
+    sdpa and switched: transformers' load-time check wants a CUDA device; the forward reads the config.)"""
+    flash_reference.install(monkeypatch)
+    model = load_model(tiny_checkpoint, attn_implementation="sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    return model
+
+
+def test_the_flash_emulation_is_faithful_where_flash_attention_is_correct(flash_model, tiny_restorer):
+    """A plain forward (training's: no cache, a padding mask) through transformers' flash glue and the
+    reference kernels equals sdpa's: the emulation is trustworthy, so the decoding test below means
+    something."""
+    ids = torch.randint(flash_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, the case the glue is made for
+    with torch.inference_mode():
+        flash = flash_model(input_ids=ids, attention_mask=mask).logits
+        sdpa = tiny_restorer.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(flash[0], sdpa[0], atol=2e-5)
+    assert torch.allclose(flash[1, 3:], sdpa[1, 3:], atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("cfg_scale", [1.0, 0.8])
+def test_decoding_is_the_same_whatever_attention_the_model_was_loaded_with(
+    flash_model, tiny_restorer, tiny_format, window, cfg_scale
+):
+    """A model loaded with flash-attention 2 decodes exactly as with sdpa: prompt prefill, the grid feed
+    and Jacobi windows included (flash's glue reads a static cache's 2-D mask as left padding)."""
+    sampling = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=4, jacobi_window=window)
+    prompts = prompts_for(tiny_format, 2)
+    sdpa = decode(make_decoder(tiny_restorer.model, tiny_format, sampling), prompts)
+    flash = decode(make_decoder(flash_model, tiny_format, sampling), prompts)
+    assert same_answers(flash, sdpa)
+    assert flash_model.config._attn_implementation == "flash_attention_2"  # training keeps it
+
+
+# -- CUDA graphs: a replay overwrites the previous replay's outputs ------------------------------------------
+
+
+def overwriting_capture(fn):
+    """A CPU stand-in for ``torch.compile(mode="reduce-overhead")``: like a CUDA-graph replay, each call
+    writes over the tensors the previous call returned (here with garbage), so a caller that keeps them
+    across calls without copying reads wrong values."""
+    previous: list[torch.Tensor] = []
+
+    def step(*args):
+        for t in previous:
+            t.fill_(-7) if not t.is_floating_point() else t.fill_(float("nan"))
+        out = fn(*args)
+        previous[:] = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+        return out
+
+    return step
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """``compile=True`` takes the CUDA-graph path on the CPU, with :func:`overwriting_capture`."""
+    monkeypatch.setattr(engine, "capture_cuda_graphs", overwriting_capture)
+    monkeypatch.setattr(engine, "uses_cuda_graphs", lambda compile, device: compile is True)
+
+
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_every_compiled_step_survives_replays_overwriting_its_outputs(
+    tiny_restorer, tiny_format, cpu_graphs, layout, window, temperature
+):
+    sampling = SamplingConfig(temperature=temperature, max_text_tokens=3, jacobi_window=window)
+    prompts = prompts_for(tiny_format, 2)
+    model = tiny_restorer.model
+    eager = decode(make_decoder(model, tiny_format, sampling, guidance_layout=layout), prompts)
+    graphs = decode(make_decoder(model, tiny_format, sampling, compile=True, guidance_layout=layout), prompts)
+    assert same_answers(graphs, eager)
+    # a graph's masks span the whole capacity: more masked slots in sdpa's sums, the last bits may differ
+    assert torch.allclose(graphs.entropy, eager.entropy, atol=1e-5)
+
+
+def test_the_overwriting_stand_in_catches_a_loop_that_keeps_outputs(tiny_restorer, tiny_format, monkeypatch):
+    """The stand-in has teeth: a loop that reads a step's output after the next call gets garbage."""
+    step = overwriting_capture(lambda x: (x + 1,))
+    (kept,) = step(torch.zeros(3))
+    step(torch.zeros(3))
+    assert kept.isnan().all()
+
+
+# -- host-to-device copies and static inputs -----------------------------------------------------------------
+
+
+class HostDataRefused(TorchFunctionMode):
+    """Fails on any tensor made from host data on another device, or copied there from the CPU: on a GPU,
+    a blocking host-to-device copy (and a copy of a non-static input in every CUDA-graph replay)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        device = kwargs.get("device")
+        if name in ("tensor", "as_tensor") and device is not None and torch.device(device).type != "cpu":
+            raise AssertionError(f"torch.{name}(..., device={device}) in the image loop")
+        if name in ("to", "copy_") and args and isinstance(args[0], torch.Tensor):
+            target = args[1] if len(args) > 1 else kwargs.get("device")
+            source = args[1] if name == "copy_" else args[0]
+            to_device = isinstance(target, (str, torch.device)) and torch.device(target).type != "cpu"
+            if name == "to" and to_device and args[0].device.type == "cpu":
+                raise AssertionError("a CPU tensor copied to the device in the image loop")
+            if name == "copy_" and source.device.type == "cpu" and args[0].device.type != "cpu":
+                raise AssertionError("a CPU tensor copied to the device in the image loop")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+@pytest.mark.parametrize("window", [0, 6])
+def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format, monkeypatch, layout, window):
+    """On the meta device (no values, so no syncs either), the image phase runs without host data. What is
+    made once per decoder or per device (the constraint's tables, the image codes) is made first."""
+    model = copy.deepcopy(tiny_restorer.model).to("meta")
+    monkeypatch.setattr(
+        engine, "noise_keys", lambda gens, b, device: torch.zeros(b, 2, dtype=torch.long, device=device)
+    )
+    monkeypatch.setattr("pure.jacobi.noise_keys", engine.noise_keys)
+    sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8, jacobi_window=window)
+    decoder = make_decoder(model, tiny_format, sampling, guidance_layout=layout)
+    meta = torch.device("meta")
+    prompts = prompts_for(tiny_format, 1).to(meta)
+    state = decoder._prefill(
+        prompts, tiny_format.image_block_length(H, W), tiny_format.image_block_length(H, W)
+    )
+    decoder._start_image(state, H, W)
+    constraint = ImageGridConstraintLogitsProcessor(tiny_format.vocab, H, W)
+    entropy = torch.zeros(1, H, W, device=meta)
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    constraint.forced_at(torch.arange(1, device=meta))
+    decoder._image_codes(meta)
+    if window:  # Jacobi commits as many tokens as its window accepted: the one host read it makes
+        monkeypatch.setattr(
+            JacobiRestorationDecoder, "_committed", staticmethod(lambda decided, left: min(2, left))
+        )
+    with torch.inference_mode(), HostDataRefused():
+        decoder._image_phase(state, constraint, [None], entropy, Bar())
+
+
+def test_head_rows_and_rotary_tables_are_made_once_and_static(tiny_restorer, tiny_format):
+    """CUDA-graph trees copy every input that is not static at each replay: the image codes' LM-head rows
+    (128 MiB at 7B) and the rotary tables are made once per decoder and marked static."""
+    decoder = make_decoder(
+        tiny_restorer.model, tiny_format, SamplingConfig(temperature=0.0, max_text_tokens=2)
+    )
+    prompts = prompts_for(tiny_format, 1)
+    seen = []
+    forward = decoder._forward
+
+    def record(ids, positions, mask, cache, keep, rotary=None, codes=None):
+        if codes is not None:
+            seen.append((codes.head, rotary[0], rotary[1]))
+        return forward(ids, positions, mask, cache, keep, rotary, codes)
+
+    decoder._forward = record
+    decode(decoder, prompts)
+    decode(decoder, prompts)
+    first = seen[0]
+    assert all(all(a is b for a, b in zip(first, other, strict=True)) for other in seen)
+    for t in first:
+        assert getattr(t, "_dynamo_static_input_type", None) is not None, "not marked static"
+
+
+# -- recompilation -------------------------------------------------------------------------------------------
+
+
+def test_cache_capacity_grows_geometrically_so_recompiles_are_bounded(tiny_restorer, tiny_format):
+    """Compiled steps specialise on the cache's shape. A decoder reuses its largest capacity for anything
+    that fits and grows it by at least half when it must, so a run of ever longer texts recompiles a few
+    times, not once per 256 slots, and never past dynamo's limit without saying so."""
+    decoder = RestorationDecoder(tiny_restorer.model, tiny_format, compile="eager")
+    needs = range(300, 8000, 97)  # from a 64 px image with a short text to 512 px with a long one
+    capacities = [decoder._capacity_for(need) for need in needs]
+    assert all(c >= n and c % 256 == 0 for c, n in zip(capacities, needs, strict=True))
+    assert capacities == sorted(capacities)
+    assert len(set(capacities)) <= 8
+    assert decoder._capacity_for(500) == capacities[-1]  # a smaller need reuses the largest shape
+    assert decoder.recompiles == len(set(capacities)) - 1
+
+
+def test_past_dynamo_s_recompile_limit_the_decoder_warns(tiny_restorer, tiny_format, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    decoder = RestorationDecoder(tiny_restorer.model, tiny_format, compile="eager")
+    decoder._capacity_for(300)
+    decoder._capacity_for(1000)
+    with pytest.warns(RuntimeWarning, match="recompile"):
+        decoder._capacity_for(5000)
+        decoder._capacity_for(50000)
+
+
+# -- timings -------------------------------------------------------------------------------------------------
+
+
+def test_phase_timings_wait_for_the_device(tiny_restorer, tiny_format, monkeypatch):
+    """Each phase's time is read after the device has finished its queued work (a GPU runs asynchronously)."""
+    events = []
+    monkeypatch.setattr(engine, "synchronize", lambda device: events.append(("sync", str(device))))
+    clock = iter(range(100))
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: events.append(("clock",)) or next(clock))
+    decoder = make_decoder(
+        tiny_restorer.model, tiny_format, SamplingConfig(temperature=0.0, max_text_tokens=2)
+    )
+    decode(decoder, prompts_for(tiny_format, 1))
+    clocks = [i for i, e in enumerate(events) if e[0] == "clock"]
+    assert len(clocks) >= 3
+    assert all(i > 0 and events[i - 1] == ("sync", "cpu") for i in clocks)
