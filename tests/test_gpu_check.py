@@ -22,7 +22,7 @@ from pure.gpu_check import CheckConfig, markdown_table, run_all, run_child, run_
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode: stages 3-5 run on a GPU here")
 
 
-@pytest.mark.slow  # about 25 s on 2 idle cores: three processes import torch
+@pytest.mark.slow  # 37-47 s on the 2 shared cores under load: three processes import torch
 @no_cuda
 def test_cpu_mode_checks_the_tiny_model_and_skips_the_gpu_stages(tmp_path):
     out = tmp_path / "check"
