@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
-from pure.engine import RestorationDecoder, SamplingConfig, TextPrior, check_compile, make_decoder
+from pure.engine import (
+    RestorationDecoder,
+    SamplingConfig,
+    TextPrior,
+    check_compile,
+    make_decoder,
+    synchronize,
+)
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
 from pure.quant import check_quantize
 from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
@@ -355,9 +362,11 @@ class PureRestorer:
         if forced_text is not None and (any(captions) or any(degradations)):
             raise ValueError("give either forced_text or captions/degradations, not both")
         device = self.device
+        synchronize(device)  # each clock read waits for the device's queued work (CUDA runs asynchronously)
         start = time.perf_counter()
 
         prepared, lq_codes, prompts = self._prompts(images, size)
+        synchronize(device)
         encoded = time.perf_counter()
 
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
@@ -378,7 +387,7 @@ class PureRestorer:
         parsed = [self.format.parse_answer(ids, strict=True) for ids in answers]
         hq_codes = torch.stack([p.codes for p in parsed]).to(device)
         # one image at a time: batched convolutions may round differently, and a batch must equal single runs
-        restored = torch.cat([self.vq.decode(codes[None]) for codes in hq_codes]).cpu()
+        restored = torch.cat([self.vq.decode(codes[None]) for codes in hq_codes]).cpu()  # .cpu() waits
         decoded = time.perf_counter()
 
         results = []

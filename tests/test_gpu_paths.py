@@ -254,3 +254,19 @@ def test_phase_timings_wait_for_the_device(tiny_restorer, tiny_format, monkeypat
     clocks = [i for i, e in enumerate(events) if e[0] == "clock"]
     assert len(clocks) >= 3
     assert all(i > 0 and events[i - 1] == ("sync", "cpu") for i in clocks)
+
+
+def test_the_restorer_s_timings_wait_for_the_device(tiny_restorer, monkeypatch):
+    from PIL import Image
+
+    from pure import restorer
+
+    events = []
+    monkeypatch.setattr(restorer, "synchronize", lambda device: events.append("sync"))
+    clock = iter(range(100))
+    monkeypatch.setattr(restorer.time, "perf_counter", lambda: events.append("clock") or next(clock))
+    tiny_restorer.restore_batch(
+        [Image.new("RGB", (16, 16), "gray")], size=64, sampling=SamplingConfig(max_text_tokens=2)
+    )
+    first_two = [i for i, e in enumerate(events) if e == "clock"][:2]  # start, then after the VQ encoding
+    assert all(events[i - 1] == "sync" for i in first_two)
