@@ -18,14 +18,20 @@ from pure.eval import holdout
 from pure.eval.holdout import (
     BORDER,
     SETTINGS,
+    VQOnly,
     crop_boxes,
+    gms_y,
     measure_holdout,
     native_size,
+    paired_differences,
+    perceive_summary,
     psnr_y,
     render_markdown,
     rgb_to_y,
     ssim_y,
     summarise,
+    token_accuracy,
+    understand_summary,
     verdict,
 )
 from pure.vq import pil_to_pixels, pixels_to_pil
@@ -184,8 +190,8 @@ def test_verdict_says_beats_only_when_both_means_are_higher():
     assert "not on PSNR-Y nor SSIM-Y" in worse["verdict"]
 
     markdown = render_markdown(better)
-    assert "| method | PSNR-Y (dB) | SSIM-Y | s/image |" in markdown
-    assert "| pure | 26.00 ± 1.00 | 0.7000 ± 0.0500 | 0.5 |" in markdown
+    assert "| method | PSNR-Y (dB) | SSIM-Y | GMS-Y | token acc | s/image |" in markdown
+    assert "| pure | 26.00 ± 1.00 | 0.7000 ± 0.0500 | - | - | 0.5 |" in markdown
     assert better["verdict"] in markdown
 
 
@@ -262,13 +268,13 @@ def test_cli_writes_results_markdown_and_pictures(tiny_checkpoint, holdout_folde
     markdown = (out / "results.md").read_text()
     assert ("pure beats bicubic on both" in markdown) == beats
     assert ("pure does not beat bicubic" in markdown) == (not beats)
-    assert "| method | PSNR-Y (dB) | SSIM-Y | s/image |" in markdown
+    assert "| method | PSNR-Y (dB) | SSIM-Y | GMS-Y | token acc | s/image |" in markdown
     assert "colour fix: wavelet" in markdown
 
     pictures = sorted(p.name for p in (out / "pictures").iterdir())
     assert pictures == ["astronaut_000_seed0.png", "coffee_000_seed0.png"]
     with Image.open(out / "pictures" / pictures[0]) as picture:
-        assert picture.width > 5 * CROP  # five labelled panels
+        assert picture.width > 5 * CROP  # labelled panels: LQ, bicubic, VQ ceiling, PURE, HQ
 
     code, _, stderr = _run(capsys, *args, "--crop", str(CROP), "--methods", "bicubic")
     assert code == 2 and "--overwrite" in stderr  # an earlier measurement is never silently replaced
@@ -304,3 +310,151 @@ def test_cli_empty_or_unusable_folder_exits_2(tiny_checkpoint, tmp_path, capsys)
     code, _, stderr = _run(capsys, *argv, "--holdout", str(small), "--methods", "bicubic")
     assert code == 2 and "no usable" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+# -- learning or copying: the copy baseline, token accuracy, edges, Perceive and Understand ---------------
+
+
+def test_token_accuracy_counts_equal_codes():
+    grid = torch.arange(16).reshape(4, 4)
+    assert token_accuracy(grid, grid.clone()) == 1.0
+    half = grid.clone()
+    half[:2] += 100
+    assert token_accuracy(half, grid) == 0.5
+    assert token_accuracy(grid + 1, grid) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        token_accuracy(grid[:2], grid)
+
+
+def test_gms_is_one_for_identical_images_and_falls_with_blur_and_invented_edges():
+    ref = np.asarray(astronaut())
+    assert gms_y(ref, ref) == pytest.approx(1.0)
+    blurred = np.asarray(
+        Image.fromarray(ref).resize((24, 24), Image.BILINEAR).resize((96, 96), Image.BILINEAR)
+    )
+    flat = np.full_like(ref, 128)
+    assert gms_y(blurred, ref) < 0.95
+    assert gms_y(flat, ref) < gms_y(blurred, ref)  # no edges at all: worst
+    checker = (np.indices((96, 96)).sum(0) // 4 % 2 * 255).astype(np.uint8)
+    invented = np.repeat(checker[..., None], 3, -1)
+    plain = np.full_like(invented, 128)
+    assert gms_y(invented, plain) < 0.1  # edges where the reference has none
+
+
+class _PerfectCopier:
+    """A restorer whose model copies its input tokens: restore = VQ round trip of the upsampled LQ."""
+
+    def __init__(self, vq):
+        self.vq = vq
+        self.image_size = CROP
+
+    def upsample_input(self, image, size=None):
+        return image.resize((size, size), Image.BICUBIC), []
+
+    def restore_batch(self, images, **kwargs):  # read for its color_fix default only
+        raise NotImplementedError
+
+    def restore(self, lq, seed=0, sampling=None, size=None):
+        shown, _ = self.upsample_input(lq, size)
+        codes = self.vq.encode(pil_to_pixels(shown)[None])[0]
+        image = pixels_to_pil(self.vq.decode(codes[None])[0])
+        return SimpleNamespace(
+            image=image,
+            codes=codes,
+            degradation="Small blur, small noise.",
+            caption="A red disc over a plain blue background.",
+            entropy=torch.zeros(codes.shape),
+        )
+
+
+def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer):
+    copier = _PerfectCopier(tiny_restorer.vq)
+    images = {"astronaut.png": astronaut(), "coffee.png": coffee()}
+    results = measure_holdout(
+        copier, images, crop=CROP, seeds=[0, 1], methods=["bicubic", "copy", "vq", "pure"]
+    )
+    by = {(r["method"], r["crop"], r["seed"]): r for r in results["rows"]}
+    for (method, crop, seed), row in by.items():
+        if method == "pure":
+            twin = by["copy", crop, seed]
+            for key in ("psnr_y", "ssim_y", "gms_y", "token_acc"):
+                assert row[key] == twin[key], key
+    assert all(r["token_acc"] == 1.0 for r in results["rows"] if r["method"] == "vq")
+    assert all("token_acc" not in r for r in results["rows"] if r["method"] == "bicubic")
+    paired = results["paired"]
+    assert all(e["mean"] == 0.0 and e["resolved"] == 0 for e in paired["copy"].values())
+    assert results["methods"]["bicubic"]["token_acc"]["n"] == 0
+    assert "GMS-Y" in render_markdown(results) and "pure minus each baseline" in render_markdown(results)
+
+
+def test_paired_differences_resolve_a_steady_gain_and_not_jitter():
+    def rows(method, values):
+        return [
+            {"method": method, "crop": f"c{i}", "seed": 0, "psnr_y": v, "ssim_y": 0.5}
+            for i, v in enumerate(values)
+        ]
+
+    base = [20.0, 22.0, 24.0, 26.0]
+    steady = paired_differences(
+        [*rows("copy", base), *rows("pure", [v + 0.3 for v in base])], baselines=["copy"]
+    )
+    assert (
+        steady["copy"]["psnr_y"]["mean"] == pytest.approx(0.3) and steady["copy"]["psnr_y"]["resolved"] == 1
+    )
+    jitter = [v + d for v, d in zip(base, [0.5, -0.5, 0.5, -0.4], strict=True)]
+    noisy = paired_differences([*rows("copy", base), *rows("pure", jitter)], baselines=["copy"])
+    assert noisy["copy"]["psnr_y"]["resolved"] == 0 and noisy["copy"]["psnr_y"]["n"] == 4
+    assert noisy["copy"]["ssim_y"]["mean"] == 0.0
+
+
+def test_perceive_counts_exact_levels_beside_chance_and_majority():
+    labels = [
+        "Small blur, small noise.",
+        "Small blur, large noise.",
+        "Large blur, small noise.",
+        "Small blur, small noise.",
+    ]
+    said = ["Small blur, small noise.", "Small blur, small noise.", "Medium blur, small noise.", None]
+    rows = [
+        {"method": "pure", "label": t, "degradation": s, "crop": f"c{i}", "seed": 0}
+        for i, (t, s) in enumerate(zip(labels, said, strict=True))
+    ]
+    p = perceive_summary(rows)
+    assert p["n"] == 4 and p["unreadable"] == 1
+    assert p["blur"] == 0.5 and p["noise"] == 0.5 and p["both"] == 0.25
+    assert p["chance"] == {"blur": 1 / 3, "noise": 1 / 3, "both": 1 / 9}
+    assert p["majority"] == {"blur": 0.75, "noise": 0.75, "both": 0.5}
+    assert perceive_summary(rows, "pure-greedy") == {"n": 0}
+
+
+def test_understand_scores_generated_captions_only():
+    truth = {"scene.png": "Two red discs and a blue star over a plain white background, with black text.",
+             "photo.png": "A cup of coffee on a table."}  # fmt: skip
+    rows = [
+        {"method": "pure", "image": "scene.png", "caption": "A red disc over a plain white background."},
+        {"method": "pure", "image": "photo.png", "caption": "A red disc over a plain white background."},
+    ]
+    u = understand_summary(rows, "pure", truth)
+    assert u["n"] == 1  # the photo's fixed caption has no attributes to check
+    assert u["kinds"] == 0.5 and u["colours"] == 0.5  # disc of {disc, star}; red of {red, blue}
+    assert u["background"] == 1.0 and u["background_colours"] == 1.0 and u["text"] == 0.0
+    assert understand_summary(rows, "pure", {}) == {"n": 0}
+
+
+def test_crop_boxes_of_an_image_the_crop_size_are_one(tiny_restorer):
+    assert crop_boxes(64, 64, 64, 4) == [(0, 0)]
+    assert len(crop_boxes(128, 64, 64, 4)) == 2
+
+
+def test_cli_measures_a_tokenizer_alone(tiny_checkpoint, holdout_folder, tmp_path, capsys):
+    out = tmp_path / "vq_only"
+    argv = ["--vq", str(tiny_checkpoint / "vq"), "--holdout", str(holdout_folder), "--out", str(out)]
+    code, _, stderr = _run(capsys, *argv, "--crop", str(CROP), "--seeds", "0", "--quiet")
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["bicubic", "vq", "copy"]
+    code, _, stderr = _run(capsys, *argv, "--crop", str(CROP), "--methods", "pure", "--overwrite")
+    assert code == 2 and "--methods" in stderr
+    code, _, stderr = _run(capsys, "--holdout", str(holdout_folder), "--out", str(out))
+    assert code == 2 and "--vq" in stderr
+    assert isinstance(VQOnly(None).identity, dict)

@@ -6,8 +6,20 @@ with the degradations it was trained on, against the two numbers that bound what
 - ``bicubic``: the LQ upsampled bicubically, the floor a restoration must beat to be worth anything;
 - ``vq``: the VQ tokenizer's own encode -> decode of the HQ crop, the ceiling (PURE writes VQ codes, so it
   cannot be more faithful to the HQ than its tokenizer);
+- ``copy``: the VQ round trip of the bicubic-upsampled LQ, i.e. of exactly what the model is shown: what a
+  model that only copies its input tokens would give. A model that restores must beat it, not only bicubic;
 - ``pure`` and its ablations (`SETTINGS`): the restorations under several sampling settings, so that the
   effect of the entropy-based top-k and of classifier-free guidance is measured, not assumed.
+
+Beside PSNR-Y and SSIM-Y every output gets ``gms_y``, the mean gradient-magnitude similarity (`gms_y`: the
+GMSD paper's similarity map averaged, 1 = the HQ's edges exactly), which rewards sharp edges in the right
+place and punishes both blur and invented edges, and every method that writes VQ codes gets ``token_acc``,
+the share of its codes equal to the HQ crop's own codes (`token_accuracy`). The PURE rows also score the
+model's text: Perceive (its blur and noise levels against the label of the LQ's true degradation
+parameters, beside chance and the majority class: `perceive_summary`) and, for images whose true caption
+is a generated one (`pure.data.synthetic_images`), Understand (the caption's attributes:
+`understand_summary`). `paired_differences` says whether PURE's margin over ``copy`` and ``bicubic``
+exceeds two paired standard errors.
 
 For every held-out image, ``--crops-per-image`` crops of ``--crop`` px are taken on a fixed grid (one crop:
 the centre; see `crop_boxes`); for every crop and every ``--seeds`` seed, an LQ of ``crop / 4`` px is made by
@@ -21,8 +33,8 @@ rerun gives the same numbers. Each method is scored against the HQ crop with PSN
 
 writes ``OUT/results.json`` (every score, mean and std per method, settings, checkpoint identity, timing),
 ``OUT/results.md`` (the table and whether PURE beats bicubic, computed from it) and
-``OUT/pictures/NAME_seedS.png`` for the first seed (LQ nearest | bicubic | VQ ceiling | PURE | HQ). The Python
-entry point is `measure_holdout`; `write_report` writes the two result files.
+``OUT/pictures/NAME_seedS.png`` for the first seed (LQ nearest | bicubic | copy | VQ ceiling | PURE |
+HQ). The Python entry point is `measure_holdout`; `write_report` writes the two result files.
 """
 
 from __future__ import annotations
@@ -42,25 +54,33 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pure.data import synthetic_images
 from pure.data.degradations import DegradationConfig
 from pure.data.pairs import PairSettings, crop_name, make_pair, pair_names
 from pure.engine import SamplingConfig
 from pure.imageio import ImageLoadError, atomic_write, list_images, load_image, save_image, save_json
+from pure.sequence import DEGRADATION_LEVELS
 from pure.vq import pil_to_pixels, pixels_to_pil, to_rgb
 
 __all__ = [
     "BASELINES",
     "SETTINGS",
     "HoldoutError",
+    "VQOnly",
     "crop_boxes",
+    "gms_y",
     "measure_holdout",
     "native_size",
+    "paired_differences",
     "per_image",
+    "perceive_summary",
     "psnr_y",
     "render_markdown",
     "rgb_to_y",
     "ssim_y",
     "summarise",
+    "token_accuracy",
+    "understand_summary",
     "verdict",
     "write_report",
 ]
@@ -107,11 +127,20 @@ SETTING_NOTES: dict[str, str] = {
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
     "vq": "the VQ tokenizer's encode -> decode of the HQ crop: the ceiling of any PURE output",
+    "copy": "the VQ tokenizer's encode -> decode of the bicubic-upsampled LQ: a model that copies its input "
+    "tokens (no colour fix)",
 }
-PICTURE_PANELS = ("LQ (nearest)", "bicubic", "VQ ceiling", "PURE", "HQ")
+PICTURE_PANELS = ("LQ (nearest)", "bicubic", "copy", "VQ ceiling", "PURE", "HQ")
 PICTURE_MIN_SIDE = 256  # small crops are shown magnified (nearest, whole factor) so that labels fit
 
 METRIC_KEYS = ("psnr_y", "ssim_y")
+# Scored too, shown in the table; kept apart from METRIC_KEYS, which the card's reproduction check pairs.
+EXTRA_METRIC_KEYS = ("gms_y", "token_acc")
+# Gradient-magnitude similarity (Xue et al. 2014, GMSD): Prewitt gradients of Y (0-255), c = 170.
+GMS_C = 170.0
+# Paired comparisons the report makes: PURE's default setting against these, per metric.
+PAIRED_BASELINES = ("copy", "bicubic")
+PAIRED_Z = 2.0
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PICTURES_DIR = "pictures"
@@ -189,6 +218,45 @@ def ssim_y(pred: Any, ref: Any, border: int = BORDER) -> float:
     return float(ssim_map.mean())
 
 
+def gms_y(pred: Any, ref: Any, border: int = BORDER) -> float:
+    """Mean gradient-magnitude similarity on Y (the GMSD paper's GMS map, Prewitt 3x3 gradients, c = 170 on
+    the 0-255 scale, without its 2x average-pooling), after cutting ``border`` px: 1 when the gradient
+    magnitudes match everywhere, lower for blurred edges (weaker gradients) and for invented ones.
+    Same inputs as `psnr_y`."""
+    a, b = _pair_y(pred, ref, border)
+    prewitt = torch.tensor([[1.0, 0.0, -1.0]] * 3, dtype=torch.float64) / 3.0
+    kernels = torch.stack([prewitt, prewitt.T])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+
+    def magnitude(y: np.ndarray) -> torch.Tensor:
+        g = torch.nn.functional.conv2d(torch.from_numpy(np.ascontiguousarray(y))[None, None], kernels)
+        return g.square().sum(1).sqrt()  # (1, H-2, W-2)
+
+    ga, gb = magnitude(a), magnitude(b)
+    return float(((2 * ga * gb + GMS_C) / (ga**2 + gb**2 + GMS_C)).mean())
+
+
+def token_accuracy(codes: Any, reference: Any) -> float:
+    """Share of positions where two ``(h, w)`` code grids agree (1.0 for identical grids)."""
+    a, b = torch.as_tensor(codes).cpu(), torch.as_tensor(reference).cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"code grids differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float((a == b).double().mean())
+
+
+class VQOnly:
+    """A stand-in restorer that holds only a VQ tokenizer: `measure_holdout` with the baselines alone
+    (``bicubic``, ``vq``, ``copy``), e.g. to follow a tokenizer's training against bicubic."""
+
+    def __init__(self, vq: Any, image_size: int = 128, identity: Mapping[str, Any] | None = None) -> None:
+        self.vq = vq
+        self.image_size = image_size
+        self.identity = dict(identity or {})
+        self.device = getattr(vq, "device", "cpu")
+
+    def restore_batch(self, *args: Any, **kwargs: Any) -> Any:
+        raise HoldoutError("a VQ-only measurement has no model: choose methods among bicubic, vq, copy")
+
+
 # -- crops and inputs --------------------------------------------------------------------------------------
 
 
@@ -207,7 +275,8 @@ def crop_boxes(width: int, height: int, crop: int, count: int) -> list[tuple[int
         return [room // 2] if n == 1 else [round(i * room / (n - 1)) for i in range(n)]
 
     tops, lefts = spread(rows, height - crop), spread(cols, width - crop)
-    return [(top, left) for top in tops for left in lefts][:count]
+    # an image about the crop's size has fewer distinct places than `count`: each is measured once
+    return list(dict.fromkeys((top, left) for top in tops for left in lefts))[:count]
 
 
 def native_size(restorer: Any) -> int:
@@ -290,6 +359,24 @@ def _vq_roundtrip(restorer: Any, hq: Image.Image) -> Image.Image:
     return pixels_to_pil(vq.decode(vq.encode(pixels))[0].cpu())
 
 
+def _encode(restorer: Any, image: Image.Image) -> torch.Tensor:
+    """(h, w) codes of an image."""
+    vq = restorer.vq
+    return vq.encode(pil_to_pixels(image)[None].to(vq.device))[0].cpu()
+
+
+def _decode(restorer: Any, codes: torch.Tensor) -> Image.Image:
+    """The image of (h, w) codes."""
+    vq = restorer.vq
+    return pixels_to_pil(vq.decode(codes[None].to(vq.device))[0].cpu())
+
+
+def _model_input(restorer: Any, lq: Image.Image, size: int) -> Image.Image:
+    """The LQ as the model is shown it: the restorer's own upsampling, else PIL bicubic."""
+    upsample = getattr(restorer, "upsample_input", None)
+    return upsample(lq, size)[0] if upsample is not None else lq.resize((size, size), Image.BICUBIC)
+
+
 def _nonfinite_to_none(value: float) -> float | None:
     """JSON has no inf: a PSNR of identical images is written as null (and shown as inf in tables)."""
     return value if math.isfinite(value) else None
@@ -306,6 +393,7 @@ def measure_holdout(
     pictures_dir: str | Path | None = None,
     checkpoint: Mapping[str, Any] | None = None,
     progress: bool = False,
+    captions: Mapping[str, str] | None = None,
 ) -> dict:
     """Score bicubic, the VQ ceiling and PURE's sampling settings on held-out images; returns the results.
 
@@ -319,10 +407,13 @@ def measure_holdout(
         settings: name -> `SamplingConfig` of the PURE methods (default `SETTINGS`).
         pictures_dir: where to write ``NAME_seedS.png`` comparisons for the first seed (None: none).
         checkpoint: identity of the checkpoint to record (default ``restorer.identity``).
+        captions: image key (as in the rows' ``image``) -> true caption; generated captions (whose
+            attributes `pure.data.synthetic_images.caption_attributes` can read) are scored for Understand.
 
     Returns:
-        A JSON-ready dict: ``methods`` (per method: mean, std and n of ``psnr_y``, ``ssim_y`` and
-        ``seconds``, over all crops x seeds), ``rows`` (one per crop, seed and method), ``settings``,
+        A JSON-ready dict: ``methods`` (per method: mean, std and n of ``psnr_y``, ``ssim_y``, ``gms_y``,
+        ``token_acc`` and ``seconds``, over all crops x seeds), ``rows`` (one per crop, seed and method),
+        ``paired`` (`paired_differences`), ``perceive`` and ``understand`` (per PURE setting), ``settings``,
         ``protocol`` (crop, scale, border, preset, seeds, colour fix), ``checkpoint``, ``skipped`` images,
         ``timing`` and ``verdict`` (the sentence of `verdict`).
 
@@ -380,6 +471,7 @@ def measure_holdout(
                 region = image.crop((left, top, left + crop, top + crop))
                 vq_image: Image.Image | None = None
                 vq_seconds = 0.0
+                hq_codes: torch.Tensor | None = None  # the HQ crop's own codes: what token_acc counts
                 focus: torch.Tensor | None = None  # entropy of the pictured restoration: where to zoom
                 for seed in seeds:
                     pair_settings = PairSettings(
@@ -402,10 +494,17 @@ def measure_holdout(
                         "degrade_s": degrade_s,
                     }
                     outputs: dict[str, Image.Image] = {}
+                    if hq_codes is None:
+                        hq_codes = _encode(restorer, hq)
                     for method in methods:
                         extra: dict[str, Any] = {}
                         tick = time.perf_counter()
-                        if method == "bicubic":
+                        if method == "copy":
+                            copy_codes = _encode(restorer, _model_input(restorer, lq, crop))
+                            output = _decode(restorer, copy_codes)
+                            seconds = time.perf_counter() - tick
+                            extra = {"token_acc": token_accuracy(copy_codes, hq_codes)}
+                        elif method == "bicubic":
                             output = lq.resize((crop, crop), Image.BICUBIC)
                             seconds = time.perf_counter() - tick
                         elif method == "vq":
@@ -413,6 +512,7 @@ def measure_holdout(
                                 vq_image = _vq_roundtrip(restorer, hq)
                                 vq_seconds = time.perf_counter() - tick
                             output, seconds = vq_image, vq_seconds
+                            extra = {"token_acc": 1.0}  # its codes are the HQ's own
                         else:
                             result = restorer.restore(lq, seed=seed, sampling=settings[method], size=crop)
                             seconds = time.perf_counter() - tick
@@ -421,6 +521,7 @@ def measure_holdout(
                                 "degradation": result.degradation,
                                 "caption": result.caption,
                                 "entropy_mean": float(result.entropy.float().mean()),
+                                "token_acc": token_accuracy(result.codes, hq_codes),
                             }
                             if method == picture_method:
                                 focus = result.entropy
@@ -431,6 +532,7 @@ def measure_holdout(
                                 "method": method,
                                 "psnr_y": _nonfinite_to_none(psnr_y(output, hq)),
                                 "ssim_y": ssim_y(output, hq),
+                                "gms_y": gms_y(output, hq),
                                 "seconds": seconds,
                                 **extra,
                             }
@@ -444,10 +546,22 @@ def measure_holdout(
     elapsed = time.perf_counter() - start
 
     summary = summarise(rows, methods)
+    pure_methods = [m for m in methods if m in settings]
+    truth = {str(k): v for k, v in (captions or {}).items()}
     results = {
         "methods": summary,
         "per_image": per_image(rows),
         "verdict": verdict(summary),
+        "paired": paired_differences(rows),
+        "perceive": {m: perceive_summary(rows, m) for m in pure_methods},
+        "understand": {m: understand_summary(rows, m, truth) for m in pure_methods},
+        "measures": {
+            "gms_y": f"mean gradient-magnitude similarity on Y (Prewitt, c = {GMS_C:g}), {BORDER} px "
+            "border cut",
+            "token_acc": "share of the output's VQ codes equal to the HQ crop's codes (vq: 1 by definition)",
+            "paired": f"mean of per-(crop, seed) differences and its standard error; beyond {PAIRED_Z:g} "
+            "SE = resolved (crops of one image are not independent: the SE is, if anything, too small)",
+        },
         "settings": {
             **{m: {"kind": "baseline", "description": BASELINES[m]} for m in methods if m in BASELINES},
             **{
@@ -503,7 +617,7 @@ def _save_picture(
     pure_method: str | None,
     focus: Any,
 ) -> None:
-    """LQ (nearest) | bicubic | VQ ceiling | PURE | HQ, each labelled with its PSNR-Y where it has one."""
+    """LQ (nearest) | bicubic | copy | VQ ceiling | PURE | HQ, each labelled with its PSNR-Y if it has one."""
     from pure import viz
 
     factor = -(-PICTURE_MIN_SIDE // max(hq.size))  # ceil
@@ -513,11 +627,11 @@ def _save_picture(
         return image.resize(size, Image.NEAREST)  # nearest: every pixel as it is, only bigger
 
     panels: list[tuple[str, Image.Image]] = [(PICTURE_PANELS[0], shown(lq))]
-    for label, method in zip(PICTURE_PANELS[1:4], ("bicubic", "vq", pure_method), strict=True):
+    for label, method in zip(PICTURE_PANELS[1:5], ("bicubic", "copy", "vq", pure_method), strict=True):
         if method in outputs:
-            name = label if method in ("bicubic", "vq", "pure") else f"{label} ({method})"
+            name = label if method in ("bicubic", "copy", "vq", "pure") else f"{label} ({method})"
             panels.append((f"{name} {psnr_y(outputs[method], hq):.2f} dB", shown(outputs[method])))
-    panels.append((PICTURE_PANELS[4], shown(hq)))
+    panels.append((PICTURE_PANELS[5], shown(hq)))
     save_image(viz.comparison(panels, focus=focus), path, overwrite=True)
 
 
@@ -540,7 +654,118 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str] | None =
     for method in order:
         mine = [r for r in rows if r["method"] == method]
         summary[method] = {key: _stats([r[key] for r in mine]) for key in (*METRIC_KEYS, "seconds")}
+        for key in EXTRA_METRIC_KEYS:  # absent where a method has no such score (bicubic writes no codes)
+            summary[method][key] = _stats([r[key] for r in mine if r.get(key) is not None])
     return summary
+
+
+def paired_differences(
+    rows: Sequence[Mapping[str, Any]],
+    method: str = "pure",
+    baselines: Sequence[str] = PAIRED_BASELINES,
+    z: float = PAIRED_Z,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``method`` minus each baseline, per metric, over the (crop, seed) pairs both scored.
+
+    Returns ``{baseline: {metric: {"mean", "se", "n", "resolved"}}}``: ``resolved`` is +1 when the mean
+    difference exceeds ``z`` standard errors, -1 below minus that, 0 within it (and when n < 2). Infinite
+    PSNRs (identical images) are left out of the pairs they occur in.
+    """
+    mine = {(r["crop"], r["seed"]): r for r in rows if r["method"] == method}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for baseline in baselines:
+        theirs = {(r["crop"], r["seed"]): r for r in rows if r["method"] == baseline}
+        shared = [k for k in mine if k in theirs]
+        if not shared:
+            continue
+        out[baseline] = {}
+        for key in (*METRIC_KEYS, *EXTRA_METRIC_KEYS):
+            diffs = np.asarray(
+                [
+                    mine[k][key] - theirs[k][key]
+                    for k in shared
+                    if mine[k].get(key) is not None and theirs[k].get(key) is not None
+                ],
+                dtype=np.float64,
+            )
+            if diffs.size == 0:
+                continue
+            mean = float(diffs.mean())
+            se = float(diffs.std(ddof=1) / math.sqrt(diffs.size)) if diffs.size > 1 else None
+            resolved = 0 if not se else (1 if mean > z * se else -1 if mean < -z * se else 0)
+            if se == 0.0 and mean != 0.0:
+                resolved = 1 if mean > 0 else -1
+            out[baseline][key] = {"mean": mean, "se": se, "n": int(diffs.size), "resolved": resolved}
+    return out
+
+
+def _levels(sentence: str | None) -> tuple[str, str] | None:
+    """``"Medium blur, small noise."`` -> ``("medium", "small")``; None if it is not such a sentence."""
+    if not sentence:
+        return None
+    words = sentence.lower().replace(",", " ").replace(".", " ").split()
+    if len(words) != 4 or words[1] != "blur" or words[3] != "noise":
+        return None
+    if words[0] not in DEGRADATION_LEVELS or words[2] not in DEGRADATION_LEVELS:
+        return None
+    return words[0], words[2]
+
+
+def perceive_summary(rows: Sequence[Mapping[str, Any]], method: str = "pure") -> dict[str, Any]:
+    """Perceive: how often ``method``'s degradation sentence names the true blur / noise level (the
+    ``label`` of the LQ's recorded degradation parameters), beside two rates a model without sight gets:
+    chance (1/3 per level, 1/9 for both) and the majority class (always answering the commonest true
+    level of this hold-out). A missing or malformed sentence counts as wrong."""
+    mine = [r for r in rows if r["method"] == method and _levels(r.get("label")) is not None]
+    if not mine:
+        return {"n": 0}
+    truth = [_levels(r["label"]) for r in mine]
+    said = [_levels(r.get("degradation")) for r in mine]
+    n = len(mine)
+
+    def rate(hits: Sequence[bool]) -> float:
+        return float(np.mean(hits))
+
+    def majority(values: Sequence[Any]) -> float:
+        return max(values.count(v) for v in set(values)) / len(values)
+
+    levels = len(DEGRADATION_LEVELS)
+    return {
+        "n": n,
+        "blur": rate([s is not None and s[0] == t[0] for s, t in zip(said, truth, strict=True)]),
+        "noise": rate([s is not None and s[1] == t[1] for s, t in zip(said, truth, strict=True)]),
+        "both": rate([s == t for s, t in zip(said, truth, strict=True)]),
+        "chance": {"blur": 1 / levels, "noise": 1 / levels, "both": 1 / levels**2},
+        "majority": {
+            "blur": majority([t[0] for t in truth]),
+            "noise": majority([t[1] for t in truth]),
+            "both": majority(truth),
+        },
+        "unreadable": sum(s is None for s in said),
+    }
+
+
+def understand_summary(
+    rows: Sequence[Mapping[str, Any]], method: str = "pure", captions: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Understand: on images whose true caption is a generated one (`pure.data.synthetic_images`), the mean
+    of `synthetic_images.attribute_scores` of ``method``'s caption against it (shape kinds and colours:
+    Jaccard overlap; background kind, background colours and text present: right or wrong)."""
+    scores: list[dict[str, float]] = []
+    for row in rows:
+        if row["method"] != method:
+            continue
+        true_caption = (captions or {}).get(row["image"])
+        if not true_caption:
+            continue
+        truth = synthetic_images.caption_attributes(true_caption)
+        if truth["background"] is None:  # a photo's fixed caption: no attributes to check
+            continue
+        said = synthetic_images.caption_attributes(row.get("caption") or "")
+        scores.append(synthetic_images.attribute_scores(said, truth))
+    if not scores:
+        return {"n": 0}
+    return {"n": len(scores), **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]}}
 
 
 def per_image(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -601,17 +826,72 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"- colour fix: {protocol['color_fix']} on the PURE rows; bicubic and vq are shown as they are",
         "- s/image: wall time per crop and seed (PURE: one `restore` call, text + image; vq: once per crop)",
         "",
-        "| method | PSNR-Y (dB) | SSIM-Y | s/image |",
-        "|---|---|---|---|",
+        "| method | PSNR-Y (dB) | SSIM-Y | GMS-Y | token acc | s/image |",
+        "|---|---|---|---|---|---|",
     ]
+    empty = {"mean": None, "std": None, "n": 0}
     for method, stats in results["methods"].items():
         seconds = stats["seconds"]["mean"]
         lines.append(
             f"| {method} | {_cell(stats['psnr_y'], 2)} | {_cell(stats['ssim_y'], 4)} | "
+            f"{_cell(stats.get('gms_y', empty), 4)} | {_cell(stats.get('token_acc', empty), 3)} | "
             f"{'-' if seconds is None else f'{seconds:.3g}'} |"
         )
     lines += ["", results["verdict"], ""]
+    lines += _paired_lines(results.get("paired") or {})
+    lines += _text_lines(results.get("perceive") or {}, results.get("understand") or {})
     return "\n".join(lines)
+
+
+_METRIC_NAMES = {"psnr_y": "PSNR-Y", "ssim_y": "SSIM-Y", "gms_y": "GMS-Y", "token_acc": "token acc"}
+
+
+def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    if not paired:
+        return []
+    lines = [
+        f"pure minus each baseline, paired by crop and seed (mean ± standard error; resolved beyond "
+        f"{PAIRED_Z:g} SE):",
+        "",
+        "| vs | " + " | ".join(_METRIC_NAMES.values()) + " |",
+        "|---" * (len(_METRIC_NAMES) + 1) + "|",
+    ]
+    for baseline, metrics in paired.items():
+        cells = []
+        for key in _METRIC_NAMES:
+            entry = metrics.get(key)
+            if entry is None:
+                cells.append("-")
+                continue
+            mark = {1: "better", -1: "worse", 0: "within noise"}[entry["resolved"]]
+            se = "-" if entry["se"] is None else f"{entry['se']:.3g}"
+            cells.append(f"{entry['mean']:+.3g} ± {se} ({mark})")
+        lines.append(f"| {baseline} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _text_lines(perceive: Mapping[str, Any], understand: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for method, p in perceive.items():
+        if not p.get("n"):
+            continue
+        lines.append(
+            f"Perceive ({method}, {p['n']} LQs): blur level right {p['blur']:.0%}, "
+            f"noise level {p['noise']:.0%}, both {p['both']:.0%}; "
+            f"chance {p['chance']['blur']:.0%} / {p['chance']['noise']:.0%} / "
+            f"{p['chance']['both']:.0%}, majority class {p['majority']['blur']:.0%} / "
+            f"{p['majority']['noise']:.0%} / {p['majority']['both']:.0%}; {p['unreadable']} unreadable."
+        )
+    for method, u in understand.items():
+        if not u.get("n"):
+            continue
+        lines.append(
+            f"Understand ({method}, {u['n']} generated images): caption attributes right {u['mean']:.0%} "
+            f"(shape kinds {u['kinds']:.0%}, shape colours {u['colours']:.0%}, "
+            f"background {u['background']:.0%}, background colours {u['background_colours']:.0%}, "
+            f"text present {u['text']:.0%})."
+        )
+    return [*lines, ""] if lines else []
 
 
 def write_report(results: Mapping[str, Any], out: str | Path) -> tuple[Path, Path]:
@@ -643,6 +923,20 @@ def checkpoint_identity(folder: str | Path, identity: Mapping[str, Any] | None =
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
+def read_captions(path: str | Path, paths: Sequence[str | Path]) -> dict[str, str]:
+    """``{image key: caption}`` for the hold-out ``paths`` from a captions.jsonl (``{"file", "caption"}``
+    lines, files matched by name, as `pure.data.records` does)."""
+    import json
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        by_file = {json.loads(line)["file"]: json.loads(line)["caption"] for line in lines if line.strip()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HoldoutError(f"--captions {path}: {err}") from None
+    names = pair_names([Path(p) for p in paths])
+    return {names[Path(p)][0]: by_file[Path(p).name] for p in paths if Path(p).name in by_file}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pure.eval.holdout",
@@ -650,7 +944,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "x4 degradations under several seeds, PSNR/SSIM on Y for bicubic, the VQ ceiling and PURE's "
         "sampling settings. Writes OUT/results.json, OUT/results.md and OUT/pictures/.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder (with vq/) or Hub id")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder (with vq/) or Hub id; without it, --vq alone measures the baselines "
+        "(bicubic, vq, copy) of a tokenizer",
+    )
     parser.add_argument("--vq", default=None, help="VQ tokenizer (default: the checkpoint's vq/ folder)")
     parser.add_argument("--holdout", required=True, help="folder (or glob) of held-out HQ images")
     parser.add_argument("--out", required=True, help="output folder")
@@ -671,6 +970,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=",".join([*BASELINES, *SETTINGS]),
         help=f"comma-separated subset of {', '.join([*BASELINES, *SETTINGS])} (default all)",
     )
+    parser.add_argument(
+        "--captions",
+        default=None,
+        help="captions.jsonl of the hold-out images ({file, caption} per line): generated captions are "
+        "scored for Understand",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/results.json")
@@ -688,8 +993,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise HoldoutError(f"--limit must be at least 1; got {args.limit}")
     seeds = parse_seeds(args.seeds)
+    if args.model is None and args.vq is None:
+        raise HoldoutError("give --model (a checkpoint), or --vq alone to measure a tokenizer's baselines")
+    default_methods = ",".join([*BASELINES, *SETTINGS])
+    if args.model is None and args.methods == default_methods:
+        args.methods = ",".join(BASELINES)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = [*BASELINES, *SETTINGS]
+    known = [*BASELINES, *SETTINGS] if args.model is not None else [*BASELINES]
     if not methods or any(m not in known for m in methods):
         raise HoldoutError(f"--methods must name some of {', '.join(known)}; got {args.methods!r}")
     out = Path(args.out)
@@ -701,8 +1011,15 @@ def _run(args: argparse.Namespace) -> int:
         raise HoldoutError(str(err)) from None
     paths = paths[: args.limit] if args.limit else paths
 
-    restorer = PureRestorer.from_pretrained(args.model, vq=args.vq, device=args.device)
-    identity = checkpoint_identity(args.model, restorer.identity)
+    captions = read_captions(args.captions, paths) if args.captions else None
+    if args.model is None:
+        from pure.vq import VQModel
+
+        restorer = VQOnly(VQModel.from_pretrained(args.vq, device=args.device or "cpu"), args.crop or 128)
+        identity = checkpoint_identity(args.vq, {"model": f"none (tokenizer {args.vq} only)"})
+    else:
+        restorer = PureRestorer.from_pretrained(args.model, vq=args.vq, device=args.device)
+        identity = checkpoint_identity(args.model, restorer.identity)
     results = measure_holdout(
         restorer,
         paths,
@@ -713,6 +1030,7 @@ def _run(args: argparse.Namespace) -> int:
         pictures_dir=out / PICTURES_DIR,
         checkpoint=identity,
         progress=not args.quiet,
+        captions=captions,
     )
     for entry in results["skipped"]:
         print(f"note: skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
