@@ -97,6 +97,8 @@ class VQSection:
     channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2])
     z_channels: int = 32
     num_res_blocks: int = 1
+    norm_groups: int = 32
+    """Groups of every GroupNorm (see :class:`pure.vq.VQConfig`); LlamaGen's 32 by default."""
 
     def to_vq_config(self) -> VQConfig:
         return VQConfig(**dataclasses.asdict(self))
@@ -111,6 +113,9 @@ class DataSection:
     crop: int = 64
     """Side of the square random training crops, px; a multiple of the VQ downsample factor."""
     batch_size: int = 8
+    weight_by_area: bool = False
+    """Draw each crop's image with probability proportional to its area (after ``fit_min_side``) rather
+    than uniformly, so that a few large photos are not drowned by thousands of small generated images."""
     holdout_max_side: int = 512
     """Hold-out images are centre-cropped to at most this many px per side (bounds CPU time and the
     memory of the mid-block attention over all positions); 0 = whole images. Then to a multiple of 8."""
@@ -138,6 +143,9 @@ class TrainSection:
     dead_code_every: int = 20
     """Steps between dead-code checks."""
     seed: int = 0
+    init_from: str = ""
+    """A ``VQModel.save_pretrained`` folder of the same architecture to start from (fine-tuning a tokenizer
+    on new data) instead of a random initialisation; ignored when resuming from a checkpoint."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     log_every: int = 10
@@ -234,12 +242,25 @@ class CropSampler:
     resumed run draws the same batches as an uninterrupted one.
     """
 
-    def __init__(self, images: Sequence[Image.Image], crop: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        images: Sequence[Image.Image],
+        crop: int,
+        generator: torch.Generator,
+        weight_by_area: bool = False,
+    ) -> None:
         # (3, H, W) uint8 each: 4x smaller than float, converted per crop.
         images = [fit_min_side(im, crop) for im in images]
         self.images = [torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in images]
         self.crop = crop
         self.generator = generator
+        areas = torch.tensor([float(im.shape[1] * im.shape[2]) for im in self.images], dtype=torch.float64)
+        self.weights = areas / areas.sum() if weight_by_area else None
+
+    def _pick(self) -> Tensor:
+        if self.weights is None:
+            return self.images[self._randint(len(self.images))]
+        return self.images[int(torch.multinomial(self.weights, 1, generator=self.generator))]
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
@@ -248,7 +269,7 @@ class CropSampler:
         """(size, 3, crop, crop) float32 pixels in [-1, 1] (``x / 255 * 2 - 1``, as ``pil_to_pixels``)."""
         crops = []
         for _ in range(size):
-            image = self.images[self._randint(len(self.images))]
+            image = self._pick()
             _, height, width = image.shape
             top, left = self._randint(height - self.crop + 1), self._randint(width - self.crop + 1)
             crop = image[:, top : top + self.crop, left : left + self.crop]
@@ -543,10 +564,19 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
         if changed:
             print(f"note: train.{', train.'.join(changed)} differ from the checkpoint's; using the recipe's")
         print(f"resuming {run_dir} from step {step}")
+    elif cfg.init_from:
+        start = VQModel.from_pretrained(cfg.init_from)
+        if start.config.to_dict() != vq_config.to_dict():
+            raise ConfigError(
+                f"train.init_from {cfg.init_from} has another architecture ({start.config.to_dict()}) "
+                f"than the recipe's vq section ({vq_config.to_dict()})"
+            )
+        model.load_state_dict(start.state_dict())
+        print(f"starting from {cfg.init_from}")
 
     train_images = [load_rgb(p) for p in train_files]
     holdout_images = [load_rgb(p) for p in holdout_files]
-    sampler = CropSampler(train_images, data.crop, generator)
+    sampler = CropSampler(train_images, data.crop, generator, data.weight_by_area)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / RECIPE_NAME, lambda f: f.write(recipe_to_yaml(recipe).encode()), overwrite=True)
     log = JsonLog(run_dir / LOG_NAME)

@@ -269,3 +269,49 @@ def test_shipped_recipe_parses_and_runs(folders: tuple[Path, Path], tmp_path: Pa
     args = _args(folders, out, 2, "data.holdout_max_side=32", "train.eval_every=0", "train.save_every=0")
     assert main([str(SHIPPED_RECIPE), *args]) == 0
     assert VQModel.from_pretrained(out / VQ_DIR).config == recipe.vq.to_vq_config()
+
+
+# ------------------------------------------------------------------------------- v2: groups, init, weighting
+
+
+def test_norm_groups_travel_with_the_weights(tmp_path: Path) -> None:
+    default, coarse = (
+        TINY_VQ.to_vq_config(),
+        VQSection(**{**TINY_VQ.__dict__, "norm_groups": 8}).to_vq_config(),
+    )
+    assert "norm_groups" not in default.to_dict()  # LlamaGen-style config.json files stay as they were
+    assert coarse.to_dict()["norm_groups"] == 8
+    model = VQModel(coarse)
+    assert {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQModel.from_pretrained(tmp_path / "vq")
+    assert loaded.config == coarse
+    assert {m.num_groups for m in loaded.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.eval().encode(x), loaded.encode(x))
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQSection(norm_groups=3).to_vq_config()
+
+
+def test_init_from_starts_at_the_given_weights(
+    folders: tuple[Path, Path], tiny_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = tmp_path / "first"
+    assert main([str(tiny_recipe), *_args(folders, first, 2)]) == 0
+    again = tmp_path / "again"
+    args = _args(folders, again, 1, "train.lr=1e-12", "train.min_lr=0", f"train.init_from={first / VQ_DIR}")
+    assert main([str(tiny_recipe), *args]) == 0
+    assert "starting from" in capsys.readouterr().out
+    a, b = _weights(first), _weights(again)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a if "codebook_used" not in k)
+    other = tmp_path / "other"
+    wrong = _args(folders, other, 1, f"train.init_from={first / VQ_DIR}", "vq.codebook_size=32")
+    assert main([str(tiny_recipe), *wrong]) == 2
+
+
+def test_weight_by_area_draws_large_images_more_often() -> None:
+    big, small = _smooth_image(0, 128, 128), _smooth_image(1, 32, 32)
+    sampler = CropSampler([small, big], CROP, torch.Generator().manual_seed(0), weight_by_area=True)
+    assert sampler.weights.tolist() == pytest.approx([1 / 17, 16 / 17])
+    picks = [sampler._pick().shape[1] for _ in range(200)]
+    assert 170 < picks.count(128) < 200
