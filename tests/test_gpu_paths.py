@@ -6,6 +6,7 @@ next call, as cudagraph trees do; a device that refuses host data inside the ima
 """
 
 import copy
+import itertools
 
 import flash_reference
 import pytest
@@ -270,3 +271,86 @@ def test_the_restorer_s_timings_wait_for_the_device(tiny_restorer, monkeypatch):
     )
     first_two = [i for i, e in enumerate(events) if e == "clock"][:2]  # start, then after the VQ encoding
     assert all(events[i - 1] == "sync" for i in first_two)
+
+
+# -- reading only the live cache -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["rows", "shared"])
+def test_eager_steps_attend_only_the_slots_in_use(tiny_restorer, tiny_format, monkeypatch, layout):
+    """Eagerly, each step's attention gets the cache's first ``length`` slots, not its whole capacity: one
+    more per image token (two in the "shared" layout, the row's and its twin's)."""
+    from pure.decoding import attention
+
+    widths = []
+    sdpa = attention.sdpa_attention_forward
+
+    def record(module, query, key, value, mask, *args, **kwargs):
+        if module.layer_idx == 0:
+            widths.append((key.shape[-2], mask.shape[-1]))
+        return sdpa(module, query, key, value, mask, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", record)
+    sampling = SamplingConfig(temperature=0.0, max_text_tokens=3)
+    decoder = make_decoder(tiny_restorer.model, tiny_format, sampling, guidance_layout=layout)
+    out = decode(decoder, prompts_for(tiny_format, 1))
+    keys = [k for k, m in widths]
+    assert all(k == m for k, m in widths)
+    image = keys[-(H * (W + 1)) :]  # the body's steps
+    per_token = 2 if layout == "shared" else 1
+    assert all(b - a == per_token for a, b in itertools.pairwise(image))
+    assert out.forward_passes == len(keys)
+
+
+def test_a_block_mask_of_the_visible_blocks_gives_the_dense_mask_s_attention():
+    """flex attention over :func:`live_block_mask` equals sdpa with the dense mask, and its block table
+    lists the blocks that hold a visible slot, first."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from pure.decoding.attention import KV_BLOCK, live_block_mask
+
+    slots = 4 * KV_BLOCK
+    allowed = torch.zeros(2, 1, 2, slots, dtype=torch.bool)
+    allowed[0, 0, :, :200] = True  # blocks 0, 1
+    allowed[1, 0, 0, 300:310] = True  # block 2 only, for one query ...
+    allowed[1, 0, 1, 5:6] = True  # ... and block 0 for the other
+    block_mask = live_block_mask(allowed)
+    count, order = block_mask.kv_num_blocks[:, 0, 0], block_mask.kv_indices[:, 0, 0]
+    assert count.tolist() == [2, 2]
+    assert order[0, :2].tolist() == [0, 1] and order[1, :2].tolist() == [0, 2]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=gen) for n in (2, slots, slots))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(flex_attention(q, k, v, block_mask=block_mask), dense, atol=1e-5)
+
+
+def test_step_traffic_counts_the_slots_each_attention_reads():
+    """Hand-counted on a 1-layer model decoding 4 image tokens after a 100-token context (in KV slots)."""
+    from types import SimpleNamespace
+
+    from pure.decoding.traffic import step_traffic
+    from pure.memory import DecodeShape
+
+    config = SimpleNamespace(hidden_size=8, num_hidden_layers=1, num_key_value_heads=1, num_attention_heads=1)
+    slot = 1 * 2 * 1 * 8 * 2  # K and V of 8 bf16 values
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8, bias=False)])
+    model.model.embed_tokens = torch.nn.Embedding(10, 8)
+    model.lm_head = torch.nn.Linear(8, 10, bias=False)
+    shape = DecodeShape(prompt=90, text=20, block=4)  # capacity 114 per row ("rows"), 118 ("shared")
+    context = 90 + 7 + 3  # prompt, 7 tokens of text, the grid feed
+
+    def kv(layout, reads):
+        return step_traffic(config, model, shape, layout, "bf16", 5, reads, text=7).kv / slot
+
+    steps = range(4)
+    assert kv("rows", "capacity") == 2 * 114 and kv("shared", "capacity") == 118
+    assert kv("rows", "live") == sum(2 * (context + t) for t in steps) / 4
+    assert kv("shared", "live") == sum(context + 2 * (3 + t) for t in steps) / 4
+    assert kv("shared", "blocks") == 128  # everything live fits the first block
+    assert kv("rows", "blocks") == 128 + 128  # the twin's block (slots 97..) is block 0 too
+    ideal = step_traffic(config, model, shape, "rows", "bf16", 5, "blocks", text=7).ideal_kv / slot
+    assert ideal == sum(context + t + 3 + t for t in steps) / 4
+    weights = step_traffic(config, model, shape, "rows", "bf16", 5, "live", text=7)
+    assert weights.weights == 8 * 8 * 2 and weights.head == 5 * 8 * 2  # the tables are not read
