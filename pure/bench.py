@@ -343,12 +343,13 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         for fmt in WEIGHT_FORMATS
     ]
     lines += ["  " + line for line in peak_table(estimates, default)]
-    jacobi = DecodeShape(prompt, text, block, batch, window=window)
-    for fmt in TARGET_GB:
-        e = estimate_peak(c, jacobi, default, fmt, PURE_CODEBOOK, vq_params, model)
-        lines.append(
-            f"  with Jacobi {window}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.1f} GB"
-        )
+    for label, variant in (
+        ("compiled (masks span the whole cache)", DecodeShape(prompt, text, block, batch, compiled=True)),
+        (f"with Jacobi {window}", DecodeShape(prompt, text, block, batch, window=window)),
+    ):
+        for fmt in TARGET_GB:
+            e = estimate_peak(c, variant, default, fmt, PURE_CODEBOOK, vq_params, model)
+            lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
     for fmt, target in TARGET_GB.items():
         fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
         lines.append(

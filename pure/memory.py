@@ -6,8 +6,9 @@ larger of two phases' transients, which never coexist:
 
 * the prefill: the prompt's forward over every cache row at once, per decoder layer the residual stream,
   the normed input and the MLP's gate, up and product (``rows * prompt * (3 hidden + 3 intermediate)``
-  values), and the 4-D boolean mask over the cache; attention itself is assumed to run in sdpa's memory-
-  efficient or flash kernel (no ``prompt x capacity`` score matrix);
+  values), and the 4-D boolean mask over the cache with the additive copies sdpa makes of it
+  (:data:`MASK_BYTES`); attention itself is assumed to run in sdpa's memory-efficient kernel (no
+  ``prompt x capacity`` score matrix);
 * the image phase: the copy of the LM head's rows of the image codes (:mod:`pure.engine`), and a Jacobi
   window's fp32 code logits.
 
@@ -29,6 +30,9 @@ LAYOUTS = ("rows", "shared")
 WEIGHT_FORMATS = ("bf16", "int8", "int4")
 INT8_ROW_BYTES = 5  # per output channel of an int8 linear: fp32 scale + int8 zero point (torchao 0.18)
 INT4_GROUP = 128  # input weights per int4 scale-and-zero pair (two bf16), tinygemm's layout on CUDA
+# bytes per element of the prefill's (rows, 1, prompt, slots) mask: the boolean mask, and the additive bf16
+# copy sdpa converts it to for its memory-efficient kernel, padded to a multiple of 16 slots (a second copy)
+MASK_BYTES = 1 + 2 * 2
 
 
 def default_layout() -> str:
@@ -100,6 +104,7 @@ class DecodeShape:
     batch: int = 1
     guidance: bool = True
     window: int = 0  # Jacobi window (0: one token per forward)
+    compiled: bool = False  # compiled steps: every mask spans the whole cache (one shape), the prefill's too
 
     def cache(self, layout: str) -> tuple[int, int]:
         """``(rows, slots per row)`` of the static cache, as :meth:`pure.engine.RestorationDecoder._prefill`
@@ -113,6 +118,11 @@ class DecodeShape:
         if layout == "rows":
             return 2 * self.batch, slots
         return self.batch, slots + self.block + self.window
+
+    def prefill_mask_slots(self, layout: str) -> int:
+        """Slots the prefill's mask spans: those in use (the prompt's) in eager decoding, where the attention
+        reads the live cache only (:mod:`pure.decoding.attention`); the whole cache row when compiled."""
+        return self.cache(layout)[1] if self.compiled else self.prompt
 
     def prefill_rows(self, layout: str) -> int:
         """Rows the prompt runs over: twins included in "rows" (they mirror the text), once in "shared"."""
@@ -144,7 +154,7 @@ def estimate_peak(
     if weights_format != "bf16":
         dequantized = max(2 * m.weight.numel() for m in _decoder_linears(model))
     activations = prefill_rows * shape.prompt * (3 * hidden + 3 * inter) * 2
-    mask = prefill_rows * shape.prompt * slots  # bool
+    mask = prefill_rows * shape.prompt * shape.prefill_mask_slots(layout) * MASK_BYTES
     head_rows = codebook * hidden * 2
     window_logits = 2 * shape.batch * shape.window * codebook * 4
     return PeakEstimate(
