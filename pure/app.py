@@ -181,6 +181,8 @@ def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
                     sources=["upload", "clipboard"],
                     elem_id="lq",
                 )
+                # right under the upload: in view without scrolling (a 1400x1000 window, the test's)
+                run = gr.Button("Restore", variant="primary", elem_id="restore")
                 scale = gr.Radio(
                     list(SCALES),
                     value=AUTO_SCALE,
@@ -224,9 +226,7 @@ def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
                     lines=2,
                     elem_id="caption",
                 )
-                with gr.Row():
-                    clear = gr.Button("Clear texts", variant="secondary", elem_id="clear-texts")
-                    run = gr.Button("Restore", variant="primary", elem_id="restore")
+                clear = gr.Button("Clear texts", variant="secondary", elem_id="clear-texts")
             with gr.Column(scale=2):
                 result = gr.ImageSlider(
                     label="input (bicubic) | restored",

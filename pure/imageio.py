@@ -6,7 +6,8 @@ and `save_json` write atomically (temporary file in the same folder, fsync, rena
 interrupted write never leaves a half-written output behind.
 
 Conversions done by `load_image` (a notice is a short text the CLI can print; it is stored in
-``image.info["pure_notice"]``, several notices joined by ``"; "``):
+``image.info["pure_notice"]``, several notices joined by ``"; "``; a converted image keeps the file's mode in
+``image.info["pure_source_mode"]``, so that later notices can name it: a palette file, not "RGBA"):
 
 | input mode                        | result                                                  | notice |
 |-----------------------------------|---------------------------------------------------------|--------|
@@ -49,7 +50,7 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,9 +60,12 @@ __all__ = [
     "MAX_PIXELS",
     "MIN_SIDE",
     "NOTICE_KEY",
+    "SOURCE_MODE_KEY",
+    "ImageListing",
     "ImageLoadError",
     "atomic_write",
     "check_writable",
+    "find_images",
     "list_images",
     "load_image",
     "save_image",
@@ -76,6 +80,7 @@ MAX_PIXELS: int = 64_000_000
 MIN_SIDE: int = 8
 
 NOTICE_KEY = "pure_notice"
+SOURCE_MODE_KEY = "pure_source_mode"
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -129,7 +134,10 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Im
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = _open_and_decode(fp, path, max_pixels, notices)
     image = _apply_exif_orientation(image, notices)
+    source_mode = image.mode
     image = _to_rgb_or_rgba(image, path, notices)
+    if image.mode != source_mode:
+        image.info[SOURCE_MODE_KEY] = source_mode
     if notices:
         image.info[NOTICE_KEY] = "; ".join(notices)
     return image
@@ -370,33 +378,73 @@ def save_json(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -
     atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
 
 
+class ImageListing(NamedTuple):
+    """What :func:`find_images` found: image files, and entries named like images that are not files."""
+
+    images: list[Path]
+    not_files: list[tuple[Path, str]]  # (entry, why it is no image file): a folder, a broken link, a FIFO
+
+
 def list_images(path_or_dir_or_glob: str | os.PathLike[str]) -> list[Path]:
     """Expand a CLI input argument into image files.
 
     An existing file is returned as is (whatever its suffix: `load_image` will judge it). A folder gives
     its image files (suffix in `IMAGE_SUFFIXES`, any case; hidden files such as macOS ``._x.jpg`` skipped),
     sorted, not recursive. Anything else containing ``*``, ``?`` or ``[`` is a glob pattern (``**``
-    recurses): its matching image files, sorted.
+    recurses): its matching image files, sorted. Entries named like images that are not files (a folder
+    ``x.png``, a broken symbolic link) are left out: :func:`find_images` lists them too.
 
     Raises:
         ImageLoadError: nothing found, with a one-line message.
     """
+    images = find_images(path_or_dir_or_glob).images
+    if not images:
+        raise ImageLoadError(_nothing_found(path_or_dir_or_glob))
+    return images
+
+
+def find_images(path_or_dir_or_glob: str | os.PathLike[str]) -> ImageListing:
+    """:func:`list_images`, and the entries it leaves out because they are named like images but are no files,
+    each with a one-line reason, so that a caller can say what it skipped.
+
+    Raises:
+        ImageLoadError: nothing found, not even such an entry, with a one-line message.
+    """
     path = Path(path_or_dir_or_glob)
     if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if _is_image_file(p))
-        if not found:
-            raise ImageLoadError(f"{path}: folder has no image files ({_SUFFIX_LIST})")
-        return found
+        return ImageListing([path], [])
     pattern = os.fspath(path_or_dir_or_glob)
-    if _GLOB_MAGIC.search(pattern):
-        found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if _is_image_file(Path(p)))
-        if not found:
-            raise ImageLoadError(f"no image files ({_SUFFIX_LIST}) match {pattern!r}")
-        return found
-    raise ImageLoadError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        named = sorted(p for p in path.iterdir() if _named_like_image(p))
+    elif _GLOB_MAGIC.search(pattern):
+        named = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if _named_like_image(Path(p)))
+    else:
+        raise ImageLoadError(f"{path}: no such file or folder; check the path")
+    listing = ImageListing(
+        [p for p in named if p.is_file()], [(p, _not_a_file(p)) for p in named if not p.is_file()]
+    )
+    if not listing.images and not listing.not_files:
+        raise ImageLoadError(_nothing_found(path_or_dir_or_glob))
+    return listing
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+def _nothing_found(path_or_dir_or_glob: str | os.PathLike[str]) -> str:
+    path = Path(path_or_dir_or_glob)
+    if path.is_dir():
+        return f"{path}: folder has no image files ({_SUFFIX_LIST})"
+    if _GLOB_MAGIC.search(os.fspath(path_or_dir_or_glob)):
+        return f"no image files ({_SUFFIX_LIST}) match {os.fspath(path_or_dir_or_glob)!r}"
+    return f"{path}: no such file or folder; check the path"
+
+
+def _named_like_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an entry named like an image is not an image file, in a few words."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist); skipped"
+    if path.is_dir():
+        return "a folder named like an image, not an image file; skipped"
+    return "not a regular file; skipped"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import pure
 from pure import distributed, viz
 from pure.engine import SamplingConfig
-from pure.imageio import ImageLoadError, check_writable, list_images, load_image, save_image, save_json
+from pure.imageio import ImageLoadError, check_writable, find_images, load_image, save_image, save_json
 from pure.model import HUB_MODEL_ID, ModelLoadError
 from pure.quant import QUANTIZE_MODES
 from pure.restorer import IMAGE_SIZE_KEY
@@ -36,6 +36,12 @@ N px square give an NxN restoration (x4, x2, x1: 128, 256, 512 px for PURE); oth
 factor, aspect ratio kept); --tile alone tiles every input that is not a native square, at x1.
 Each output PNG gets a JSON sidecar with the degradation estimate, the caption,
 every sampling setting, the seed, the model identity and timings.
+
+exit codes:
+  0    every input restored (or nothing left to do)
+  1    some inputs failed (each has an error: line; the others were restored)
+  2    usage or set-up error, before any work: a bad option, no model, an unwritable output folder
+  130  interrupted (Ctrl-C): finished outputs are kept, none is half-written
 """
 
 
@@ -167,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='the degradation estimate, e.g. "Large blur, small noise."; or a .json file of per-image texts',
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="version", version=f"%(prog)s {pure.__version__}")
     return p
 
 
@@ -203,10 +210,30 @@ def plan_outputs(inputs: list[Path], output: str | None, single: bool) -> list[t
     folder = Path(output or "outputs")
     if folder.exists() and not folder.is_dir():
         raise CliError(f"--output must be a folder when restoring several images; {folder} is a file")
-    names = [src.stem for src in inputs]
-    if len(set(names)) != len(names):
-        raise CliError("several inputs share a file name stem; restore them into separate --output folders")
+    by_stem: dict[str, list[Path]] = {}
+    for src in inputs:
+        by_stem.setdefault(src.stem, []).append(src)
+    clashes = [" and ".join(str(src) for src in group) for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise CliError(
+            f"inputs that share a file name stem would write one output: {'; '.join(clashes[:3])}{more}; "
+            "restore them into separate --output folders"
+        )
     return [(src, folder / (src.stem + ".png")) for src in inputs]
+
+
+def per_file(src: Path, message: str) -> str:
+    """``src: message``, unless the message names the file first already (pure.imageio's errors do)."""
+    return message if message.startswith(f"{src}:") else f"{src}: {message}"
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """``text`` on one line, at most ``width`` characters, or cut between words and ended with " ..."."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    return (text[: width + 1].rsplit(" ", 1)[0] or text[:width]) + " ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,9 +270,10 @@ def run(args: argparse.Namespace) -> int:
     check_tiling(args)
     resolve_sizes(args, native=None)  # what --size already settles, before hours of work
     try:
-        inputs = list_images(args.input)
+        listing = find_images(args.input)
     except ImageLoadError as err:
         raise CliError(err) from None
+    inputs = listing.images
     single = len(inputs) == 1 and Path(args.input).is_file()
     args.caption_for = per_image_texts(args.caption, "--caption")
     args.degradation_for = per_image_texts(args.degradation, "--degradation")
@@ -255,8 +283,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(err) from None
     args.device = ranks.device(args.device)
     args.quiet = args.quiet or not ranks.is_main  # one set of progress bars
+    # named like images but no files (a folder "x.png", a broken link): a line each, counted as failed
+    not_files = [per_file(path, why) for path, why in listing.not_files] if ranks.is_main else []
+    for line in not_files:
+        print(f"error: {line}", file=sys.stderr)
     if args.describe_only:
-        return describe(args, ranks.shard(inputs), sampling)
+        return max(describe(args, ranks.shard(inputs), sampling), 1 if not_files else 0)
     jobs = plan_outputs(inputs, args.output, single)
     mine = ranks.shard(jobs)  # of the whole list, before anything is written: the same split on every rank
     todo = [(src, dst) for src, dst in mine if args.overwrite or not dst.exists()]
@@ -264,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
     if single and skipped:
         raise CliError(f"{jobs[0][1]} exists; pass --overwrite to replace it")
     if not ranks.sum(len(todo)):
+        if not_files:
+            print(f"restored 0, skipped {len(jobs)} existing, failed {len(not_files)}")
+            return 1
         if ranks.is_main:
             print(f"nothing to do: all {len(jobs)} outputs exist (pass --overwrite to redo them)")
         return 0
@@ -280,13 +315,13 @@ def run(args: argparse.Namespace) -> int:
     restorer = load_restorer(args)
     resolve_sizes(args, native=restorer.image_size)
 
-    failed: list[str] = []
+    failed: list[str] = list(not_files)
     done = 0
     summary = ""  # the single-file summary line
 
     def fail(src: Path, message: str) -> None:
-        failed.append(f"{src}: {message}")
-        print(f"error: {src}: {message}", file=sys.stderr)
+        failed.append(per_file(src, message))
+        print(f"error: {failed[-1]}", file=sys.stderr)
         bar.update(1)
 
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet or len(todo) == 1)
@@ -319,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
                 if single:
                     summary = f"{dst}: {result.degradation or '(no degradation sentence)'} {result.caption}"
                 elif not args.quiet:
-                    tqdm.write(f"{src.name}: {result.degradation or '-'} {result.caption[:60]}")
+                    tqdm.write(f"{src.name}: {result.degradation or '-'} {shorten(result.caption)}")
             del result  # a tiled output is big: let it go before the next one is restored
     tokens.close()
     bar.close()
@@ -358,10 +393,13 @@ class TokenBar:
 
     def __init__(self, disable: bool, below: bool):
         """``below``: under the images bar (its second line), else on the first line."""
-        position = 1 if below else 0
-        self.bar = tqdm(desc="image tokens", unit="tok", leave=False, position=position, disable=disable)
+        self.disable = disable
+        self.position = 1 if below else 0
+        self.bar = None  # drawn at the first start: no empty bar when nothing is decoded
 
     def start(self, total: int, what: str) -> None:
+        if self.bar is None:
+            self.bar = tqdm(unit="tok", leave=False, position=self.position, disable=self.disable)
         self.bar.reset(total=total)
         self.bar.set_description(what, refresh=False)
 
@@ -369,7 +407,8 @@ class TokenBar:
         self.bar.update(tokens)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def check_tiling(args: argparse.Namespace) -> None:
@@ -531,7 +570,7 @@ def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
         try:
             image = load_image(src)
         except ImageLoadError as err:
-            print(f"error: {src}: {err}", file=sys.stderr)
+            print(f"error: {per_file(src, str(err))}", file=sys.stderr)
             failed += 1
             continue
         (answer,) = restorer.describe_answers([image], sampling, seeds=[args.seed], size=args.size)

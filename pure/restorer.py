@@ -21,6 +21,7 @@ from pure.engine import (
     make_decoder,
     synchronize,
 )
+from pure.imageio import SOURCE_MODE_KEY
 from pure.model import HUB_MODEL_ID, ModelLoadError, load_model, resolve_checkpoint
 from pure.quant import check_quantize
 from pure.sequence import LATENT_PER_GRID, SequenceFormat, split_answer_text
@@ -36,6 +37,8 @@ IMAGE_SIZE_KEY = "pure_image_size"
 LATENT_PX = 8  # pixels per latent of the LlamaGen VQ-8 (8x downsampling)
 GRID_PX = LATENT_PER_GRID * LATENT_PX  # pixels per grid token with the 8x VQ: sizes are multiples of this
 DECODERS_KEPT = 4  # sampling settings whose decoders (and compiled steps) a restorer keeps
+# How a notice names an input's colour mode (others by PIL's name: RGBA, CMYK, ...)
+MODE_NAMES = {"P": "palette", "PA": "palette", "L": "grayscale", "LA": "grayscale", "La": "grayscale"}
 NATIVE_SCALES = (1, 2, 4)  # size, size/2 and size/4 px square inputs are upsampled without any other change
 
 # ``progress`` of restore_batch: a bar (True), none (False), or a callback told how many more image tokens of
@@ -240,7 +243,12 @@ class PureRestorer:
         notices = []
         if image.mode != "RGB":
             rgb = pixels_to_pil(pil_to_pixels(image))  # the VQ's own conversion (alpha over white)
-            notices.append(f"{image.mode} input converted to RGB (transparency blended onto white)")
+            source = image.info.get(SOURCE_MODE_KEY, image.mode)  # the file's, when load_image converted it
+            kind = MODE_NAMES.get(source, source)
+            if image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in image.info:
+                notices.append(f"{kind} input with transparency converted to RGB (blended onto white)")
+            else:
+                notices.append(f"{kind} input converted to RGB")
             image = rgb
         w, h = image.size
         if not is_native_input((w, h), size):

@@ -1,6 +1,7 @@
-"""What a new user copies from help texts and recipe comments works on a fresh clone: every checkpoint an
-example names is the Hub model, a folder the repository ships, or one an earlier command of the same comment
-makes; and a comment that says a make target creates something is true of the Makefile."""
+"""What a new user copies from help texts, recipe comments and the README works on a fresh clone: every
+checkpoint an example names is the Hub model, a folder the repository ships, or one an earlier command of the
+same comment makes; a comment that says a make target creates something is true of the Makefile; the README's
+forced texts are answers the parser splits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pure.model import HUB_MODEL_ID
+from pure.sequence import split_answer_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,13 @@ def test_what_comments_say_a_make_target_makes_is_in_that_target(tracked):
             if claim:
                 folder, target = claim.groups()
                 assert folder in targets.get(target, ""), f"{name}: {line.strip()}"
+
+
+def test_readme_forced_texts_split_into_degradation_and_caption():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    texts = re.findall(r'forced_text="([^"]*)"', readme)
+
+    assert texts
+    for text in texts:
+        degradation, caption = split_answer_text(text)
+        assert degradation and caption, text

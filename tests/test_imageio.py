@@ -26,6 +26,7 @@ from pure.imageio import (
     ImageLoadError,
     atomic_write,
     check_writable,
+    find_images,
     list_images,
     load_image,
     save_image,
@@ -375,3 +376,18 @@ def test_check_writable_leaves_nothing_behind_and_raises_where_nothing_can_be_wr
     if Path("/proc").is_dir():  # no one, root included, can create a file there
         with pytest.raises(OSError):
             check_writable("/proc")
+
+
+def test_find_images_names_what_is_named_like_an_image_but_is_no_file(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "notes.txt").write_text("not named like an image")
+
+    listing = find_images(tmp_path)
+
+    assert listing.images == [tmp_path / "a.png"] == list_images(tmp_path)
+    assert [path for path, _ in listing.not_files] == [tmp_path / "folder.png", tmp_path / "gone.jpg"]
+    folder_why, link_why = (why for _, why in listing.not_files)
+    assert "folder" in folder_why and "broken symbolic link" in link_why and "deleted.jpg" in link_why
+    assert find_images(str(tmp_path / "*.jpg")).not_files == listing.not_files[1:]

@@ -466,6 +466,18 @@ def test_cli_sizes_default_to_the_checkpoint_s_native_size(capsys, native_checkp
     assert settings["size"] == [200, 120]
 
 
+def test_help_lists_the_exit_codes_and_version_prints_it(cli):
+    import pure
+
+    run = cli("--help")
+    version = cli("--version")
+
+    codes = run.stdout.split("exit codes:", 1)[1]
+    for code, word in (("0", "restored"), ("1", "failed"), ("2", "usage"), ("130", "interrupted")):
+        assert re.search(rf"^\s+{code}\s+.*{word}", codes, flags=re.M), code
+    assert version.returncode == 0 and version.stdout.strip() == f"python -m pure.infer {pure.__version__}"
+
+
 def test_help_says_the_size_defaults_to_the_checkpoint_s(cli):
     run = cli("--help")
 
@@ -573,6 +585,105 @@ def test_an_unwritable_output_folder_fails_before_the_model_loads(cli, tmp_path,
     assert run.returncode == 2
     (line,) = run.error_lines
     assert f"cannot write into the output folder {UNWRITABLE}" in line
+
+
+# ---------------------------------------------------------------- what a folder run says
+
+
+def test_a_folder_named_like_an_image_and_a_broken_link_each_get_a_line_and_count_as_failed(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "a.png", 32)
+    (inputs / "folder.png").mkdir()
+    (inputs / "gone.png").symlink_to(tmp_path / "deleted.png")
+    out_dir = tmp_path / "restored"
+
+    run = cli("--input", str(inputs), "--output", str(out_dir))
+
+    assert run.returncode == 1
+    assert "restored 1, skipped 0 existing, failed 2" in run.stdout
+    assert len(run.error_lines) == 2
+    folder_line, link_line = sorted(run.error_lines)
+    assert "folder.png" in folder_line and "folder" in folder_line.split("folder.png", 1)[1]
+    assert "gone.png" in link_line and "broken symbolic link" in link_line
+    assert names(out_dir) == {"a.png", "a.json"}
+
+
+def test_a_folder_of_nothing_but_a_broken_link_fails_with_its_line(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "gone.png").symlink_to(tmp_path / "deleted.png")
+
+    run = cli("--input", str(inputs), "--output", str(tmp_path / "restored"))
+
+    assert run.returncode == 1
+    assert len(run.error_lines) == 1 and "broken symbolic link" in run.error_lines[0]
+    assert "restored 0, skipped 0 existing, failed 1" in run.stdout
+
+
+def test_stem_collision_names_the_colliding_files(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "wall.png", 32)
+    save_astronaut(inputs / "wall.jpg", 32)
+    save_astronaut(inputs / "other.png", 32)
+
+    run = cli("--input", str(inputs), "--output", str(tmp_path / "restored"))
+
+    assert run.returncode == 2
+    (line,) = run.error_lines
+    assert str(inputs / "wall.jpg") in line and str(inputs / "wall.png") in line and "other" not in line
+
+
+def test_a_bad_file_s_error_names_its_path_once(cli, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "a.png", 32)
+    (inputs / "bad.png").write_text("not an image\n")
+
+    run = cli("--input", str(inputs), "--output", str(tmp_path / "restored"))
+    described = cli("--input", str(inputs), "--describe-only")
+
+    for result in (run, described):
+        (line,) = result.error_lines
+        assert line.count("bad.png") == 1, line
+
+
+def test_folder_summary_lines_do_not_cut_the_caption_mid_word(capsys, tiny_checkpoint, tmp_path):
+    from pure import infer
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_astronaut(inputs / "a.png", 32)
+    save_coffee(inputs / "b.png", 32)
+    caption = "An astronaut in a white suit stands before an American flag, holding a helmet in one hand."
+    argv = ["--model", str(tiny_checkpoint), "--size", "32", "--input", str(inputs)]
+    argv += ["--output", str(tmp_path / "out"), "--caption", caption, "--degradation", DEGRADATION]
+
+    assert infer.main(argv) == 0
+    out = capsys.readouterr().out
+
+    lines = [line for line in out.splitlines() if line.startswith(("a.png: ", "b.png: "))]
+    assert len(lines) == 2
+    for line in lines:
+        shown = line.split(DEGRADATION, 1)[1].strip()
+        words = shown.removesuffix(" ...")
+        assert shown == caption or (shown.endswith(" ...") and caption.startswith(words + " "))
+
+
+def test_no_token_bar_when_nothing_is_decoded(capsys, tiny_checkpoint, tmp_path):
+    from pure import infer
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.png").write_text("not an image\n")
+    (inputs / "b.png").write_bytes(b"")
+    argv = ["--model", str(tiny_checkpoint), "--size", "32", "--input", str(inputs)]
+
+    assert infer.main([*argv, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+
+    assert "0tok" not in err and "image tokens" not in err and "images: 100%" in err
 
 
 # ---------------------------------------------------------------- the full-size run: keep this test last

@@ -356,3 +356,18 @@ def test_a_text_cut_at_max_text_tokens_is_flagged_with_a_notice(tiny_restorer):
     assert steered.text_cut is False and steered.notices == []  # forced text is never cut
     assert answer.text_cut is True
     assert (answer.degradation, answer.caption) == (cut.degradation, cut.caption)
+
+
+def test_a_palette_image_with_transparency_is_not_called_rgba(tiny_restorer, tmp_path):
+    from pure.imageio import load_image
+
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (8, 8, 24, 24))
+    palette.save(tmp_path / "palette.png", transparency=0)
+    image = load_image(tmp_path / "palette.png")  # RGBA now, its source a palette
+
+    result = tiny_restorer.restore(image, size=32, max_text_tokens=4)
+
+    (notice,) = input_notices(result)
+    assert "palette" in notice and "white" in notice and "RGBA" not in notice
