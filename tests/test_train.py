@@ -31,7 +31,14 @@ from pure.model import load_model
 from pure.sequence import IGNORE_INDEX, SequenceFormat
 from pure.train.config import ConfigError, Recipe, apply_override, load_recipe, recipe_to_yaml
 from pure.train.data import PaddingCollator, TrainingData, epoch_plan
-from pure.train.engine import deepspeed_config, learning_rate
+from pure.train.engine import (
+    DistInfo,
+    PlainEngine,
+    build_optimizer,
+    deepspeed_config,
+    learning_rate,
+    load_checkpoint,
+)
 from pure.train.export import export_model
 from pure.train.loss import SupervisedLMLoss, full_logits_loss, supervised_loss
 from pure.train.modeling import add_residual_dropout, apply_lora, enable_gradient_checkpointing, merge_lora
@@ -405,8 +412,9 @@ def _free_port() -> int:
 
 
 def _train(
-    recipe_overrides: list[str], *extra: str, recipe: Path = TINY_RECIPE
+    recipe_overrides: list[str], *extra: str, recipe: Path = TINY_RECIPE, blocked: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
+    """``python -m pure.train`` in a subprocess; ``blocked`` packages fail to import there, as if absent."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -419,7 +427,9 @@ def _train(
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/pure/torch_extensions")
         ),
     }
-    cmd = [sys.executable, "-m", "pure.train", str(recipe), "--set", *recipe_overrides, *extra]
+    block = f"import sys; sys.modules.update(dict.fromkeys({list(blocked)!r}))"  # None: ModuleNotFoundError
+    main = "from pure.train.__main__ import main; raise SystemExit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", f"{block}; {main}", str(recipe), "--set", *recipe_overrides, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -455,7 +465,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
         "train.max_steps=2",
     ]
     _train(zero3)
-    return {"root": root, "halted_files": halted, "shards": shards}
+    return {"root": root, "halted_files": halted, "shards": shards, "lora": lora}
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -603,3 +613,102 @@ def test_zero3_run_exports_from_partitioned_checkpoints(runs, tiny_checkpoint):
     assert abs(metrics[0]["loss"] - full[0]["loss"]) < 1e-4  # same data, same start: ZeRO-3 is only sharding
     base, tuned = load_model(tiny_checkpoint), load_model(run_dir / "export")
     assert all(not torch.equal(p, base.state_dict()[n]) for n, p in tuned.named_parameters() if p.ndim == 2)
+
+
+# -- without DeepSpeed (the GPU machine has neither deepspeed nor kornia) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_lora(runs):
+    """The LoRA run again where deepspeed and kornia do not import: halted after step 1, then resumed."""
+    out = runs["root"] / "plain_lora"
+    lora = [*runs["lora"], f"output_dir={out}"]
+    blocked = ("deepspeed", "kornia")
+    first = _train([*lora, "train.halt_at_step=1", "train.export_at_end=false"], blocked=blocked)
+    _train(lora, "--resume", blocked=blocked)
+    return {"run_dir": out, "log": first.stdout + first.stderr}
+
+
+def test_without_deepspeed_lora_trains_in_one_plain_process_as_deepspeed_does(plain_lora, runs):
+    run_dir, deepspeed_run = plain_lora["run_dir"], runs["root"] / "lora"
+    assert "plain engine (DeepSpeed is not installed)" in plain_lora["log"]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["engine"] == "plain" and "deepspeed" not in info["versions"]
+    assert not (run_dir / "deepspeed.json").exists()
+    plain, reference = _metrics(run_dir), _metrics(deepspeed_run)
+    assert [m["step"] for m in plain] == [m["step"] for m in reference] == [1, 2]
+    for a, b in zip(plain, reference, strict=True):
+        assert a["ids"] == b["ids"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    checkpoint = run_dir / "checkpoints/step-00000002"
+    module_state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert module_state and all("lora_" in k for k in module_state)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["engine"] == "plain"
+    tuned, expected = load_model(run_dir / "export"), load_model(deepspeed_run / "export").state_dict()
+    for name, p in tuned.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_run_resumes_only_with_the_engine_that_saved_it(plain_lora):
+    checkpoint = plain_lora["run_dir"] / "checkpoints/step-00000002"
+    deepspeed_engine = object()  # anything without PlainEngine's kind
+    with pytest.raises(ConfigError, match="saved by the plain engine and this run uses deepspeed"):
+        load_checkpoint(
+            deepspeed_engine, checkpoint, load_recipe(checkpoint / "config.yaml"), DistInfo(0, 1, 0, "cpu")
+        )
+
+
+def test_plain_engine_trains_bf16_lora_adapters_in_fp32_and_steps_at_the_boundary(
+    tiny_checkpoint, tiny_format
+):
+    lm = load_model(tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa").train()
+    lm = apply_lora(lm, 4, 8.0, 0.0, TARGETS)
+    module = SupervisedLMLoss(lm)
+    recipe = load_recipe(TINY_RECIPE)
+    engine = PlainEngine(module, build_optimizer(module, recipe, {}), 2, 1.0, torch.device("cpu"))
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())  # peft keeps adapters fp32
+    batch = _batch(tiny_format)
+    for micro in range(2):
+        engine.backward(engine(batch["input_ids"], batch["labels"], batch["image_mask"]).loss)
+        engine.step()
+        params = dict(module.named_parameters())
+        moved = [n for n, p in trained.items() if not torch.equal(params[n], p)]
+        assert (engine.get_global_grad_norm() is None, not moved) == (
+            (True, True) if micro == 0 else (False, False)
+        )
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    with pytest.raises(ConfigError, match="must be fp32"):
+        PlainEngine(
+            SupervisedLMLoss(lm.merge_and_unload().requires_grad_(True)), None, 1, 1.0, torch.device("cpu")
+        )
+
+
+@pytest.mark.parametrize(
+    ("absent", "overrides", "message"),
+    [
+        ("datasets", [], "datasets (reads the training shards)"),
+        ("deepspeed", ["train.engine=deepspeed"], "deepspeed (train.engine deepspeed"),
+        ("peft", ["lora.enabled=true"], "peft (lora.enabled)"),
+        ("tensorboard", [], "logging.tensorboard=false to do without"),
+        ("deepspeed", ["train.precision=bf16"], "DeepSpeed is not installed, and the plain engine"),
+    ],
+)
+def test_a_missing_package_fails_in_one_line_before_the_model_loads(
+    absent, overrides, message, tiny_checkpoint, monkeypatch, capsys
+):
+    from pure.train.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a)
+    )
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("pure.train.loop.load_training_model", lambda *a: pytest.fail("loaded the model"))
+    code = main([str(TINY_RECIPE), "--set", f"model.init_from={tiny_checkpoint}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert "pip install" in err or "train.precision fp32" in err

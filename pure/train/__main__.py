@@ -18,7 +18,8 @@ examples:
   torchrun --nproc_per_node 8 -m pure.train recipes/train/pure_7b_zero3.yaml
   (multi-node: recipes/train/launch_multinode.sh)
 
-Without a launcher the trainer runs as one process (it sets RANK/WORLD_SIZE/MASTER_* itself).
+Without a launcher the trainer runs as one process (it sets RANK/WORLD_SIZE/MASTER_* itself); without
+DeepSpeed installed, as one plain process (torch AdamW, no ZeRO; bf16 recipes only with LoRA).
 The run folder (output_dir) receives config.yaml (the resolved recipe), run_info.json (git commit,
 versions), deepspeed.json, metrics.jsonl, tensorboard/, checkpoints/ and export/ (the inference folder).
 """
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pure.train",
         description="Instruction-tune a PURE model on pre-tokenised shards with DeepSpeed "
-        "(full fine-tuning or LoRA; ZeRO-2, ZeRO-3, CPU optimiser offload).",
+        "(full fine-tuning or LoRA; ZeRO-2, ZeRO-3, CPU optimiser offload), or in one process without it "
+        "(train.engine plain: torch AdamW).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pure.data.shards import ShardError
     from pure.model import ModelLoadError
-    from pure.train.engine import single_process_env
+    from pure.train.engine import MissingPackageError, single_process_env
     from pure.train.loop import train
 
     single_process_env()
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = train(
             recipe, resume=args.resume, command=[sys.executable, "-m", "pure.train", *sys.argv[1:]]
         )
-    except (ConfigError, ShardError, ModelLoadError) as err:  # the recipe points at something wrong
+    except (ConfigError, ShardError, ModelLoadError, MissingPackageError) as err:  # fix the recipe or install
         print(f"error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":

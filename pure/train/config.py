@@ -11,8 +11,8 @@ Schema (defaults are the paper's full fine-tuning run, ``recipes/train/pure_7b_z
              z_loss_weight, loss_chunk_size
     lora:    enabled, r, alpha, dropout, target_modules, modules_to_save
     data:    config | sets[{path, ratio, name}], max_length, group_by_length, length_window, num_workers
-    train:   deepspeed, precision, global_batch_size, micro_batch_size, epochs, max_steps, lr, min_lr,
-             warmup_epochs, warmup_steps, betas, eps, weight_decay, decay_all_parameters, grad_clip,
+    train:   deepspeed, engine, precision, global_batch_size, micro_batch_size, epochs, max_steps, lr,
+             min_lr, warmup_epochs, warmup_steps, betas, eps, weight_decay, decay_all_parameters, grad_clip,
              save_every, keep_checkpoints, halt_at_step, export_at_end
     logging: every, tensorboard, wandb, wandb_project, peak_tflops, sample_ids, progress
     export:  dtype, base_model_id, license, tags
@@ -86,6 +86,9 @@ class DataConfig:
 class TrainConfig:
     deepspeed: str = "recipes/deepspeed/zero3.json"
     """DeepSpeed JSON; its batch sizes, clipping and precision are filled from this recipe."""
+    engine: Literal["auto", "deepspeed", "plain"] = "auto"
+    """``deepspeed``; ``plain``: one process, torch AdamW, no ZeRO (the JSON's ZeRO and offload settings are
+    ignored; bf16 only for LoRA, whose adapters train in fp32); ``auto``: DeepSpeed when it is installed."""
     precision: Literal["bf16", "fp32"] = "bf16"
     global_batch_size: int = 128
     micro_batch_size: int = 4

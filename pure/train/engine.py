@@ -1,5 +1,6 @@
-"""DeepSpeed plumbing: process group, the DeepSpeed config filled from the recipe, the optimiser,
-atomic checkpoints that resume exactly, and the run's identity (git commit, versions).
+"""The training engine: DeepSpeed (process group, its config filled from the recipe) or, in one process
+without it, :class:`PlainEngine`; the optimiser, atomic checkpoints that resume exactly, the packages a
+run needs, and the run's identity (git commit, versions).
 
 Checkpoint layout (one folder per saved step; ``latest`` names the newest complete one)::
 
@@ -10,6 +11,9 @@ Checkpoint layout (one folder per saved step; ``latest`` names the newest comple
         trainer_state.json                               step, epoch, consumed examples, last metrics
         config.yaml, run_info.json                       the resolved recipe and git commit
 
+:class:`PlainEngine` writes the same ``mp_rank_00_model_states.pt`` and its optimiser in
+``plain_optimizer_states.pt``; a run resumes only with the engine that saved it.
+
 A checkpoint is written as ``step-N.tmp`` and renamed when every rank has finished, so a run killed
 while saving leaves the previous checkpoint as ``latest``. LoRA checkpoints hold only the trainable
 weights; the frozen base comes from ``model.init_from`` again.
@@ -18,6 +22,7 @@ weights; the frozen base comes from ``model.init_from`` again.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -37,6 +42,8 @@ from pure.train.config import ConfigError, Recipe, recipe_to_yaml
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name, without ZeRO-3; PlainEngine's too
+PLAIN_OPTIMIZER_STATES = "plain_optimizer_states.pt"
 _AUTO = "auto"
 
 
@@ -50,6 +57,57 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class MissingPackageError(ImportError):
+    """A package the run needs is not installed; the message names it and how to get it."""
+
+
+def require_packages(needs: dict[str, str]) -> None:
+    """Raise :class:`MissingPackageError` unless every package (``{name: what it is for}``) imports."""
+    missing = {name: why for name, why in needs.items() if importlib.util.find_spec(name) is None}
+    if missing:
+        what = "; ".join(f"{name} ({why})" for name, why in missing.items())
+        raise MissingPackageError(
+            f"not installed: {what}. Install: pip install -c constraints.txt {' '.join(missing)} "
+            "(or all that training uses: pip install -e '.[train]' -c constraints.txt)"
+        )
+
+
+def run_requirements(recipe: Recipe, engine: str) -> dict[str, str]:
+    """The optional packages a training run of ``recipe`` imports, checked before the model loads."""
+    needs = {"datasets": "reads the training shards"}
+    if engine == "deepspeed":
+        needs["deepspeed"] = (
+            "train.engine deepspeed; --set train.engine=plain trains in one process without it"
+        )
+    if recipe.lora.enabled:
+        needs["peft"] = "lora.enabled"
+    if recipe.logging.tensorboard:
+        needs["tensorboard"] = "logging.tensorboard; --set logging.tensorboard=false to do without"
+    if recipe.logging.wandb:
+        needs["wandb"] = "logging.wandb"
+    return needs
+
+
+def choose_engine(recipe: Recipe) -> str:
+    """``"deepspeed"`` or ``"plain"``, as ``train.engine`` says (``auto``: DeepSpeed when installed)."""
+    wanted = recipe.train.engine
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if wanted == "deepspeed" or (wanted == "auto" and importlib.util.find_spec("deepspeed") is not None):
+        return "deepspeed"
+    if world > 1:
+        if wanted == "plain":
+            raise ConfigError(f"train.engine plain runs one process; this launch has {world}: use deepspeed")
+        require_packages({"deepspeed": f"training in {world} processes"})
+    if recipe.train.precision == "bf16" and (not recipe.lora.enabled or recipe.lora.modules_to_save):
+        why = "DeepSpeed is not installed" if wanted == "auto" else "train.engine is plain"
+        raise ConfigError(
+            f"{why}, and the plain engine updates the trained weights in place, so they must be fp32; with "
+            "train.precision bf16 that holds for LoRA adapters only (not full fine-tuning, not "
+            "lora.modules_to_save): use LoRA, or train.precision fp32, or install deepspeed"
+        )
+    return "plain"
 
 
 def single_process_env() -> None:
@@ -79,6 +137,15 @@ def init_distributed() -> DistInfo:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(), local_rank)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def init_single_process() -> DistInfo:
+    """One process without DeepSpeed: no process group; the first GPU when there is one."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return DistInfo(rank=0, world=1, local_rank=local_rank, device=torch.device("cuda", local_rank))
+    return DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 
 def barrier() -> None:
@@ -182,6 +249,83 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, ds_config: dict) -> 
     return torch.optim.AdamW(groups, **kwargs)
 
 
+class PlainEngine:
+    """What the loop uses of DeepSpeed's engine, for one process without DeepSpeed (no ZeRO, no offload).
+
+    As DeepSpeed does: each micro-batch's loss is divided by the accumulation steps; ``step()``, called
+    after every micro-batch, updates the weights at the accumulation boundary only, after clipping the
+    gradient norm to ``grad_clip`` (``get_global_grad_norm()``: the norm before clipping). The optimiser
+    updates the parameters in place with no fp32 master copy, so every trainable parameter must be fp32
+    (fp32 recipes; LoRA, whose adapters peft keeps in fp32 over a bf16 base).
+    """
+
+    kind = "plain"
+
+    def __init__(self, module, optimizer, accumulation: int, grad_clip: float, device: torch.device):
+        low = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:
+            raise ConfigError(
+                f"train.engine plain trains parameters in place, so they must be fp32; {len(low)} are not "
+                f"(e.g. {low[0]}): use train.precision fp32 or LoRA, or deepspeed (fp32 master weights)"
+            )
+        self.module = module.to(device)
+        self.optimizer = optimizer
+        self.accumulation = accumulation
+        self.grad_clip = grad_clip
+        self.device = device
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.micro_steps = 0
+        self.grad_norm: torch.Tensor | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> torch.Tensor | None:
+        return self.grad_norm
+
+    def save_checkpoint(
+        self, save_dir: str, tag: str, save_latest: bool = False, exclude_frozen_parameters: bool = False
+    ) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.module.state_dict()
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        torch.save({"module": state}, folder / MODEL_STATES)
+        torch.save(self.optimizer.state_dict(), folder / PLAIN_OPTIMIZER_STATES)
+
+    def load_checkpoint(
+        self,
+        load_dir: str,
+        tag: str,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = False,
+    ) -> tuple[str, dict]:
+        folder = Path(load_dir) / tag
+        states = torch.load(folder / MODEL_STATES, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(states["module"], strict=load_module_strict)
+        if load_optimizer_states:
+            optimizer = torch.load(
+                folder / PLAIN_OPTIMIZER_STATES, map_location=self.device, weights_only=True
+            )
+            self.optimizer.load_state_dict(optimizer)
+        return str(folder), {}
+
+
 # -- schedule -------------------------------------------------------------------------------------------
 
 
@@ -212,16 +356,18 @@ def git_state() -> dict:
     return {"git_commit": commit or "unknown", "git_dirty": bool(status) if status is not None else None}
 
 
-def run_info(dist: DistInfo, command: list[str] | None = None) -> dict:
-    import deepspeed
+def run_info(dist: DistInfo, command: list[str] | None = None, engine: str = "deepspeed") -> dict:
     import transformers
 
     versions = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
     }
+    if engine == "deepspeed":
+        import deepspeed
+
+        versions["deepspeed"] = deepspeed.__version__
     try:
         import peft
 
@@ -231,6 +377,7 @@ def run_info(dist: DistInfo, command: list[str] | None = None) -> dict:
     return {
         **git_state(),
         "command": command if command is not None else sys.argv,
+        "engine": engine,
         "world_size": dist.world,
         "device": str(dist.device.type),
         "host": socket.gethostname(),
@@ -319,6 +466,12 @@ def save_checkpoint(
 def load_checkpoint(engine, folder: Path, recipe: Recipe, dist: DistInfo) -> dict:
     """Restore engine, optimiser, RNG and trainer state from a checkpoint folder; returns the state."""
     state = json.loads((folder / TRAINER_STATE).read_text())
+    saved_by, kind = state.get("engine", "deepspeed"), getattr(engine, "kind", "deepspeed")
+    if saved_by != kind:
+        raise ConfigError(
+            f"{folder} was saved by the {saved_by} engine and this run uses {kind}: resume with "
+            f"--set train.engine={saved_by} (the optimiser states differ), or start a new run from its export"
+        )
     if state["world_size"] != dist.world:
         raise ConfigError(
             f"{folder} was saved by {state['world_size']} processes and this run has {dist.world}: "

@@ -202,6 +202,9 @@ def export_model(
 def consolidated_state_dict(checkpoint: Path, exclude_frozen: bool) -> dict[str, torch.Tensor]:
     """The fp32 state dict of the trained module (``lm.``-prefixed keys) from a DeepSpeed checkpoint."""
     if any(checkpoint.glob("*optim_states.pt")) and any(checkpoint.glob("zero_pp_rank_*")):
+        from pure.train.engine import require_packages
+
+        require_packages({"deepspeed": f"{checkpoint} is a DeepSpeed ZeRO checkpoint"})
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(
@@ -253,14 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
-    from pure.train.engine import latest_checkpoint
+    from pure.train.engine import MissingPackageError, latest_checkpoint
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.yaml").is_file() and latest_checkpoint(checkpoint) is not None:
         checkpoint = latest_checkpoint(checkpoint)
     try:
         out = export_checkpoint(checkpoint, args.output, overwrite=args.overwrite)
-    except (ConfigError, FileExistsError, RuntimeError) as err:
+    except (ConfigError, FileExistsError, RuntimeError, MissingPackageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {checkpoint} to {out}")

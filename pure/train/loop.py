@@ -1,4 +1,5 @@
-"""The training run, top to bottom: set-up, model, data, DeepSpeed engine, the step loop, export.
+"""The training run, top to bottom: set-up, model, data, the engine (DeepSpeed, or plain in one process
+without it), the step loop, export.
 
 Read :func:`train` first; everything it calls is small and lives in the sibling modules.
 """
@@ -20,14 +21,19 @@ from pure.tokenizer import PureTokenizer
 from pure.train.config import ConfigError, Recipe, load_recipe, recipe_to_dict
 from pure.train.data import TrainingData
 from pure.train.engine import (
+    PlainEngine,
     barrier,
     build_optimizer,
+    choose_engine,
     deepspeed_config,
     init_distributed,
+    init_single_process,
     latest_checkpoint,
     learning_rate,
     load_checkpoint,
+    require_packages,
     run_info,
+    run_requirements,
     save_checkpoint,
     write_run_files,
 )
@@ -65,16 +71,16 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     ``resume``: ``"latest"`` continues from the run folder's newest checkpoint, a path from that
     checkpoint folder; ``None`` starts fresh (and refuses a run folder that already has checkpoints).
     """
-    import deepspeed
-
     # -- where, who, what -------------------------------------------------------------------------------
-    dist = init_distributed()
+    engine_kind = choose_engine(recipe)
+    require_packages(run_requirements(recipe, engine_kind))  # before minutes of model loading
+    dist = init_distributed() if engine_kind == "deepspeed" else init_single_process()
     run_dir = recipe.run_dir
     start_from = _resume_folder(run_dir, resume)
     if Path(recipe.model.init_from).is_dir():  # record where the weights really came from
         recipe.model.init_from = str(Path(recipe.model.init_from).resolve())
     torch.manual_seed(recipe.seed + dist.rank)  # dropout masks differ per rank; data order does not
-    info = run_info(dist, command)
+    info = run_info(dist, command, engine_kind)
 
     # -- model and data ---------------------------------------------------------------------------------
     module, fmt = load_training_model(recipe, dist.device.type)
@@ -87,9 +93,15 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     warmup = t.warmup_steps if t.warmup_steps >= 0 else round(t.warmup_epochs * data.steps_per_epoch)
 
     # -- engine -----------------------------------------------------------------------------------------
-    ds_config = deepspeed_config(t.deepspeed, recipe, dist.world, config.hidden_size)
-    optimizer = build_optimizer(module, recipe, ds_config)
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    ds_config = deepspeed_config(t.deepspeed, recipe, dist.world, config.hidden_size)  # checks the batch too
+    if engine_kind == "deepspeed":
+        import deepspeed
+
+        optimizer = build_optimizer(module, recipe, ds_config)
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    else:
+        optimizer = build_optimizer(module, recipe, {})  # torch AdamW: no offload without DeepSpeed
+        engine = PlainEngine(module, optimizer, data.accumulation, t.grad_clip, dist.device)
     step, changed, train_seconds = 0, [], 0.0
     if start_from is not None:
         loaded = load_checkpoint(engine, start_from, recipe, dist)
@@ -97,7 +109,8 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
         changed = _changed_keys(load_recipe(start_from / "config.yaml"), recipe)
     if dist.is_main:
         write_run_files(run_dir, recipe, info)
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        if engine_kind == "deepspeed":
+            (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     barrier()
 
     log = MetricsLogger(run_dir, recipe.logging, dist.is_main, total_steps, step)
@@ -106,6 +119,11 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
         f"skipped), {data.steps_per_epoch} steps per epoch, {total_steps} steps, warmup {warmup}, "
         f"accumulation {data.accumulation}, {dist.world} process(es), starting at step {step}"
     )
+    if engine_kind == "plain":
+        log.note(
+            f"plain engine ({'DeepSpeed is not installed' if t.engine == 'auto' else 'train.engine plain'}): "
+            f"one process on {dist.device}, torch AdamW, no ZeRO or offload ({t.deepspeed} not used)"
+        )
     if changed:
         log.note(f"resuming with a changed recipe ({', '.join(changed)}): not an exact continuation")
     tokens_flops = flops_per_token(config, recipe.lora.enabled)
@@ -153,6 +171,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
                 "total_steps": total_steps,
                 "examples_seen": step * t.global_batch_size,
                 "world_size": dist.world,
+                "engine": engine_kind,
                 "metrics": log.last,
                 "seed": recipe.seed,
                 "train_seconds": train_seconds,  # optimiser steps only, summed over resumed runs
