@@ -712,3 +712,12 @@ def test_a_missing_package_fails_in_one_line_before_the_model_loads(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert "pip install" in err or "train.precision fp32" in err
+
+
+def test_synthetic_shards_without_datasets_fail_in_one_line(monkeypatch, capsys, tmp_path):
+    from pure.train.synthetic import main
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    assert main([str(tmp_path), str(tmp_path / "shards")]) == 2
+    assert "error: not installed: datasets (writes the shards)" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()

@@ -8,6 +8,7 @@ images or a VQ. Real training data comes from the data-preparation pipeline.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent", type=int, default=8, help="latent grid side of both images (default 8)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from pure.train.engine import MissingPackageError, require_packages
+
+    try:
+        require_packages({"datasets": "writes the shards"})
+    except MissingPackageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write_synthetic_shards(args.checkpoint, args.outdir, n=args.n, latent=args.latent, seed=args.seed)
     print(f"wrote {args.n} synthetic examples to {args.outdir}")
     return 0
