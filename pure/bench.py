@@ -23,14 +23,14 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tokenizers import Tokenizer, models
 from transformers import ChameleonConfig, LogitsProcessorList
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
-from pure.engine import RestorationDecoder, SamplingConfig
+from pure.engine import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig, make_decoder
 from pure.jacobi import DEFAULT_WINDOW, JacobiRestorationDecoder
 from pure.model import PureForConditionalGeneration, default_attn_implementation
 from pure.quant import check_quantize
@@ -254,6 +254,100 @@ def measure(name: str, fn, model, device: torch.device, steps: int, batch: int, 
     return Result(name, seconds, steps, batch, passes, peak, counter.cache_bytes(), tokens.cpu())
 
 
+STEP_EVENT = "pure::image_step"
+_NOT_KERNELS = ("aten::empty", "aten::resolve_", "aten::lift", "aten::detach", "aten::result_type")
+
+
+def _is_kernel(name: str) -> bool:
+    """Whether a profiler event launches work on a device: inductor's generated kernels, and aten operators
+    that compute (not views, allocations or metadata)."""
+    if "cpp_fused" in name or "triton_" in name:
+        return True
+    if not name.startswith("aten::") or name.startswith(_NOT_KERNELS):
+        return False
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return True
+    schema = packet.default._schema if "default" in packet.overloads() else None
+    returns = [] if schema is None else schema.returns
+    return not (returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write)
+
+
+def kernels_per_step(decoder: RestorationDecoder, run) -> float:
+    """Kernels launched per image step of ``run()`` (a decode by ``decoder``), counted with the profiler on
+    the host: each step call is wrapped in a :data:`STEP_EVENT` range and the outermost compute operators
+    and generated kernels inside it are counted (an operator's own sub-operators are one launch of it)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    compiled_fn = decoder._compiled_fn
+
+    def marked(name, device):
+        step = compiled_fn(name, device)
+
+        def call(*args):
+            with record_function(STEP_EVENT):
+                return step(*args)
+
+        return call
+
+    decoder._compiled_fn = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        del decoder._compiled_fn  # the class's method again
+
+    def count(event) -> int:
+        if _is_kernel(event.name):
+            return 1
+        return sum(count(child) for child in event.cpu_children)
+
+    steps = [e for e in prof.events() if e.name == STEP_EVENT]
+    return sum(count(e) for e in steps) / max(len(steps), 1)
+
+
+def per_step_table(args, arch, model, prompts, h_out, lat, results, compile_flag) -> list[str]:
+    """Per image step of each engine method: forward passes per image, bytes read (from the layout, the
+    lengths and the weights' format: the model a memory-bound GPU follows, :mod:`pure.decoding.traffic`),
+    and kernels launched, eager and (when compiling) compiled, counted with the profiler."""
+    from pure.decoding.traffic import step_traffic
+    from pure.memory import DecodeShape
+
+    layout = args.guidance_layout
+    shape = DecodeShape(prompts.shape[1], 0, SequenceFormat.image_block_length(h_out, lat), args.batch_size)
+    fmt = SequenceFormat(arch.tokenizer)
+    reads = "blocks" if compile_flag else "live"
+    codebook = len(fmt.vocab.code_to_id)
+    traffic = step_traffic(arch.config, model, shape, layout, args.quantize or "bf16", codebook, reads, 0)
+    sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature)
+    gens = [torch.Generator(prompts.device).manual_seed(i) for i in range(args.batch_size)]
+    lines = [
+        f"per forward pass of the image phase ({layout} layout; bytes read: {args.quantize or 'bf16'} "
+        f"weights and the cache {'blocks' if compile_flag else 'slots'} in use, one token per row; the ideal "
+        "reads the attended slots only)",
+        f"{'method':<28} {'passes/image':>12} {'GB/step':>8} {'vs ideal':>8} {'kernels eager':>13} "
+        f"{'kernels compiled':>16}",
+    ]
+    for r in results:
+        key = r.name[1]
+        if key == "a":
+            continue
+        counts = []
+        for compiled in (False, compile_flag) if compile_flag else (False,):
+            jacobi = args.jacobi_window if key == "c" else 0
+            decoder = make_decoder(model, fmt, replace(sampling, jacobi_window=jacobi), compiled, layout)
+            with torch.inference_mode():
+                counts.append(
+                    kernels_per_step(decoder, lambda d=decoder: d.generate_image(prompts, h_out, lat, gens))
+                )
+        compiled_count = f"{counts[1]:.0f}" if len(counts) > 1 else "-"
+        lines.append(
+            f"{r.name:<28} {r.passes / r.batch:>12.0f} {traffic.total / 1e9:>8.4f} "
+            f"{traffic.total / traffic.ideal - 1:>+8.1%} {counts[0]:>13.0f} {compiled_count:>16}"
+        )
+    return lines
+
+
 def forward_share(decoder: RestorationDecoder, run) -> float:
     """The share of ``run()``'s time that the decoder spends in the model's forwards, timed on the host
     (CPU only: on a GPU the host times launches, not work)."""
@@ -383,10 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guidance-layout",
-        choices=["rows", "shared"],
-        default="rows",
-        help="(b) and (c): a cache row per guidance twin (rows, the engine's default) or twins inside their "
-        "row's cache (shared: no slots for a prompt the twin never sees)",
+        choices=GUIDANCE_LAYOUTS,
+        default=GUIDANCE_LAYOUTS[0],
+        help="(b) and (c): twins inside their row's cache (shared, the engine's default: no slots for a "
+        "prompt the twin never sees) or a cache row per guidance twin (rows)",
     )
     p.add_argument(
         "--quantize",
@@ -530,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature == 0 and len(results) > 1:
         same = all(torch.equal(results[0].tokens, r.tokens) for r in results[1:])
         print(f"greedy: identical image tokens across methods: {same}")
+    print()
+    for line in per_step_table(args, arch, model, prompts, h_out, lat, results, compile_flag):
+        print(line)
+    print()
     engine_result = next((r for r in results if r.name.startswith("(b)")), None)
     if base is not None and engine_result is not None and device.type == "cpu" and not compile_flag:
         with torch.inference_mode():

@@ -7,10 +7,12 @@ in one KV cache and every row's result is independent of its neighbours.
 Image phase: every row then generates the same grid in lock step. Classifier-free guidance runs the
 unconditional context in the same batched forward: each row has a twin that sees only the image block
 (``<boi>``, grid tokens, codes so far) with positions restarting at 0, as in PURE's standard path. Two
-cache layouts (``guidance_layout``): ``"rows"`` (default) gives each twin its own cache row, which also
-holds slots for the prompt and text the twin never attends; ``"shared"`` puts the twin's tokens in its
-row's cache, interleaved with the row's image tokens, and separates the two contexts with a 4-D mask:
-no slot is allocated for nothing (2.2 GiB less for the 7B model at 512 px) and the prompt is run once.
+cache layouts (``guidance_layout``): ``"shared"`` (default) puts the twin's tokens in its row's cache,
+interleaved with the row's image tokens, and separates the two contexts with the mask: no slot is
+allocated for nothing, the prompt runs once, and a step's attention reads each live slot once (the 7B
+model at 512 px fits 22 GB in bf16, 16 GB with int8 weights: ``python -m pure.bench --arch 7b``);
+``"rows"`` gives each twin its own cache row, which also holds slots for the prompt and text the twin
+never attends (3 GB more at 7B/512).
 
 The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
 function of tensors with no host synchronisation. It scores the image codes only (16,384 of PURE's 73,728
@@ -51,6 +53,7 @@ from pure.sequence import LATENT_PER_GRID, SequenceFormat
 TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.jacobi uses others)
 CAPACITY_ALIGN = 256  # compiled steps' cache capacities are multiples of this (and of flex attention's block)
 CAPACITY_GROWTH = 1.5  # ... and grow by at least this factor, so that recompiles stay few
+GUIDANCE_LAYOUTS = ("shared", "rows")  # the default first: where a guidance twin's tokens live (module doc)
 
 
 @dataclass
@@ -239,7 +242,7 @@ def make_decoder(
     fmt: SequenceFormat,
     sampling: SamplingConfig | None = None,
     compile: bool | str = False,
-    guidance_layout: str = "rows",
+    guidance_layout: str = GUIDANCE_LAYOUTS[0],
 ) -> RestorationDecoder:
     """The decoder ``sampling`` asks for: speculative Jacobi decoding when ``jacobi_window > 0``, else the
     one-token loop. Both give the same distribution (the same tokens under greedy decoding)."""
@@ -263,9 +266,9 @@ class RestorationDecoder:
             and compiling costs more than a tiny model's decode). A backend name (``"inductor"``,
             ``"eager"``, ...) compiles with that backend on any device, as one graph (``fullgraph``).
             The computation is the same (fused kernels may round the last bits differently).
-        guidance_layout: ``"rows"`` (a cache row per twin) or ``"shared"`` (twins inside their row's
-            cache, separated by a 4-D mask: less memory; needs the ``sdpa`` or ``eager`` attention).
-            Same outputs either way.
+        guidance_layout: ``"shared"`` (default: twins inside their row's cache, separated by the mask) or
+            ``"rows"`` (a cache row per twin: more memory; a model other than PureForConditionalGeneration
+            needs it unless it runs sdpa). Same outputs either way.
     """
 
     static_cache = True  # preallocated KV cache; the mask always spans its whole capacity
@@ -276,10 +279,10 @@ class RestorationDecoder:
         fmt: SequenceFormat,
         sampling: SamplingConfig | None = None,
         compile: bool | str = False,
-        guidance_layout: str = "rows",
+        guidance_layout: str = GUIDANCE_LAYOUTS[0],
     ):
-        if guidance_layout not in ("rows", "shared"):
-            raise ValueError(f"guidance_layout must be 'rows' or 'shared'; got {guidance_layout!r}")
+        if guidance_layout not in GUIDANCE_LAYOUTS:
+            raise ValueError(f"guidance_layout must be one of {GUIDANCE_LAYOUTS}; got {guidance_layout!r}")
         check_compile(compile)
         self.model = model
         self.fmt = fmt

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
-from pure.engine import RestorationDecoder, SamplingConfig
+from pure.engine import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig
 from pure.sampling import (
     ImageGridConstraintLogitsProcessor,
     entropy_top_k,
@@ -94,7 +94,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
         sampling: SamplingConfig | None = None,
         compile: bool | str = False,
         window: int | None = None,
-        guidance_layout: str = "rows",
+        guidance_layout: str = GUIDANCE_LAYOUTS[0],
     ):
         super().__init__(model, fmt, sampling, compile, guidance_layout)
         self.window = window or self.sampling.jacobi_window or DEFAULT_WINDOW

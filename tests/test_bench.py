@@ -30,8 +30,9 @@ def test_bench_runs_on_cpu_and_prints_the_table():
     out = done.stdout
     for column in ("steps/s", "tokens/s", "passes", "s/image", "peak mem", "KV cache"):
         assert column in out
+    table, per_step = out.split("per forward pass of the image phase")[:2]
     lines = {
-        line.split()[0] + " " + line.split()[1]: line for line in out.splitlines() if line.startswith("(")
+        line.split()[0] + " " + line.split()[1]: line for line in table.splitlines() if line.startswith("(")
     }
     assert {"(a) transformers", "(b) engine", "(c) engine"} <= set(lines)
     assert "(b)/(a) steps per second:" in out and "(c)/(a) steps per second:" in out
@@ -40,6 +41,12 @@ def test_bench_runs_on_cpu_and_prints_the_table():
     assert lines["(b) engine"].split()[4] == "74"
     assert lines["(a) transformers"].split()[5] == "146"  # two forwards per token
     assert "greedy: identical image tokens across methods: True" in out
+    # per forward: passes per image, bytes read (within 5% of the attended slots), kernels counted
+    rows = per_step.split("\n\n")[0].splitlines()
+    steps = {line.split()[0]: line.split()[-5:] for line in rows if line.startswith("(")}
+    assert set(steps) == {"(b)", "(c)"} and steps["(b)"][0] == "74"
+    for _passes, gb, vs_ideal, eager, compiled in steps.values():
+        assert float(gb) > 0 and abs(float(vs_ideal.rstrip("%"))) < 5 and int(eager) > 20 and compiled == "-"
     assert "memory estimate: 7B architecture" in out and "22 GB peak target" in out
     # where the eager engine's time goes: the ceiling is its measured ratio over its forwards' share
     bound = re.search(
