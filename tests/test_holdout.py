@@ -14,6 +14,7 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
+from pure.decoding.loop import SamplingConfig
 from pure.eval import holdout
 from pure.eval.holdout import (
     BORDER,
@@ -458,3 +459,16 @@ def test_cli_measures_a_tokenizer_alone(tiny_checkpoint, holdout_folder, tmp_pat
     code, _, stderr = _run(capsys, "--holdout", str(holdout_folder), "--out", str(out))
     assert code == 2 and "--vq" in stderr
     assert isinstance(VQOnly(None).identity, dict)
+
+
+def test_whole_pictures_restore_larger_images_whole(tiny_restorer, tmp_path):
+    images = {"astronaut.png": astronaut(128, 128), "small.png": astronaut(64, 64)}
+    results = measure_holdout(
+        tiny_restorer, images, crop=CROP, seeds=[0], methods=["bicubic", "pure"], pictures_dir=tmp_path,
+        whole_pictures=True, settings={"pure": SamplingConfig(max_text_tokens=4)},  # the random model's text
+    )  # fmt: skip
+    (whole,) = results["whole"]  # the 64 px image is its own crop: no whole picture
+    assert whole["image"] == "astronaut.png" and whole["side"] == 128
+    assert whole["bicubic"]["psnr_y"] > 10 and 0 < whole["pure"]["gms_y"] <= 1
+    with Image.open(tmp_path / whole["picture"]) as picture:
+        assert picture.width >= 4 * 128

@@ -57,7 +57,7 @@ from PIL import Image
 from pure.data import synthetic_images
 from pure.data.degradations import DegradationConfig
 from pure.data.pairs import PairSettings, crop_name, make_pair, pair_names
-from pure.engine import SamplingConfig
+from pure.decoding.loop import SamplingConfig
 from pure.imageio import ImageLoadError, atomic_write, list_images, load_image, save_image, save_json
 from pure.sequence import DEGRADATION_LEVELS
 from pure.vq import pil_to_pixels, pixels_to_pil, to_rgb
@@ -394,6 +394,7 @@ def measure_holdout(
     checkpoint: Mapping[str, Any] | None = None,
     progress: bool = False,
     captions: Mapping[str, str] | None = None,
+    whole_pictures: bool = False,
 ) -> dict:
     """Score bicubic, the VQ ceiling and PURE's sampling settings on held-out images; returns the results.
 
@@ -409,6 +410,9 @@ def measure_holdout(
         checkpoint: identity of the checkpoint to record (default ``restorer.identity``).
         captions: image key (as in the rows' ``image``) -> true caption; generated captions (whose
             attributes `pure.data.synthetic_images.caption_attributes` can read) are scored for Understand.
+        whole_pictures: also restore every image larger than ``crop`` whole (centre square of at most
+            `WHOLE_MAX_SIDE` px, its own Real-ESRGAN LQ, restored by tiles with the first PURE setting,
+            first seed) into ``pictures_dir/NAME_whole_seedS.png``; scores in the result's ``whole``.
 
     Returns:
         A JSON-ready dict: ``methods`` (per method: mean, std and n of ``psnr_y``, ``ssim_y``, ``gms_y``,
@@ -543,6 +547,22 @@ def measure_holdout(
                     bar.update(1)
     finally:
         bar.close()
+    whole: list[dict[str, Any]] = []
+    if whole_pictures and pictures is not None and picture_method is not None:
+        for source, image, _ in plan:
+            if min(image.size) > crop:
+                whole.append(
+                    _whole_picture(
+                        restorer,
+                        source,
+                        image,
+                        degradation,
+                        crop,
+                        seeds[0],
+                        settings[picture_method],
+                        pictures,
+                    )
+                )
     elapsed = time.perf_counter() - start
 
     summary = summarise(rows, methods)
@@ -598,6 +618,7 @@ def measure_holdout(
         "images": [s.key for s, _, _ in plan],
         "skipped": skipped,
         "rows": rows,
+        "whole": whole,
         "timing": {
             "total_s": elapsed,
             "pairs": total,
@@ -607,6 +628,51 @@ def measure_holdout(
         },
     }
     return results
+
+
+WHOLE_MAX_SIDE = 512  # px: whole-image pictures are of the centre square of at most this side
+WHOLE_CROP_INDEX = 999  # seeds the whole image's degradation apart from the grid crops' (0, 1, ...)
+
+
+def _whole_picture(
+    restorer: Any,
+    source: _Source,
+    image: Image.Image,
+    degradation: DegradationConfig,
+    crop: int,
+    seed: int,
+    sampling: SamplingConfig,
+    pictures: Path,
+) -> dict[str, Any]:
+    """Degrade the image's centre square whole, restore it by tiles and save LQ | bicubic | PURE | HQ."""
+    from pure import viz
+    from pure.tiling import restore_tiled
+
+    side = min(*image.size, WHOLE_MAX_SIDE) // crop * crop
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    region = image.crop((left, top, left + side, top + side))
+    settings = PairSettings(preset=PRESET, scale=SCALE, crop=side, crops_per_image=1, seed=seed)
+    hq_array, lq_array, _ = make_pair(region, degradation, settings, source.key, WHOLE_CROP_INDEX)
+    hq, lq = Image.fromarray(hq_array, "RGB"), Image.fromarray(lq_array, "RGB")
+    tick = time.perf_counter()
+    # tiles of the crop size: the size every other PURE row of this measurement is restored at
+    restored = restore_tiled(restorer, lq, scale=SCALE, tile=crop, seed=seed, sampling=sampling).image
+    restored = restored.convert("RGB")
+    seconds = time.perf_counter() - tick
+    bicubic = lq.resize((side, side), Image.BICUBIC)
+    scores = {
+        name: {"psnr_y": psnr_y(out, hq), "ssim_y": ssim_y(out, hq), "gms_y": gms_y(out, hq)}
+        for name, out in (("bicubic", bicubic), ("pure", restored))
+    }
+    panels = [
+        ("LQ (nearest)", lq.resize((side, side), Image.NEAREST)),
+        (f"bicubic {scores['bicubic']['psnr_y']:.2f} dB", bicubic),
+        (f"PURE {scores['pure']['psnr_y']:.2f} dB", restored),
+        ("HQ", hq),
+    ]
+    name = f"{source.base}_whole_seed{seed}.png"
+    save_image(viz.comparison(panels), pictures / name, overwrite=True)
+    return {"image": source.key, "side": side, "seed": seed, "picture": name, "seconds": seconds, **scores}
 
 
 def _save_picture(
@@ -976,6 +1042,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="captions.jsonl of the hold-out images ({file, caption} per line): generated captions are "
         "scored for Understand",
     )
+    parser.add_argument(
+        "--whole-pictures",
+        action="store_true",
+        help="also restore each image larger than the crop whole (by tiles) for a comparison picture",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/results.json")
@@ -1031,6 +1102,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=identity,
         progress=not args.quiet,
         captions=captions,
+        whole_pictures=args.whole_pictures,
     )
     for entry in results["skipped"]:
         print(f"note: skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
