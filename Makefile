@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 # DeepSpeed compiles its CPU ops on first use (~1 min): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pure/torch_extensions
 
-.PHONY: test test-pyiqa lint format demo pure-tiny clean
+.PHONY: test test-oldest test-pyiqa lint format demo pure-tiny clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,25 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check pure tests data_prep recipes
 	$(PY) -m ruff format --check pure tests data_prep recipes
 	$(PY) -m pytest -q
+
+# The inference and training tests once more against the oldest versions pyproject.toml declares
+# (constraints-oldest.txt; everything else as constraints.txt pins it). CI runs it after `make test`.
+OLD_VENV ?= .venv-oldest
+OLDEST_TESTS ?= tests/test_dependency_bounds.py tests/test_model.py tests/test_engine.py \
+	tests/test_restorer.py tests/test_train.py
+$(OLD_VENV)/.installed: pyproject.toml constraints.txt constraints-oldest.txt
+	$(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
+	awk -F'[=# ]' 'FNR == NR { if ($$1 != "") old[tolower($$1)] = 1; print; next } !(tolower($$1) in old)' \
+		constraints-oldest.txt constraints.txt > $(OLD_VENV)/constraints.txt
+	$(OLD_VENV)/bin/python -m pip install -q -c $(OLD_VENV)/constraints.txt -e ".[train,data]" pytest
+	touch $@
+
+# Its own DeepSpeed op cache: another DeepSpeed's ops in the same folder would be rebuilt at every switch.
+test-oldest: export TORCH_EXTENSIONS_DIR := $(TORCH_EXTENSIONS_DIR)-oldest
+test-oldest: $(OLD_VENV)/.installed
+	$(OLD_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|huggingface.hub|tokenizers|safetensors|peft|accelerate|datasets|deepspeed) '
+	$(OLD_VENV)/bin/python -m pytest -q $(OLDEST_TESTS)
 
 # pyiqa (the `eval` extra) needs torchvision, which cannot join the pinned CPU torch of .venv: its tests run
 # in an environment of their own (recipes/eval/pyiqa-constraints.txt). Offline, pyiqa scores PSNR and SSIM
@@ -52,4 +71,4 @@ pure-tiny: $(VENV)/.installed
 	PY=$(PY) bash recipes/pure_tiny/reproduce.sh
 
 clean:
-	rm -rf $(VENV) examples/tiny-random outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLD_VENV) examples/tiny-random outputs .pytest_cache .ruff_cache
