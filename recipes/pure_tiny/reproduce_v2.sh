@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# PURE-tiny v2 from scratch, offline, on a CPU: images -> VQ (with its curve) -> pairs -> tokenizer and
+# random model -> shards -> instruction tuning -> hold-out measurement (copy baseline, token accuracy,
+# Perceive, Understand, GMS-Y).
+#
+#   bash recipes/pure_tiny/reproduce_v2.sh
+#
+# Every step skips or resumes what exists, so an interrupted run continues where it stopped (the VQ in
+# chunks of 250 steps, the model from its latest checkpoint). Outputs: data/pure_tiny_v2/ and
+# outputs/pure_tiny_v2/. SHIP=1 copies the result over examples/pure-tiny/ (only do that when its card
+# beats the shipped one: see the README). VQ_STEPS (4000) and the trainer's max_steps set the length.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+DATA=data/pure_tiny_v2
+OUT=outputs/pure_tiny_v2
+SIZE=128  # HQ side in px; LQ is SIZE/4
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "1/8 images: v1's photos and hold-out, 2000 procedural training scenes, 16 hold-out scenes"
+bash recipes/pure_tiny/data_v2.sh
+
+step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
+STEPS=${VQ_STEPS:-4000} bash recipes/pure_tiny/vq_v2_curve.sh
+
+step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice"
+$PY -m pure.data.pairs --hq $DATA/sources/train --out $DATA/pairs_photos --crop $SIZE --scale 4 \
+    --crops-per-image 100 --flip --seed 0
+$PY -m pure.data.pairs --hq $DATA/sources/train/scenes --out $DATA/pairs_scenes --crop $SIZE --scale 4 \
+    --crops-per-image 2 --flip --seed 0
+for set in photos scenes; do
+    $PY -m pure.data.records --pairs $DATA/pairs_$set --captions $DATA/sources/captions.jsonl \
+        --out $DATA/records_$set.jsonl
+done
+
+step "4/8 text tokenizer (BPE on the instruction, labels and captions) and a random 6-layer model"
+[ -f $OUT/init/config.json ] || $PY -m pure.make_random_checkpoint $OUT/init --vq $OUT/vq/vq \
+    --captions $DATA/sources/captions.jsonl --hidden 256 --layers 6 --heads 4 --intermediate 704 \
+    --image-size $SIZE
+
+step "5/8 pre-tokenised shards"
+for set in photos scenes; do
+    $PY -m pure.data.pretokenize --records $DATA/records_$set.jsonl --model $OUT/init --out $DATA/shards_$set \
+        --size $SIZE --device cpu
+done
+
+step "6/8 instruction tuning (resumable: rerun to continue)"
+if [ -f $OUT/train/export/config.json ]; then
+    echo "already trained: $OUT/train/export"
+elif [ -d $OUT/train/checkpoints ]; then
+    $PY -m pure.train recipes/pure_tiny/train_v2.yaml --resume
+else
+    $PY -m pure.train recipes/pure_tiny/train_v2.yaml
+fi
+
+step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
+$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0,1,2 \
+    --crops-per-image 4 --captions $DATA/sources/captions.jsonl --overwrite --out $OUT/holdout
+
+step "8/8 the card"
+cat $OUT/holdout/results.md
+if [ "${SHIP:-0}" = 1 ]; then
+    $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny
+fi

@@ -1,0 +1,76 @@
+"""PURE-tiny v2's recipe: its files parse and point at each other, its scripts are valid bash, and the VQ
+curve step measures a tokenizer run and appends a point (on a tiny VQ; the real run is hours of CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pure.train.config import load_recipe
+from pure.train_vq import load_vq_recipe
+from pure.vq import VQConfig, VQModel
+
+RECIPES = Path("recipes/pure_tiny")
+
+
+def test_vq_recipes_are_an_ab_pair_on_the_v2_data():
+    gn8, gn32 = load_vq_recipe(RECIPES / "vq_v2.yaml"), load_vq_recipe(RECIPES / "vq_v2_gn32.yaml")
+    assert gn8.vq.norm_groups == 8 and gn32.vq.norm_groups == 32
+    assert gn8.output_dir != gn32.output_dir
+    for recipe in (gn8, gn32):
+        assert recipe.data.train == "data/pure_tiny_v2/sources/train" and recipe.data.weight_by_area
+        assert recipe.vq.to_vq_config().downsample == 8  # the sequence format's latent grid
+    # nothing but the groups and the run folder differ
+    a, b = (json.loads(json.dumps(r, default=vars)) for r in (gn8, gn32))
+    a["vq"].pop("norm_groups"), b["vq"].pop("norm_groups"), a.pop("output_dir"), b.pop("output_dir")
+    assert a == b
+
+
+def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
+    recipe = load_recipe(RECIPES / "train_v2.yaml")
+    assert recipe.model.init_from == "outputs/pure_tiny_v2/init"
+    assert {s.name for s in recipe.data.sets} == {"photos", "scenes"}
+    assert sum(s.ratio for s in recipe.data.sets) == pytest.approx(1.0)
+    assert recipe.train.save_every > 0  # a run that spans sessions must be resumable
+
+
+@pytest.mark.parametrize("script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh"])
+def test_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True).returncode == 0
+
+
+def _load_curve():
+    spec = importlib.util.spec_from_file_location("vq_curve", RECIPES / "vq_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_point_measures_bicubic_vq_and_copy(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    config = VQConfig(
+        codebook_size=32, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
+    )
+    VQModel(config).save_pretrained(run / "vq")
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(holdout / "a.png")
+    curve = _load_curve()
+    for step in (10, 20):
+        (run / "metrics.json").write_text(json.dumps({"step": step, "seconds": step * 1.5}))
+        assert curve.main([str(run), str(holdout), "--crop", "64", "--crops-per-image", "1"]) == 0
+    points = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [10, 20]
+    assert set(points[0]) == {"step", "seconds", "bicubic", "vq", "copy"}
+    assert points[0]["vq"]["token_acc"] == 1.0 and "token_acc" not in points[0]["bicubic"]
+    assert points[0]["bicubic"] == points[1]["bicubic"]  # same protocol, same LQs
+    assert (run / "curve.png").stat().st_size > 0
