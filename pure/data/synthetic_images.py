@@ -60,6 +60,8 @@ SHAPE_KINDS = ("disc", "square", "triangle", "ring", "star")
 BACKGROUND_KINDS = ("gradient", "plain", "stripes", "checks", "mottled", "leaves")
 _BACKGROUND_WEIGHTS = (0.2, 0.1, 0.15, 0.1, 0.2, 0.25)
 NUMBER_WORDS = ("no", "a", "two", "three", "four")
+PLACEMENT_TRIES = 16  # candidate centres per featured shape; the one farthest from the others is kept
+OVERLAP_ALLOWED = 0.8  # centres at least 0.8 * (r1 + r2) apart where possible
 WORDS = (
     "image", "sharp", "pixel", "token", "model", "light", "shadow", "colour", "detail", "edge", "river",
     "stone", "cloud", "bird", "tree", "house", "road", "paper", "glass", "water", "north", "green", "open",
@@ -143,20 +145,32 @@ def sample_scene(seed: int, size: int = 128) -> Scene:
         background_period=float(rng.uniform(0.06, 0.25)),
     )
     count = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.25, 0.15]))
+    largest = 0.26 if count <= 2 else 0.2
     for _ in range(count):
         kind = str(SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))])
-        # a featured shape's colour differs from a plain background's, so that it is visible
-        colour = _pick_colour(rng, avoid=colours if background == "plain" else ())
+        # a featured shape's colour is not the background's, so that it stands out
+        colour = _pick_colour(rng, avoid=colours if background != "leaves" else ())
         striped = bool(rng.random() < 0.2)
         stripe = _pick_colour(rng, avoid=[colour])
+        radius = float(rng.uniform(0.1, largest))
+        # the best-separated of a few candidate centres: a shape the caption names must stay visible
+        candidates = rng.uniform(0.15, 0.85, size=(PLACEMENT_TRIES, 2))
+
+        def clearance(c: np.ndarray, r: float = radius) -> float:
+            gaps = [
+                math.hypot(c[0] - o.cx, c[1] - o.cy) - OVERLAP_ALLOWED * (r + o.radius) for o in scene.shapes
+            ]
+            return min(gaps, default=0.0)
+
+        cx, cy = max(candidates, key=clearance)
         scene.shapes.append(
             Shape(
                 kind=kind,
                 colour=colour,
                 rgb=_jittered(rng, colour),
-                cx=float(rng.uniform(0.15, 0.85)),
-                cy=float(rng.uniform(0.15, 0.85)),
-                radius=float(rng.uniform(0.1, 0.26)),
+                cx=float(cx),
+                cy=float(cy),
+                radius=radius,
                 angle=float(rng.uniform(0, 360)),
                 striped=striped,
                 stripe_rgb=_jittered(rng, stripe),
