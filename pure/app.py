@@ -80,7 +80,7 @@ def restore_for_demo(
     trained at).
 
     Empty ``caption``/``degradation`` let the model write its own; ``cfg_scale``/``temperature`` of ``None``
-    keep the :class:`~pure.decoding.loop.SamplingConfig` defaults. Raises ``ValueError`` with a message for the user.
+    keep the :class:`~pure.engine.SamplingConfig` defaults. Raises ``ValueError`` with a message for the user.
     """
     from pure.imageio import NOTICE_KEY
     from pure.viz import HEAT_MIN_SIDE, entropy_map
@@ -109,7 +109,8 @@ def restore_for_demo(
     t = result.timings
     info = (
         f"**{result.image.width}x{result.image.height} px** in {t['total_s']:.1f} s "
-        f"(text {t['text_s']:.1f} s, image {t['image_s']:.1f} s, {t['forward_passes']} forward passes) · "
+        f"(text {t['text_s']:.1f} s, image {t['image_s']:.1f} s, {t['forward_passes']} forward passes, "
+        f"{t['cpu_threads']} CPU threads) · "
         f"seed {result.seed} · guidance {result.settings['cfg_scale']:g} · "
         f"temperature {result.settings['temperature']:g} · model `{restorer.identity.get('model', '?')}`"
     )
@@ -137,7 +138,7 @@ def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
     """
     import gradio as gr
 
-    from pure.decoding.loop import SamplingConfig
+    from pure.engine import SamplingConfig
     from pure.imageio import ImageLoadError, load_image
     from pure.restorer import native_input_sides
 
@@ -269,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads of torch (default: OMP_NUM_THREADS if set, else 1 for a small model: pure.infer)",
+    )
+    p.add_argument(
         "--size",
         type=int,
         help="output side in px (default: the checkpoint's native size, 512 for PURE; see pure.infer)",
@@ -310,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             vq=args.vq,
             device=args.device,
             dtype=getattr(torch, args.dtype) if args.dtype else None,
+            threads=args.threads or "auto",
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,17 +10,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
-
 import pure
-from pure import distributed, viz
-from pure.decoding.loop import SamplingConfig
-from pure.imageio import ImageLoadError, check_writable, find_images, load_image, save_image, save_json
-from pure.model import HUB_MODEL_ID, ModelLoadError
-from pure.quant import QUANTIZE_MODES
-from pure.restorer import IMAGE_SIZE_KEY
+
+INTERRUPTED = "interrupted; finished outputs are kept, none is half-written"
+
+# torch and transformers take ~10 s to import: Ctrl-C meanwhile ends with the same one line as later
+try:
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from pure import distributed, viz
+    from pure.engine import SamplingConfig
+    from pure.imageio import ImageLoadError, check_writable, find_images, load_image, save_image, save_json
+    from pure.model import HUB_MODEL_ID, ModelLoadError
+    from pure.quant import QUANTIZE_MODES
+    from pure.restorer import IMAGE_SIZE_KEY, ONE_THREAD_PARAMETERS
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported by a program: its Ctrl-C is its own
+        raise
+    print(INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130) from None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EPILOG = f"""
@@ -75,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tokenizer", help="tokenizer.json overriding the checkpoint's own")
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 on CUDA, float32 on CPU")
+    model.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads of torch (default: OMP_NUM_THREADS if set, else 1 for a model under "
+        f"{ONE_THREAD_PARAMETERS // 1_000_000} M parameters on a CPU, whose decoding more threads only slow "
+        "down, and torch's one per core for a bigger one); the sidecar's timings say which",
+    )
     model.add_argument(
         "--compile",
         nargs="?",
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished outputs are kept, none is half-written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
         distributed.finish()  # the process group of a torchrun command, if it started one
@@ -265,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(err) from None
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1; got {args.threads}")
     if args.size is not None and (args.size <= 0 or args.size % GRID_PX):
         raise CliError(f"--size must be a positive multiple of {GRID_PX}; got {args.size}")
     check_tiling(args)
@@ -554,6 +574,7 @@ def load_restorer(args: argparse.Namespace, error: type[Exception] = CliError):
             dtype=DTYPES.get(args.dtype) if args.dtype else None,
             compile=args.compile,
             quantize=getattr(args, "quantize", None),
+            threads=getattr(args, "threads", None) or "auto",
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as err:
         raise error(str(err)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 
@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
-from pure.decoding.loop import (
+from pure.engine import (
     RestorationDecoder,
     SamplingConfig,
     TextPrior,
     check_compile,
+    make_decoder,
     synchronize,
 )
 from pure.imageio import SOURCE_MODE_KEY
@@ -39,6 +40,12 @@ DECODERS_KEPT = 4  # sampling settings whose decoders (and compiled steps) a res
 # How a notice names an input's colour mode (others by PIL's name: RGBA, CMYK, ...)
 MODE_NAMES = {"P": "palette", "PA": "palette", "L": "grayscale", "LA": "grayscale", "La": "grayscale"}
 NATIVE_SCALES = (1, 2, 4)  # size, size/2 and size/4 px square inputs are upsampled without any other change
+
+# Models under this many parameters decode on one CPU thread unless told otherwise: their per-token matmuls
+# are too small for torch's threads to pay for their synchronisation, and with other work on the machine the
+# default (a thread per core) collapses. PURE-tiny (5.7 M) on the 2-core machine under a load of ~12:
+# 6.0-7.2 s for a 128 px restoration with one thread, 61-167 s with two (the same codes).
+ONE_THREAD_PARAMETERS = 100_000_000
 
 # ``progress`` of restore_batch: a bar (True), none (False), or a callback told how many more image tokens of
 # the batch were decoded (all rows together), for a caller that draws its own bar.
@@ -120,6 +127,29 @@ TEXT_CUT_NOTICE = (
 )
 
 
+def choose_cpu_threads(
+    parameters: int, requested: int | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[int | None, str]:
+    """The intra-op CPU thread count to decode with, and where it comes from.
+
+    ``requested`` (``--threads``) wins; then ``OMP_NUM_THREADS`` (``environ``, default ``os.environ``), which
+    torch reads too; else one thread for a model of fewer than :data:`ONE_THREAD_PARAMETERS` ``parameters``,
+    and ``None`` (leave torch's default, a thread per core) for a bigger one.
+    """
+    environ = os.environ if environ is None else environ
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be >= 1; got {requested}")
+        return requested, "requested (--threads)"
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp), "OMP_NUM_THREADS"
+    if parameters < ONE_THREAD_PARAMETERS:
+        limit = ONE_THREAD_PARAMETERS / 1e6
+        return 1, f"auto: one for a model under {limit:.0f} M parameters ({parameters / 1e6:.1f} M)"
+    return None, "auto: torch's default, a thread per core"
+
+
 def text_notices(text_cut: bool, sampling: SamplingConfig) -> list[str]:
     """The notice of a text cut at ``sampling.max_text_tokens`` (none when it was not cut)."""
     return [TEXT_CUT_NOTICE.format(limit=sampling.max_text_tokens)] if text_cut else []
@@ -139,7 +169,7 @@ class PureRestorer:
     ):
         """``image_size``: the native output side; default the model config's :data:`IMAGE_SIZE_KEY`
         (512 when absent). ``compile``: capture the per-token image step (``compile`` of
-        :class:`pure.decoding.loop.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a ``torch.compile``
+        :class:`pure.engine.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a ``torch.compile``
         backend such as ``"inductor"`` on any device); the first image of each sampling setting pays for
         it, the next ones reuse it (:meth:`decoder`)."""
         if tokenizer.vocab.codebook_size != vq.config.codebook_size:
@@ -158,6 +188,7 @@ class PureRestorer:
         self._check_size(self.image_size)
         check_compile(compile)
         self.compile = compile
+        self.threads_from = "as found"  # why torch has its CPU threads (from_pretrained may set them)
         self._decoders: OrderedDict[tuple, RestorationDecoder] = OrderedDict()
 
     def decoder(self, sampling: SamplingConfig) -> RestorationDecoder:
@@ -166,7 +197,7 @@ class PureRestorer:
         key = astuple(sampling)
         decoder = self._decoders.pop(key, None)
         if decoder is None:
-            decoder = RestorationDecoder(self.model, self.format, replace(sampling), self.compile)
+            decoder = make_decoder(self.model, self.format, replace(sampling), self.compile)
         self._decoders[key] = decoder
         while len(self._decoders) > DECODERS_KEPT:
             self._decoders.popitem(last=False)
@@ -187,6 +218,7 @@ class PureRestorer:
         attn_implementation: str | None = None,
         compile: bool | str = False,
         quantize: str | None = None,
+        threads: int | str | None = None,
     ) -> PureRestorer:
         """Load a checkpoint folder or Hub id.
 
@@ -200,7 +232,14 @@ class PureRestorer:
             compile: capture the per-token image step (see :class:`PureRestorer`).
             quantize: ``"int8"`` or ``"int4"``: weight-only quantisation of the decoder's linear layers
                 (:mod:`pure.quant`; needs torchao, the ``quant`` extra), from the bf16 checkpoint.
+            threads: torch's intra-op CPU threads, for the whole process (``torch.set_num_threads``): a count,
+                ``"auto"`` (``OMP_NUM_THREADS`` if set, else one for a model under
+                :data:`ONE_THREAD_PARAMETERS` parameters on a CPU: :func:`choose_cpu_threads`; what
+                ``pure.infer`` and ``pure.app`` use), or ``None`` (default) to leave them as they are. Result
+                timings record the count and why.
         """
+        if threads is not None and threads != "auto" and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be 'auto' or a count >= 1; got {threads!r}")
         check_compile(compile)  # before loading the weights
         check_quantize(quantize)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -228,7 +267,15 @@ class PureRestorer:
         }
         if quantize is not None:  # absent otherwise: records of unquantised runs keep their identity
             identity["quantize"] = quantize
-        return cls(lm, text, image_tokenizer, identity, compile=compile)
+        restorer = cls(lm, text, image_tokenizer, identity, compile=compile)
+        if threads is not None:
+            requested = None if threads == "auto" else threads
+            count, why = choose_cpu_threads(sum(p.numel() for p in lm.parameters()), requested)
+            if device.type == "cpu" or requested is not None:  # a GPU's decode barely uses CPU threads
+                if count is not None:
+                    torch.set_num_threads(count)
+                restorer.threads_from = why
+        return restorer
 
     # -- input preparation ------------------------------------------------------------------------------
 
@@ -411,6 +458,8 @@ class PureRestorer:
                 "total_s": time.perf_counter() - start,
                 "forward_passes": out.forward_passes,
                 "batch_size": n,
+                "cpu_threads": torch.get_num_threads(),
+                "cpu_threads_from": self.threads_from,
             }
             settings = {**asdict(sampling), "color_fix": color_fix, "size": size}
             results.append(

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pure.decoding.loop import SamplingConfig
+from pure.engine import SamplingConfig
 from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES, text_notices
 from pure.sequence import SequenceFormat
 from pure.vq import to_rgb
@@ -358,6 +358,8 @@ def restore_tiled(
         "tiles": len(boxes),
     }
     timings = {"describe_s": described - start, "total_s": time.perf_counter() - start}
+    # the CPU threads the tiles were restored with, and why (see pure.restorer.choose_cpu_threads)
+    timings.update({k: v for k, v in results[-1].timings.items() if k.startswith("cpu_threads")})
     return TiledResult(
         image=out,
         lq_upsampled=lq_up,

@@ -26,7 +26,7 @@ from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
-from pure.decoding.loop import SamplingConfig
+from pure.engine import SamplingConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 FULL_SIZE_TEST = "test_full_size_folder_run"
@@ -40,6 +40,18 @@ start = time.monotonic()
 code = infer.main(sys.argv[1:])
 print(f"main took {time.monotonic() - start:.2f} s", file=sys.stderr)
 sys.exit(code)
+"""
+# Ctrl-C while `python -m pure.infer` imports torch (the ~10 s before main runs): an import hook raises it.
+INTERRUPTED_IMPORTS = """
+import builtins, runpy, sys
+real_import = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted
+sys.argv = ["pure.infer", *sys.argv[1:]]
+runpy.run_module("pure.infer", run_name="__main__", alter_sys=True)
 """
 CAPTION = "A red brick wall."
 DEGRADATION = "Large blur, small noise."
@@ -146,6 +158,7 @@ def test_help_exits_0_and_names_the_main_options(cli):
         ("--jacobi", "-3", "--jacobi must be 0 (off) or >= 2"),
         ("--compile", "no-such-backend", "torch.compile backend"),
         ("--max-text-tokens", "0", "--max-text-tokens must be >= 1"),
+        ("--threads", "0", "--threads must be >= 1"),
     ],
 )
 def test_bad_setting_is_one_error_line_and_exit_2(cli, tmp_path, option, value, word):
@@ -253,6 +266,24 @@ def test_interrupted_write_leaves_no_file(cli, tmp_path, monkeypatch):
     assert run.returncode == 130
     assert "interrupted" in run.stderr
     assert names(out_dir) == set()
+
+
+def test_ctrl_c_during_the_imports_ends_with_the_same_one_line(tmp_path):
+    image = save_astronaut(tmp_path / "lq.png", 32)
+
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_IMPORTS, "--input", str(image)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 130
+    assert proc.stderr.splitlines() == ["interrupted; finished outputs are kept, none is half-written"]
+    assert names(tmp_path) == {"lq.png"}
 
 
 def blocked_output(folder: Path) -> tuple[Path, Path]:
@@ -557,6 +588,7 @@ def test_tiled_sidecar_has_every_sampling_setting_and_the_text_cut(cli, tmp_path
     assert (settings["cfg_scale"], settings["temperature"], settings["text_top_k"]) == (1.5, 0.7, 2)
     assert (settings["jacobi_window"], settings["max_text_tokens"]) == (4, 4)
     assert settings["tiles"] == 4 and sidecar["text_cut"] is True
+    assert sidecar["timings"]["cpu_threads"] == 1 and "cpu_threads_from" in sidecar["timings"]
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -684,6 +716,38 @@ def test_no_token_bar_when_nothing_is_decoded(capsys, tiny_checkpoint, tmp_path)
     err = capsys.readouterr().err
 
     assert "0tok" not in err and "image tokens" not in err and "images: 100%" in err
+
+
+# ---------------------------------------------------------------- CPU threads
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "threads", "source"),
+    [
+        ({}, [], 1, "auto: one for a model under 100 M parameters"),
+        ({"OMP_NUM_THREADS": "2"}, [], 2, "OMP_NUM_THREADS"),
+        ({"OMP_NUM_THREADS": "2"}, ["--threads", "1"], 1, "--threads"),
+    ],
+    ids=["auto", "OMP_NUM_THREADS", "--threads"],
+)
+def test_cpu_threads_follow_the_model_s_size_unless_told_and_the_sidecar_says(
+    cli, tmp_path, monkeypatch, env, argv, threads, source
+):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    image = save_astronaut(tmp_path / "lq.png", 32)
+    torch.set_num_threads(2)  # torch's default here: one per core
+    try:
+        run = cli("--input", str(image), "--size", "32", *argv)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)  # this module's
+
+    assert run.returncode == 0, run.stderr
+    timings = read_sidecar(tmp_path / "lq_pure.png")["timings"]
+    assert used == timings["cpu_threads"] == threads
+    assert source in timings["cpu_threads_from"]
 
 
 # ---------------------------------------------------------------- the full-size run: keep this test last

@@ -17,7 +17,7 @@ from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
-from pure.decoding.loop import SamplingConfig
+from pure.engine import SamplingConfig
 from pure.model import ModelLoadError
 from pure.restorer import DEFAULT_IMAGE_SIZE, IMAGE_SIZE_KEY, PureRestorer, RestoreResult
 from pure.sequence import SequenceFormat
@@ -371,3 +371,35 @@ def test_a_palette_image_with_transparency_is_not_called_rgba(tiny_restorer, tmp
 
     (notice,) = input_notices(result)
     assert "palette" in notice and "white" in notice and "RGBA" not in notice
+
+
+def test_choose_cpu_threads():
+    from pure.restorer import ONE_THREAD_PARAMETERS, choose_cpu_threads
+
+    small, big = ONE_THREAD_PARAMETERS - 1, ONE_THREAD_PARAMETERS
+    assert choose_cpu_threads(small, environ={})[0] == 1
+    assert choose_cpu_threads(big, environ={}) == (None, "auto: torch's default, a thread per core")
+    assert choose_cpu_threads(small, environ={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert choose_cpu_threads(big, requested=2, environ={"OMP_NUM_THREADS": "3"})[0] == 2
+    assert choose_cpu_threads(small, environ={"OMP_NUM_THREADS": "lots"})[0] == 1  # not a count: ignored
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        choose_cpu_threads(small, requested=0)
+
+
+def test_from_pretrained_sets_cpu_threads_only_when_asked(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    try:
+        untouched = PureRestorer.from_pretrained(tiny_checkpoint, device="cpu")  # a library call: as found
+        kept = torch.get_num_threads()
+        auto = PureRestorer.from_pretrained(tiny_checkpoint, device="cpu", threads="auto")
+        chosen = torch.get_num_threads()
+        with pytest.raises(ValueError, match="threads must be 'auto' or a count"):
+            PureRestorer.from_pretrained(tiny_checkpoint, device="cpu", threads=0)
+    finally:
+        torch.set_num_threads(1)
+
+    assert (kept, untouched.threads_from) == (2, "as found")
+    assert chosen == 1 and auto.threads_from.startswith("auto: one for a model under")
+    result = auto.restore(astronaut(32), size=32, max_text_tokens=4)
+    assert result.timings["cpu_threads"] == 1 and result.timings["cpu_threads_from"] == auto.threads_from

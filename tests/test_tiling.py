@@ -82,6 +82,7 @@ class OffsetRestorer:
                 SimpleNamespace(
                     image=Image.fromarray(np.rint(pixels).clip(0, 255).astype(np.uint8), "RGB"),
                     entropy=torch.zeros(size // 8, size // 8),
+                    timings={},
                 )
             )
         return results
@@ -424,7 +425,7 @@ class RecordingRestorer:
 
 
 def test_tiny_model_every_tile_has_the_same_text(tiny_restorer):
-    from pure.decoding.loop import SamplingConfig
+    from pure.engine import SamplingConfig
 
     recorder = RecordingRestorer(tiny_restorer)
     sampling = SamplingConfig(max_text_tokens=24)  # the random model's text: short, without a degradation
