@@ -80,7 +80,8 @@ def restore_for_demo(
     trained at).
 
     Empty ``caption``/``degradation`` let the model write its own; ``cfg_scale``/``temperature`` of ``None``
-    keep the :class:`~pure.engine.SamplingConfig` defaults. Raises ``ValueError`` with a message for the user.
+    keep the :class:`~pure.decoding.loop.SamplingConfig`
+    defaults. Raises ``ValueError`` with a message for the user.
     """
     from pure.imageio import NOTICE_KEY
     from pure.viz import HEAT_MIN_SIDE, entropy_map
@@ -138,7 +139,7 @@ def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
     """
     import gradio as gr
 
-    from pure.engine import SamplingConfig
+    from pure.decoding.loop import SamplingConfig
     from pure.imageio import ImageLoadError, load_image
     from pure.restorer import native_input_sides
 

@@ -6,9 +6,9 @@ Three ways to decode the same image block after the same prompt (instruction, LQ
     ``negative_prompt_ids``: :class:`~transformers.UnbatchedClassifierFreeGuidanceLogitsProcessor` runs the
     unconditional branch as a second, unbatched forward per token, like the original PURE code) plus this
     project's processors (grid constraint, entropy top-k) and transformers' temperature warper;
-(b) :class:`pure.engine.RestorationDecoder`: guidance rows in the same batched forward, a static cache,
+(b) :class:`pure.decoding.loop.RestorationDecoder`: guidance rows in the same batched forward, a static cache,
     no host sync per token;
-(c) the engine with speculative Jacobi decoding (:mod:`pure.jacobi`).
+(c) the engine with speculative Jacobi decoding (:mod:`pure.decoding.jacobi`).
 
 All three sample the same distribution: transformers' guidance mixes log-softmaxed scores, which differ
 from the engine's raw logits by a per-row constant that the softmax removes. The weights are random (no
@@ -30,11 +30,11 @@ from tokenizers import Tokenizer, models
 from transformers import ChameleonConfig, LogitsProcessorList
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
-from pure.engine import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig, make_decoder
-from pure.jacobi import DEFAULT_WINDOW, JacobiRestorationDecoder
+from pure.decoding.jacobi import DEFAULT_WINDOW
+from pure.decoding.loop import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig
+from pure.decoding.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
 from pure.model import PureForConditionalGeneration, default_attn_implementation
 from pure.quant import check_quantize
-from pure.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.vocab import (
@@ -281,8 +281,8 @@ def kernels_per_step(decoder: RestorationDecoder, run) -> float:
 
     compiled_fn = decoder._compiled_fn
 
-    def marked(name, device):
-        step = compiled_fn(name, device)
+    def marked(fn, device):
+        step = compiled_fn(fn, device)
 
         def call(*args):
             with record_function(STEP_EVENT):
@@ -335,7 +335,8 @@ def per_step_table(args, arch, model, prompts, h_out, lat, results, compile_flag
         counts = []
         for compiled in (False, compile_flag) if compile_flag else (False,):
             jacobi = args.jacobi_window if key == "c" else 0
-            decoder = make_decoder(model, fmt, replace(sampling, jacobi_window=jacobi), compiled, layout)
+            variant = replace(sampling, jacobi_window=jacobi)
+            decoder = RestorationDecoder(model, fmt, variant, compiled, layout)
             with torch.inference_mode():
                 counts.append(
                     kernels_per_step(decoder, lambda d=decoder: d.generate_image(prompts, h_out, lat, gens))
@@ -373,6 +374,25 @@ def forward_share(decoder: RestorationDecoder, run) -> float:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def traffic_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
+    """Bytes one image step reads, averaged over the image, for each layout, weight format and attention path
+    (:mod:`pure.decoding.traffic`), with an answer text of :data:`ANSWER_TOKENS` tokens."""
+    from pure.decoding.traffic import READS, step_traffic, traffic_table
+
+    rows = [
+        step_traffic(config, model, shape, layout, fmt, PURE_CODEBOOK, reads, ANSWER_TOKENS)
+        for layout in GUIDANCE_LAYOUTS
+        for fmt in ("bf16", "int8")
+        for reads in READS
+    ]
+    title = (
+        f"bytes read per image step, mean over the image (pure.decoding.traffic; reads: capacity = the whole "
+        f"cache, live = the slots in use (eager), blocks = the 128-slot blocks in use (compiled); ms at "
+        f"{bandwidth / 1e12:g} TB/s)"
+    )
+    return [title, *("  " + line for line in traffic_table(rows, bandwidth))]
 
 
 def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDOW) -> list[str]:
@@ -438,12 +458,12 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     ]
     lines += ["  " + line for line in peak_table(estimates, default)]
     for label, variant in (
-        ("compiled (masks span the whole cache)", DecodeShape(prompt, text, block, batch, compiled=True)),
         (f"with Jacobi {window}", DecodeShape(prompt, text, block, batch, window=window)),
     ):
         for fmt in TARGET_GB:
             e = estimate_peak(c, variant, default, fmt, PURE_CODEBOOK, vq_params, model)
             lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
+    lines += ["", *traffic_estimate(c, model, DecodeShape(prompt, text, block, batch))]
     for fmt, target in TARGET_GB.items():
         fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
         lines.append(
@@ -560,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = args.guidance_layout
     engine_b = RestorationDecoder(model, fmt, sampling, compile_flag, layout)
-    engine_c = JacobiRestorationDecoder(model, fmt, sampling, compile_flag, args.jacobi_window, layout)
+    jacobi = replace(sampling, jacobi_window=args.jacobi_window)
+    engine_c = RestorationDecoder(model, fmt, jacobi, compile_flag, layout)
     methods = {  # name, run of h output rows, the engine (None: the model's own forward)
         "a": (
             "(a) transformers generate",

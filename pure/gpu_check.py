@@ -12,9 +12,11 @@ next one runs), all of them inside one time budget:
    0.8, temperature 0.9: eager, CUDA graphs and Jacobi compiled. Each mode decodes the first
    ``rows[0]`` and ``rows[1]`` image rows of a 512 px image; the difference of the two gives the cost
    per forward and per token without prefill or compile. The prompt is padded so that the cache has a
-   whole image's slots: every step reads the whole static cache, so its cost does not depend on how far
-   the image is, and the short runs extrapolate to a whole image (``s_per_image``). Also compile
-   seconds, peak memory, compiled graphs (recompiles) and CUDA-graph skips.
+   whole image's slots. A step reads the live cache only (:mod:`pure.decoding.attention`), and the padded
+   prompt is live, so the measured steps read about as much as an image's last steps: the short runs
+   extrapolate to an upper bound of a whole image (``s_per_image``; about 4% over at 7B/512 px by
+   :mod:`pure.decoding.traffic`'s accounting, from 18.1 GB read per step against an image's mean 17.5 GB).
+   Also compile seconds, peak memory, compiled graphs (recompiles) and CUDA-graph skips.
 4. ``profile``: a ``torch.profiler`` trace of 3 compiled steps of that model: the share of attention
    kernels against GEMMs (the weight reads), with the top kernels and the weights' implied bandwidth.
 5. ``lora``: two LoRA micro-steps of the 7B architecture at ~8.5k tokens as
@@ -54,7 +56,7 @@ import torch
 from pure.sequence import LATENT_PER_GRID
 
 if TYPE_CHECKING:
-    from pure.engine import SamplingConfig
+    from pure.decoding.loop import SamplingConfig
     from pure.sequence import SequenceFormat
 
 # The stages import the model code (transformers) themselves: the parent process, which only schedules
@@ -258,8 +260,8 @@ def stage_env(record: StageRecord, cfg: CheckConfig) -> None:
 
 def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
     from pure.bench import VQ_DOWNSAMPLE, build_arch, build_model
-    from pure.engine import SamplingConfig, make_decoder
-    from pure.jacobi import DEFAULT_WINDOW
+    from pure.decoding.jacobi import DEFAULT_WINDOW
+    from pure.decoding.loop import RestorationDecoder, SamplingConfig
     from pure.sequence import SequenceFormat
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,10 +278,10 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
     record["compiled_means"] = (
         "CUDA graphs" if device.type == "cuda" else "nothing (compile=True is a no-op on CPU)"
     )
-    reference = make_decoder(reference_model, fmt, greedy).generate(prompts, lat, lat).answer_ids
+    reference = RestorationDecoder(reference_model, fmt, greedy).generate(prompts, lat, lat).answer_ids
 
     def decode(sampling: SamplingConfig, compiled: bool, layout: str, generators=None):
-        decoder = make_decoder(model, fmt, sampling, compile=compiled, guidance_layout=layout)
+        decoder = RestorationDecoder(model, fmt, sampling, compile=compiled, guidance_layout=layout)
         start = time.perf_counter()
         out = decoder.generate(prompts.to(device), lat, lat, generators=generators)
         sync(device)
@@ -368,7 +370,7 @@ class DecodeSetup:
     @classmethod
     def build(cls, cfg: CheckConfig) -> DecodeSetup:
         from pure.bench import build_arch, build_model, synthetic_prompt
-        from pure.engine import SamplingConfig
+        from pure.decoding.loop import SamplingConfig
         from pure.sequence import SequenceFormat
 
         lat = cfg.latent_side()
@@ -387,11 +389,11 @@ class DecodeSetup:
 
     def decoder(self, jacobi: bool, compiled: bool):
         """The one-token loop or Jacobi decoding (its default window), eager or ``compile=True``."""
-        from pure.engine import make_decoder
-        from pure.jacobi import DEFAULT_WINDOW
+        from pure.decoding.jacobi import DEFAULT_WINDOW
+        from pure.decoding.loop import RestorationDecoder
 
         sampling = replace(self.sampling, jacobi_window=DEFAULT_WINDOW if jacobi else 0)
-        return make_decoder(self.model, self.fmt, sampling, compile=compiled)
+        return RestorationDecoder(self.model, self.fmt, sampling, compile=compiled)
 
     def run(self, decoder, rows: int) -> tuple[float, int]:
         """Seconds (synchronised) and image forward passes of one decode of the first ``rows`` rows."""
@@ -528,8 +530,8 @@ def classify_kernel(name: str) -> str:
 def counting_steps(decoder, on_step: Callable[[], None]):
     """Calls ``on_step`` after every call of the decoder's (compiled) step functions."""
 
-    def patched(name, device):
-        fn = original(name, device)
+    def patched(step_fn, device):
+        fn = original(step_fn, device)
 
         def counted(*args, **kwargs):
             out = fn(*args, **kwargs)

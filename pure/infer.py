@@ -21,7 +21,7 @@ try:
     from tqdm.auto import tqdm
 
     from pure import distributed, viz
-    from pure.engine import SamplingConfig
+    from pure.decoding.loop import SamplingConfig
     from pure.imageio import ImageLoadError, check_writable, find_images, load_image, save_image, save_json
     from pure.model import HUB_MODEL_ID, ModelLoadError
     from pure.quant import QUANTIZE_MODES

@@ -9,7 +9,7 @@ larger of two phases' transients, which never coexist:
   values), and the 4-D boolean mask over the cache with the additive copies sdpa makes of it
   (:data:`MASK_BYTES`); attention itself is assumed to run in sdpa's memory-efficient kernel (no
   ``prompt x capacity`` score matrix);
-* the image phase: the copy of the LM head's rows of the image codes (:mod:`pure.engine`), and a Jacobi
+* the image phase: the copy of the LM head's rows of the image codes (:mod:`pure.decoding.loop`), and a Jacobi
   window's fp32 code logits.
 
 Weight-only quantised linears (:mod:`pure.quant`) add, in eager mode, one dequantised weight in the model's
@@ -36,8 +36,8 @@ MASK_BYTES = 1 + 2 * 2
 
 
 def default_layout() -> str:
-    """The engine's default guidance layout, read from :class:`pure.engine.RestorationDecoder`."""
-    from pure.engine import RestorationDecoder
+    """The engine's default guidance layout, read from :class:`pure.decoding.loop.RestorationDecoder`."""
+    from pure.decoding.loop import RestorationDecoder
 
     return inspect.signature(RestorationDecoder.__init__).parameters["guidance_layout"].default
 
@@ -104,12 +104,11 @@ class DecodeShape:
     batch: int = 1
     guidance: bool = True
     window: int = 0  # Jacobi window (0: one token per forward)
-    compiled: bool = False  # compiled steps: every mask spans the whole cache (one shape), the prefill's too
 
     def cache(self, layout: str) -> tuple[int, int]:
-        """``(rows, slots per row)`` of the static cache, as :meth:`pure.engine.RestorationDecoder._prefill`
-        allocates it: in "rows" a row per twin, each with room for the prompt, text and block; in "shared"
-        the twin's block beside its row's."""
+        """``(rows, slots per row)`` of the static cache, as
+        :meth:`pure.decoding.loop.RestorationDecoder._prefill` allocates it: in "rows" a row per twin, each
+        with room for the prompt, text and block; in "shared" the twin's block beside its row's."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
         slots = self.prompt + self.text + self.block + self.window
@@ -118,11 +117,6 @@ class DecodeShape:
         if layout == "rows":
             return 2 * self.batch, slots
         return self.batch, slots + self.block + self.window
-
-    def prefill_mask_slots(self, layout: str) -> int:
-        """Slots the prefill's mask spans: those in use (the prompt's) in eager decoding, where the attention
-        reads the live cache only (:mod:`pure.decoding.attention`); the whole cache row when compiled."""
-        return self.cache(layout)[1] if self.compiled else self.prompt
 
     def prefill_rows(self, layout: str) -> int:
         """Rows the prompt runs over: twins included in "rows" (they mirror the text), once in "shared"."""
@@ -154,7 +148,8 @@ def estimate_peak(
     if weights_format != "bf16":
         dequantized = max(2 * m.weight.numel() for m in _decoder_linears(model))
     activations = prefill_rows * shape.prompt * (3 * hidden + 3 * inter) * 2
-    mask = prefill_rows * shape.prompt * shape.prefill_mask_slots(layout) * MASK_BYTES
+    # the prefill attends the live slots, the prompt's, compiled or not (pure.decoding.attention)
+    mask = prefill_rows * shape.prompt * shape.prompt * MASK_BYTES
     head_rows = codebook * hidden * 2
     window_logits = 2 * shape.batch * shape.window * codebook * 4
     return PeakEstimate(

@@ -8,7 +8,7 @@
 * it has no Chameleon VQGAN: PURE tokenises images with the LlamaGen VQ (:mod:`pure.vq`).
 
 It adds :meth:`~PureForConditionalGeneration.decode`, the same layers without the per-call wrapping,
-for :mod:`pure.engine`'s decode loop.
+for :mod:`pure.decoding.loop`'s decode loop.
 
 :func:`load_model` reads PURE / Lumina-mGPT checkpoints (a local folder or a Hub id) shard by shard,
 expanding their ``[1, head_dim]`` QK-norm tensors to transformers' ``[heads, head_dim]``.

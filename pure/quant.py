@@ -5,7 +5,7 @@ halve the decoder's bytes (4 bits: a quarter), and the 7B model's weights go fro
 7.2 GiB (int8). Only the linear layers of the decoder layers are quantised (attention q/k/v/o and the MLP:
 6.48 B of the 7.08 B parameters). The token embedding and the LM head stay in the model's dtype: the engine
 scores image tokens with a copy of the LM head's rows of the image codes (``lm_head.weight.index_select``,
-see :mod:`pure.engine`), which a quantised tensor does not support, and the text phase's full head is
+see :mod:`pure.decoding.loop`), which a quantised tensor does not support, and the text phase's full head is
 1 of ~4,200 steps an image.
 
 Modes (:data:`QUANTIZE_MODES`):

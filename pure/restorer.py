@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
-from pure.engine import (
+from pure.decoding.loop import (
     RestorationDecoder,
     SamplingConfig,
     TextPrior,
     check_compile,
-    make_decoder,
     synchronize,
 )
 from pure.imageio import SOURCE_MODE_KEY
@@ -169,9 +168,9 @@ class PureRestorer:
     ):
         """``image_size``: the native output side; default the model config's :data:`IMAGE_SIZE_KEY`
         (512 when absent). ``compile``: capture the per-token image step (``compile`` of
-        :class:`pure.engine.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a ``torch.compile``
-        backend such as ``"inductor"`` on any device); the first image of each sampling setting pays for
-        it, the next ones reuse it (:meth:`decoder`)."""
+        :class:`pure.decoding.loop.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a
+        ``torch.compile`` backend such as ``"inductor"`` on any device); the first image of each sampling
+        setting pays for it, the next ones reuse it (:meth:`decoder`)."""
         if tokenizer.vocab.codebook_size != vq.config.codebook_size:
             raise ValueError(
                 f"the tokenizer names {tokenizer.vocab.codebook_size} image tokens but the VQ has "
@@ -197,7 +196,7 @@ class PureRestorer:
         key = astuple(sampling)
         decoder = self._decoders.pop(key, None)
         if decoder is None:
-            decoder = make_decoder(self.model, self.format, replace(sampling), self.compile)
+            decoder = RestorationDecoder(self.model, self.format, replace(sampling), self.compile)
         self._decoders[key] = decoder
         while len(self._decoders) > DECODERS_KEPT:
             self._decoders.popitem(last=False)

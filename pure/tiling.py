@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pure.engine import SamplingConfig
+from pure.decoding.loop import SamplingConfig
 from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES, text_notices
 from pure.sequence import SequenceFormat
 from pure.vq import to_rgb

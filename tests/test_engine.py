@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pure.engine import RestorationDecoder, SamplingConfig, TextPrior
+from pure.decoding.loop import RestorationDecoder, SamplingConfig, TextPrior
 
 H, W = 8, 4  # latent grid of the generated image in these tests
 
@@ -41,7 +41,10 @@ def prompt(tiny_format):
 
 
 def decode(model, fmt, prompt, **sampling):
-    decoder = RestorationDecoder(model, fmt, SamplingConfig(**{"temperature": 0.0, **sampling}))
+    # the scripted model tells a twin by its 2-D mask: a cache row per twin
+    decoder = RestorationDecoder(
+        model, fmt, SamplingConfig(**{"temperature": 0.0, **sampling}), guidance_layout="rows"
+    )
     return decoder.generate(prompt, H, W, generators=None)
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pure import engine
-from pure.engine import RestorationDecoder, SamplingConfig, make_decoder
-from pure.jacobi import JacobiRestorationDecoder
+from pure.decoding import loop as engine
+from pure.decoding.jacobi import JacobiDecoding
+from pure.decoding.loop import RestorationDecoder, SamplingConfig
+from pure.decoding.sampling import ImageGridConstraintLogitsProcessor
 from pure.model import load_model
-from pure.sampling import ImageGridConstraintLogitsProcessor
 
 H, W = 8, 4
 
@@ -73,8 +73,8 @@ def test_decoding_is_the_same_whatever_attention_the_model_was_loaded_with(
     and Jacobi windows included (flash's glue reads a static cache's 2-D mask as left padding)."""
     sampling = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=4, jacobi_window=window)
     prompts = prompts_for(tiny_format, 2)
-    sdpa = decode(make_decoder(tiny_restorer.model, tiny_format, sampling), prompts)
-    flash = decode(make_decoder(flash_model, tiny_format, sampling), prompts)
+    sdpa = decode(RestorationDecoder(tiny_restorer.model, tiny_format, sampling), prompts)
+    flash = decode(RestorationDecoder(flash_model, tiny_format, sampling), prompts)
     assert same_answers(flash, sdpa)
     assert flash_model.config._attn_implementation == "flash_attention_2"  # training keeps it
 
@@ -114,8 +114,10 @@ def test_every_compiled_step_survives_replays_overwriting_its_outputs(
     sampling = SamplingConfig(temperature=temperature, max_text_tokens=3, jacobi_window=window)
     prompts = prompts_for(tiny_format, 2)
     model = tiny_restorer.model
-    eager = decode(make_decoder(model, tiny_format, sampling, guidance_layout=layout), prompts)
-    graphs = decode(make_decoder(model, tiny_format, sampling, compile=True, guidance_layout=layout), prompts)
+    eager = decode(RestorationDecoder(model, tiny_format, sampling, guidance_layout=layout), prompts)
+    graphs = decode(
+        RestorationDecoder(model, tiny_format, sampling, compile=True, guidance_layout=layout), prompts
+    )
     assert same_answers(graphs, eager)
     # a graph's masks span the whole capacity: more masked slots in sdpa's sums, the last bits may differ
     assert torch.allclose(graphs.entropy, eager.entropy, atol=1e-5)
@@ -162,9 +164,9 @@ def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format,
     monkeypatch.setattr(
         engine, "noise_keys", lambda gens, b, device: torch.zeros(b, 2, dtype=torch.long, device=device)
     )
-    monkeypatch.setattr("pure.jacobi.noise_keys", engine.noise_keys)
+    monkeypatch.setattr("pure.decoding.jacobi.noise_keys", engine.noise_keys)
     sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8, jacobi_window=window)
-    decoder = make_decoder(model, tiny_format, sampling, guidance_layout=layout)
+    decoder = RestorationDecoder(model, tiny_format, sampling, guidance_layout=layout)
     meta = torch.device("meta")
     prompts = prompts_for(tiny_format, 1).to(meta)
     state = decoder._prefill(
@@ -181,9 +183,7 @@ def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format,
     constraint.forced_at(torch.arange(1, device=meta))
     decoder._image_codes(meta)
     if window:  # Jacobi commits as many tokens as its window accepted: the one host read it makes
-        monkeypatch.setattr(
-            JacobiRestorationDecoder, "_committed", staticmethod(lambda decided, left: min(2, left))
-        )
+        monkeypatch.setattr(JacobiDecoding, "_committed", staticmethod(lambda decided, left: min(2, left)))
     with torch.inference_mode(), HostDataRefused():
         decoder._image_phase(state, constraint, [None], entropy, Bar())
 
@@ -191,7 +191,7 @@ def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format,
 def test_head_rows_and_rotary_tables_are_made_once_and_static(tiny_restorer, tiny_format):
     """CUDA-graph trees copy every input that is not static at each replay: the image codes' LM-head rows
     (128 MiB at 7B) and the rotary tables are made once per decoder and marked static."""
-    decoder = make_decoder(
+    decoder = RestorationDecoder(
         tiny_restorer.model, tiny_format, SamplingConfig(temperature=0.0, max_text_tokens=2)
     )
     prompts = prompts_for(tiny_format, 1)
@@ -229,14 +229,14 @@ def test_cache_capacity_grows_geometrically_so_recompiles_are_bounded(tiny_resto
     assert decoder.recompiles == len(set(capacities)) - 1
 
 
-def test_past_dynamo_s_recompile_limit_the_decoder_warns(tiny_restorer, tiny_format, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+def test_past_dynamo_s_recompile_limit_the_decoder_warns(tiny_restorer, tiny_format):
     decoder = RestorationDecoder(tiny_restorer.model, tiny_format, compile="eager")
-    decoder._capacity_for(300)
-    decoder._capacity_for(1000)
-    with pytest.warns(RuntimeWarning, match="recompile"):
-        decoder._capacity_for(5000)
-        decoder._capacity_for(50000)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        decoder._capacity_for(300)
+        decoder._capacity_for(1000)
+        with pytest.warns(RuntimeWarning, match="recompile"):
+            decoder._capacity_for(5000)
+            decoder._capacity_for(50000)
 
 
 # -- timings -------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_phase_timings_wait_for_the_device(tiny_restorer, tiny_format, monkeypat
     monkeypatch.setattr(engine, "synchronize", lambda device: events.append(("sync", str(device))))
     clock = iter(range(100))
     monkeypatch.setattr(engine.time, "perf_counter", lambda: events.append(("clock",)) or next(clock))
-    decoder = make_decoder(
+    decoder = RestorationDecoder(
         tiny_restorer.model, tiny_format, SamplingConfig(temperature=0.0, max_text_tokens=2)
     )
     decode(decoder, prompts_for(tiny_format, 1))
@@ -292,7 +292,7 @@ def test_eager_steps_attend_only_the_slots_in_use(tiny_restorer, tiny_format, mo
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", record)
     sampling = SamplingConfig(temperature=0.0, max_text_tokens=3)
-    decoder = make_decoder(tiny_restorer.model, tiny_format, sampling, guidance_layout=layout)
+    decoder = RestorationDecoder(tiny_restorer.model, tiny_format, sampling, guidance_layout=layout)
     out = decode(decoder, prompts_for(tiny_format, 1))
     keys = [k for k, m in widths]
     assert all(k == m for k, m in widths)

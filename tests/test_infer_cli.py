@@ -26,7 +26,7 @@ from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
-from pure.engine import SamplingConfig
+from pure.decoding.loop import SamplingConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 FULL_SIZE_TEST = "test_full_size_folder_run"

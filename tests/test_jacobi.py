@@ -8,6 +8,7 @@ under greedy decoding, and by a two-sample test of the per-position token distri
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ import torch
 from scipy.stats import chi2_contingency
 from transformers import DynamicCache
 
-from pure.engine import TOKEN_STREAM, DecodeState, RestorationDecoder, SamplingConfig, make_decoder
-from pure.jacobi import JacobiRestorationDecoder, RollbackStaticCache
-from pure.sampling import (
+from pure.decoding.jacobi import JacobiDecoding
+from pure.decoding.layout import DecodeState, RollbackStaticCache
+from pure.decoding.loop import TOKEN_STREAM, RestorationDecoder, SamplingConfig
+from pure.decoding.sampling import (
     ImageGridConstraintLogitsProcessor,
     classifier_free_guidance,
     entropy_top_k,
@@ -77,7 +79,7 @@ def test_keyed_noise_is_a_pure_function_of_row_key_and_counter():
 
 
 def test_keyed_noise_never_reaches_0_or_1():
-    from pure.sampling import _unit_interval
+    from pure.decoding.sampling import _unit_interval
 
     extremes = _unit_interval(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1]))
     assert (extremes > 0).all() and (extremes < 1).all()
@@ -193,9 +195,8 @@ def test_compiled_step_is_one_graph_with_the_same_outputs(tiny_restorer, tiny_fo
     assert counters["stats"]["unique_graphs"] == 1  # fullgraph: no break; no recompilation per token
     assert not counters["graph_break"]
     # compile=True is CUDA graphs; on a CPU it is the eager step
-    assert RestorationDecoder(model, fmt, compile=True)._compiled_fn(
-        "_decode_step", torch.device("cpu")
-    ).__func__ is (RestorationDecoder._decode_step)
+    decoder = RestorationDecoder(model, fmt, compile=True)
+    assert decoder._compiled_fn(decoder._decode_step, torch.device("cpu")) == decoder._decode_step
 
 
 def meta_state(decoder, fmt, capacity: int, length: int) -> DecodeState:
@@ -218,10 +219,11 @@ def test_image_phase_never_syncs_with_the_host(tiny_restorer, tiny_format, monke
     (forward, guidance, constraint, entropy top-k, temperature, sampling) would raise."""
     model = copy.deepcopy(tiny_restorer.model).to("meta")
     monkeypatch.setattr(  # generators cannot live on the meta device; keys can
-        "pure.engine.noise_keys",
+        "pure.decoding.loop.noise_keys",
         lambda gens, batch, device: torch.zeros(batch, 2, dtype=torch.long, device=device),
     )
-    decoder = RestorationDecoder(model, tiny_format, SamplingConfig(temperature=0.9, cfg_scale=0.8))
+    sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8)
+    decoder = RestorationDecoder(model, tiny_format, sampling, guidance_layout="rows")
     state = meta_state(decoder, tiny_format, capacity=100, length=40)
     constraint = ImageGridConstraintLogitsProcessor(tiny_format.vocab, H, W)
     entropy = torch.zeros(1, H, W, device="meta")
@@ -240,14 +242,16 @@ def test_jacobi_window_step_never_syncs_with_the_host(tiny_restorer, tiny_format
     transformers, whose sdpa mask builder reads such a mask on the host in eager mode), guidance,
     per-position constraint and entropy top-k, the acceptance test, residual and bonus sampling."""
     model = copy.deepcopy(tiny_restorer.model).to("meta")
-    decoder = JacobiRestorationDecoder(model, tiny_format, SamplingConfig(temperature=0.9), window=6)
+    decoder = RestorationDecoder(
+        model, tiny_format, SamplingConfig(temperature=0.9, jacobi_window=6), guidance_layout="rows"
+    )
     state = meta_state(decoder, tiny_format, capacity=100, length=40)
     meta, v = torch.device("meta"), tiny_format.vocab
     with torch.inference_mode():
-        tokens, accepted, probs, _ = decoder._window_step(
+        tokens, accepted, probs, _ = decoder.speculative.window_step(
             torch.zeros(2, 6, dtype=torch.long, device=meta),
             torch.zeros(2, 6, dtype=torch.long, device=meta),
-            decoder._attention_mask(state, 6),
+            decoder.layout.attention_mask(state, 6),
             state.cache,
             state.rotary,
             decoder._image_codes(meta),
@@ -298,8 +302,8 @@ def test_shared_layout_same_tokens_less_cache(tiny_restorer, tiny_format, monkey
     )
     prompts = prompts_for(fmt, 2, 8, 8)
     rows, shared = (
-        make_decoder(model, fmt, sampling),
-        make_decoder(model, fmt, sampling, guidance_layout="shared"),
+        RestorationDecoder(model, fmt, sampling, guidance_layout="rows"),
+        RestorationDecoder(model, fmt, sampling, guidance_layout="shared"),
     )
     seen_rows, seen_shared = CacheRecorder(rows, monkeypatch), CacheRecorder(shared, monkeypatch)
     a, b = decode(rows, prompts, 8, 8), decode(shared, prompts, 8, 8)
@@ -347,7 +351,7 @@ def test_jacobi_greedy_equals_the_one_token_loop(tiny_restorer, tiny_format, h, 
     sampling = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=3)
     prompts = prompts_for(fmt, 3, h, w, seed=window)
     one = decode(RestorationDecoder(model, fmt, sampling), prompts, h, w)
-    jacobi = decode(JacobiRestorationDecoder(model, fmt, sampling, window=window), prompts, h, w)
+    jacobi = decode(RestorationDecoder(model, fmt, replace(sampling, jacobi_window=window)), prompts, h, w)
     for a, b in zip(one.answer_ids, jacobi.answer_ids, strict=True):
         assert torch.equal(a, b)
         assert fmt.parse_answer(b, strict=True).codes.shape == (h, w)
@@ -356,15 +360,13 @@ def test_jacobi_greedy_equals_the_one_token_loop(tiny_restorer, tiny_format, h, 
     # batched rows (which accept different numbers of drafts) equal the same rows decoded alone
     for i in range(3):
         single = decode(
-            JacobiRestorationDecoder(model, fmt, sampling, window=window), prompts[i : i + 1], h, w
+            RestorationDecoder(model, fmt, replace(sampling, jacobi_window=window)), prompts[i : i + 1], h, w
         )
         assert torch.equal(single.answer_ids[0], jacobi.answer_ids[i])
 
 
 def test_jacobi_rolls_back_a_dynamic_cache_too(tiny_restorer, tiny_format):
-    class DynamicJacobi(JacobiRestorationDecoder):
-        static_cache = False
-
+    class DynamicJacobi(RestorationDecoder):
         def _make_cache(self, capacity):
             return DynamicCache(config=self.model.config)
 
@@ -372,7 +374,7 @@ def test_jacobi_rolls_back_a_dynamic_cache_too(tiny_restorer, tiny_format):
     sampling = SamplingConfig(temperature=0.0, max_text_tokens=3)
     prompts = prompts_for(fmt, 2, seed=3)
     one = decode(RestorationDecoder(model, fmt, sampling), prompts)
-    dynamic = decode(DynamicJacobi(model, fmt, sampling, window=6), prompts)
+    dynamic = decode(DynamicJacobi(model, fmt, replace(sampling, jacobi_window=6)), prompts)
     assert all(torch.equal(a, b) for a, b in zip(one.answer_ids, dynamic.answer_ids, strict=True))
 
 
@@ -393,9 +395,9 @@ def test_rollback_static_cache_crop(tiny_restorer):
 def test_jacobi_is_reproducible_and_wired(tiny_restorer, tiny_format):
     model, fmt = tiny_restorer.model, tiny_format
     sampling = SamplingConfig(max_text_tokens=3, jacobi_window=8)
-    decoder = make_decoder(model, fmt, sampling)
-    assert isinstance(decoder, JacobiRestorationDecoder) and decoder.window == 8
-    assert type(make_decoder(model, fmt, SamplingConfig())) is RestorationDecoder
+    decoder = RestorationDecoder(model, fmt, sampling)
+    assert isinstance(decoder.speculative, JacobiDecoding) and decoder.speculative.window == 8
+    assert RestorationDecoder(model, fmt, SamplingConfig()).speculative is None
     prompts = prompts_for(fmt, 2)
     first, again = decode(decoder, prompts), decode(decoder, prompts)
     assert all(torch.equal(a, b) for a, b in zip(first.answer_ids, again.answer_ids, strict=True))
@@ -430,7 +432,8 @@ def test_restorer_and_cli_take_a_jacobi_window(tiny_restorer):
 def stub_window(tiny_format, monkeypatch, logits: torch.Tensor, sampling: SamplingConfig):
     """A Jacobi decoder whose forward returns ``logits`` (R, W, V) whatever it is fed (the image codes'
     columns when it is asked for those)."""
-    decoder = JacobiRestorationDecoder(None, tiny_format, sampling, window=logits.shape[1])
+    sampling = replace(sampling, jacobi_window=logits.shape[1])
+    decoder = RestorationDecoder(None, tiny_format, sampling, guidance_layout="rows")
 
     def forward(ids, positions, mask, cache, keep, rotary=None, codes=None):
         out = logits if codes is None else logits.index_select(-1, codes.ids)
@@ -444,7 +447,7 @@ def window_step(decoder, tiny_format, batch, drafts, q, fixed=None, body=None, s
     width = drafts.shape[1] + 1
     rows = batch * (2 if decoder.sampling.cfg_scale != 1.0 else 1)
     keys = noise_keys(generators(range(seed, seed + batch)), batch, "cpu")
-    return decoder._window_step(
+    return decoder.speculative.window_step(
         torch.zeros(rows, width, dtype=torch.long),
         None,  # positions, mask, cache, rotary: the stubbed forward takes none
         None,
@@ -583,7 +586,7 @@ def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
         return torch.stack(out).numpy()
 
     one = codes(RestorationDecoder(sharp_model, fmt, sampling), list(range(n)), n)
-    jacobi = JacobiRestorationDecoder(sharp_model, fmt, sampling)
+    jacobi = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16))
     level = 0.01 / 31
     p_batched = two_sample_p_values(one, codes(jacobi, list(range(10**6, 10**6 + n)), n))
     p_small = two_sample_p_values(one, codes(jacobi, list(range(2 * 10**6, 2 * 10**6 + n)), 4))

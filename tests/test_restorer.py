@@ -17,7 +17,7 @@ from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
-from pure.engine import SamplingConfig
+from pure.decoding.loop import SamplingConfig
 from pure.model import ModelLoadError
 from pure.restorer import DEFAULT_IMAGE_SIZE, IMAGE_SIZE_KEY, PureRestorer, RestoreResult
 from pure.sequence import SequenceFormat

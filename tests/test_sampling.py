@@ -1,4 +1,4 @@
-"""Tests for pure.sampling on hand-made score tensors.
+"""Tests for pure.decoding.sampling on hand-made score tensors.
 
 Entropies are recomputed here in float64 from the spec formula (section 4.4); k values are checked
 against the spec's table, and the grammar constraint against the layout of section 4.3.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from pure.sampling import (
+from pure.decoding.sampling import (
     EntropyTopKLogitsWarper,
     ImageGridConstraintLogitsProcessor,
     TopKLogitsWarper,

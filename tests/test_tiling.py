@@ -425,7 +425,7 @@ class RecordingRestorer:
 
 
 def test_tiny_model_every_tile_has_the_same_text(tiny_restorer):
-    from pure.engine import SamplingConfig
+    from pure.decoding.loop import SamplingConfig
 
     recorder = RecordingRestorer(tiny_restorer)
     sampling = SamplingConfig(max_text_tokens=24)  # the random model's text: short, without a degradation

@@ -1,9 +1,9 @@
 """Bytes one image step reads from device memory: what sets its time on a GPU, where decoding a 7B model one
 token at a time is memory-bound (a step's time is about its bytes over the memory bandwidth).
 
-A step reads the decoder layers' weights, the LM head's rows of the image codes (:mod:`pure.engine` scores
-the codes only) and, in every layer, keys and values of the KV cache. How much of the cache depends on the
-attention (:mod:`pure.decoding.attention`) and the guidance layout:
+A step reads the decoder layers' weights, the LM head's rows of the image codes (:mod:`pure.decoding.loop`
+scores the codes only) and, in every layer, keys and values of the KV cache. How much of the cache depends on
+the attention (:mod:`pure.decoding.attention`) and the guidance layout:
 
 * ``"capacity"``: the whole preallocated cache, every step (sdpa given the static cache's full width, as
   the engine did before it sliced its masks);

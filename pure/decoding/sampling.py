@@ -5,7 +5,7 @@ Order per image token: classifier-free guidance -> structural constraint -> entr
 
 Every processor follows transformers' contract ``__call__(input_ids[B, T], scores[B, V]) -> scores``:
 rows are independent, masks are built once per device, ``scores`` is never written in place, and
-nothing syncs with the host, so they plug into ``model.generate`` as well as into :mod:`pure.engine`.
+nothing syncs with the host, so they plug into ``model.generate`` as well as into :mod:`pure.decoding.loop`.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class ImageGridConstraintLogitsProcessor(LogitsProcessor):
         """``(*body.shape, V)`` bool: the ids allowed at each body index (see :meth:`forced_at`).
 
         The image-phase mechanism of :meth:`__call__`: two table lookups, no scan of the sequence, no host
-        sync. (:mod:`pure.engine` and :mod:`pure.jacobi` score only the image codes and take
+        sync. (:mod:`pure.decoding.loop` and :mod:`pure.decoding.jacobi` score only the image codes and take
         :meth:`forced_at`'s tokens where the grammar forces one, which is the same constraint.)
         """
         allowed, kind = self._device_tables(body.device)[0], self._kind(body)

@@ -4,7 +4,7 @@ Each iteration feeds a window of ``W`` tokens to every row: the last committed t
 proposals for the next body positions. One forward gives the target distribution at every window
 position; drafts are verified left to right by speculative sampling and the first rejected one is
 replaced by a sample from the residual distribution, so every token keeps exactly the law of the
-one-token loop (:class:`pure.engine.RestorationDecoder`). What differs from PURE's original SJD path
+one-token loop (:class:`pure.decoding.loop.RestorationDecoder`). What differs from PURE's original SJD path
 (spec 4.5, 8.1):
 
 * the window is anchored at the output image (it starts after ``<boi> <grid h> <grid w>`` and ends at
@@ -44,70 +44,42 @@ step itself has fixed shapes (the last windows are padded past ``<eoi>``), so ``
 
 from __future__ import annotations
 
-import torch
-from transformers import StaticCache
+from typing import TYPE_CHECKING
 
-from pure.engine import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig
-from pure.sampling import (
+import torch
+
+from pure.decoding.sampling import (
     ImageGridConstraintLogitsProcessor,
     entropy_top_k,
     keyed_uniform,
     noise_keys,
 )
-from pure.sequence import SequenceFormat
+
+if TYPE_CHECKING:
+    from pure.decoding.loop import RestorationDecoder
 
 DEFAULT_WINDOW = 16
-# Counter-based noise streams (pure.engine.TOKEN_STREAM is 0).
+# Counter-based noise streams (pure.decoding.loop.TOKEN_STREAM is 0).
 DRAFT_STREAM, ACCEPT_STREAM, SAMPLE_STREAM = 1, 2, 3
 
 
-class RollbackStaticCache(StaticCache):
-    """transformers' :class:`StaticCache` that can drop its newest tokens: ``crop(-n)``.
-
-    A static layer writes at its ``cumulative_length``; rolling back moves that counter back. The stale
-    keys and values behind it are masked out by the decoder and overwritten by the next write: nothing
-    is reallocated or copied, so the cache keeps its addresses (capturable) and its memory.
-    """
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest ``-tokens_to_remove`` tokens (a negative count, as ``DynamicCache.crop``)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative count of tokens to remove; got {tokens_to_remove}")
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.sub_(-tokens_to_remove)
-
-
-class JacobiRestorationDecoder(RestorationDecoder):
-    """:class:`RestorationDecoder` whose image phase is speculative Jacobi decoding (module docstring).
+class JacobiDecoding:
+    """Speculative Jacobi decoding of a :class:`~pure.decoding.loop.RestorationDecoder`'s image phase (module
+    docstring): the decoder calls :meth:`image_phase` instead of its one-token loop when its sampling
+    settings ask for a window (``SamplingConfig.jacobi_window``).
 
     Args:
-        model, fmt, sampling, compile, guidance_layout: as :class:`RestorationDecoder` (``compile``
-            applies to the window step, whose shapes are fixed: the last windows are padded).
-        window: tokens fed per forward, >= 2 (default ``sampling.jacobi_window``, else 16).
+        decoder: the decoder whose forward, layout, guidance and sampling it uses.
+        window: tokens fed per forward, >= 2 (16 is the default of ``pure.infer --jacobi``).
     """
 
-    def __init__(
-        self,
-        model,
-        fmt: SequenceFormat,
-        sampling: SamplingConfig | None = None,
-        compile: bool | str = False,
-        window: int | None = None,
-        guidance_layout: str = GUIDANCE_LAYOUTS[0],
-    ):
-        super().__init__(model, fmt, sampling, compile, guidance_layout)
-        self.window = window or self.sampling.jacobi_window or DEFAULT_WINDOW
-        if self.window < 2:
-            raise ValueError(f"the Jacobi window must be >= 2 tokens; got {self.window}")
+    def __init__(self, decoder: RestorationDecoder, window: int = DEFAULT_WINDOW):
+        if window < 2:
+            raise ValueError(f"the Jacobi window must be >= 2 tokens; got {window}")
+        self.decoder = decoder
+        self.window = window  # the cache also holds this many slots ahead (the padded last windows)
 
-    def _make_cache(self, capacity: int):
-        return RollbackStaticCache(config=self.model.config, max_cache_len=capacity)
-
-    def _extra_capacity(self) -> int:
-        return self.window  # the padded last windows write past <eoi> before being cropped
-
-    def _window_step(
+    def window_step(
         self, ids, positions, mask, cache, rotary, codes, forced, keys, iteration, drafts, q, fixed
     ):
         """Forward a window and verify its drafts. No host sync; fixed shapes (what ``compile`` captures).
@@ -127,11 +99,14 @@ class JacobiRestorationDecoder(RestorationDecoder):
             corrected or bonus token, later positions a prediction sampled from a wrong prefix;
             ``accepted (B,)``; ``probs (B, W, K)`` the targets (``None`` when greedy); ``entropy (B, W)``.
         """
-        s = self.sampling
+        d = self.decoder
+        s = d.sampling
         batch, width = drafts.shape[0], drafts.shape[1] + 1
         # (R, W, K) code logits, or (B, 2W, K) in the "shared" layout
-        logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
-        scores, entropy = entropy_top_k(self._guide(logits).flatten(0, 1), s.min_k, s.max_k)  # per position
+        logits = d._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
+        scores, entropy = entropy_top_k(
+            d.layout.guide(logits).flatten(0, 1), s.min_k, s.max_k
+        )  # per position
         scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
         slots = torch.arange(width, device=ids.device)
 
@@ -175,23 +150,24 @@ class JacobiRestorationDecoder(RestorationDecoder):
         iteration (the cache is cropped by it)."""
         return min(int(decided.min()), left)
 
-    def _image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
+    def image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
         """REstore, up to ``window`` tokens per forward (module docstring)."""
-        s = self.sampling
+        d = self.decoder
+        s = d.sampling
         batch, height, width = entropy.shape
         total = height * (width + 1) + 1  # body tokens, <eoi> included
         w_len, device = self.window, state.seq.device
         greedy = s.temperature == 0
         keys = noise_keys(None if greedy else generators, batch, device)
         body_ids = torch.arange(total + w_len, device=device)
-        codes = self._image_codes(device)
+        codes = d._image_codes(device)
         code_ids, n_codes = codes.ids, codes.ids.numel()
-        step = self._compiled_fn("_window_step", device)
+        step = d._compiled_fn(self.window_step, device)
 
         tokens = torch.empty((batch, total), dtype=torch.long, device=device)
         entropies = torch.zeros((batch, total), device=device)
         # The first token comes from the <boi> <grid h> <grid w> forward, exactly as in the one-token loop.
-        first, first_entropy = self._first_image_token(state, codes, constraint, keys)
+        first, first_entropy = d._first_image_token(state, codes, constraint, keys)
         tokens[:, 0], entropies[:, 0] = first, first_entropy
         last, done, iteration = first, 1, 0
         counter = torch.zeros((), dtype=torch.long, device=device)  # iteration, on the device
@@ -219,7 +195,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
             drafts = torch.where(forced[:-1] >= 0, forced[:-1], proposed)
             fixed = proposed_fixed | (forced[:-1] >= 0)
 
-            ids, positions, mask = self._image_inputs(state, torch.cat([last[:, None], drafts], dim=1))
+            ids, positions, mask = d.layout.image_inputs(state, torch.cat([last[:, None], drafts], dim=1))
             state.passes += 1
             out, accepted, probs, step_entropy = step(
                 ids,
@@ -239,7 +215,7 @@ class JacobiRestorationDecoder(RestorationDecoder):
             commit = self._committed(decided, total - done)
             tokens[:, done : done + commit] = out[:, :commit]
             entropies[:, done : done + commit] = step_entropy[:, :commit]
-            self._rollback(state, w_len - commit)  # keep the last committed token and those before it
+            d.layout.rollback(state, w_len - commit)  # keep the last committed token and those before it
 
             proposed = out[:, commit:]
             proposed_fixed = torch.arange(commit, w_len, device=device)[None] < decided[:, None]

@@ -1,26 +1,24 @@
 """The decode loop: Perceive and Understand (text), then REstore (the image block), for a batch of prompts.
 
-Text phase: greedy (or top-k) text until each row emits ``<boi>``; user-given degradation/caption text is
-forced instead of generated. Rows that finish early wait with masked "hole" tokens, so the batch stays
-in one KV cache and every row's result is independent of its neighbours.
+Phases, in the order :meth:`RestorationDecoder.generate` runs them:
 
-Image phase: every row then generates the same grid in lock step. Classifier-free guidance runs the
-unconditional context in the same batched forward: each row has a twin that sees only the image block
-(``<boi>``, grid tokens, codes so far) with positions restarting at 0, as in PURE's standard path. Two
-cache layouts (``guidance_layout``): ``"shared"`` (default) puts the twin's tokens in its row's cache,
-interleaved with the row's image tokens, and separates the two contexts with the mask: no slot is
-allocated for nothing, the prompt runs once, and a step's attention reads each live slot once (the 7B
-model at 512 px fits 22 GB in bf16, 16 GB with int8 weights: ``python -m pure.bench --arch 7b``);
-``"rows"`` gives each twin its own cache row, which also holds slots for the prompt and text the twin
-never attends (3 GB more at 7B/512).
+1. prefill: the cache is allocated (:mod:`pure.decoding.layout`: where each row and its guidance twin live)
+   and the prompts run;
+2. text: greedy (or top-k) text until each row emits ``<boi>``; user-given degradation/caption text is
+   forced instead of generated. Rows that finish early wait with masked "hole" tokens, so the batch stays
+   in one KV cache and every row's result is independent of its neighbours;
+3. image start: ``<boi> <grid h> <grid w>``; from here on each row's twin sees only its image block;
+4. image: every row generates the same grid in lock step, one token per forward, or several with
+   speculative Jacobi decoding (:mod:`pure.decoding.jacobi`), a variant the loop calls for this phase.
 
 The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
 function of tensors with no host synchronisation. It scores the image codes only (16,384 of PURE's 73,728
 ids: the LM head's matmul and every step after it shrink 4.5x), the grammar's newlines and ``<eoi>`` come
-from a table by body index, one counter-based uniform per token draws it (:func:`pure.sampling.
-entropy_top_k_draw`, :func:`pure.sampling.keyed_uniform`), the KV cache is static. ``compile=True`` captures
-it with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA; see :class:`RestorationDecoder`.
-:mod:`pure.jacobi` replaces the image phase with speculative Jacobi decoding.
+from a table by body index, one counter-based uniform per token draws it
+(:func:`pure.decoding.sampling.entropy_top_k_draw`, :func:`pure.decoding.sampling.keyed_uniform`), the KV
+cache is static. ``compile=True`` captures it in CUDA graphs on CUDA (:mod:`pure.decoding.capture`); the
+model's attention reads the live cache only, whatever attention it was loaded with
+(:mod:`pure.decoding.attention`).
 """
 
 from __future__ import annotations
@@ -34,59 +32,33 @@ from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StaticCache
 
 from pure.decoding.attention import decoding_attention
-from pure.model import PureForConditionalGeneration
-from pure.sampling import (
-    EntropyTopKLogitsWarper,
+from pure.decoding.capture import (
+    capture_cuda_graphs,
+    check_compile,
+    mark_static,
+    owning_outputs,
+    synchronize,
+    uses_cuda_graphs,
+)
+from pure.decoding.config import SamplingConfig, TextPrior
+from pure.decoding.jacobi import JacobiDecoding
+from pure.decoding.layout import GUIDANCE_LAYOUTS, CacheLayout, DecodeState, RollbackStaticCache
+from pure.decoding.sampling import (
     ImageGridConstraintLogitsProcessor,
     TopKLogitsWarper,
-    classifier_free_guidance,
     entropy_top_k_draw,
     keyed_uniform,
     noise_keys,
     sample_tokens,
 )
+from pure.model import PureForConditionalGeneration
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 
-TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.jacobi uses others)
+TOKEN_STREAM = 0  # counter-based noise stream of the one-token image step (pure.decoding.jacobi uses others)
 CAPACITY_ALIGN = 256  # compiled steps' cache capacities are multiples of this (and of flex attention's block)
 CAPACITY_GROWTH = 1.5  # ... and grow by at least this factor, so that recompiles stay few
-GUIDANCE_LAYOUTS = ("shared", "rows")  # the default first: where a guidance twin's tokens live (module doc)
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings. Defaults are the PURE README's (spec 4.1)."""
-
-    cfg_scale: float = 0.8
-    temperature: float = 0.9
-    min_k: int = 1
-    max_k: int = 2000
-    text_top_k: int = 1
-    # the answer text's tokens (degradation sentence and caption) before <boi> is forced: PURE's captions are
-    # LLaVA's, which pure.data.captions caps at 512 tokens, after a sentence of about 8; 768 leaves room for a
-    # tokenizer that splits finer, for ~6% more KV cache slots at 512 px than 256 took
-    max_text_tokens: int = 768
-    jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
-
-    def __post_init__(self) -> None:
-        # `not x >= 0` also rejects NaN
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance); got {self.cfg_scale}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
-        if self.text_top_k < 1:
-            raise ValueError(f"text_top_k must be >= 1 (1 = greedy text); got {self.text_top_k}")
-        if self.max_text_tokens < 1:
-            raise ValueError(f"max_text_tokens must be >= 1; got {self.max_text_tokens}")
-        if self.jacobi_window != 0 and self.jacobi_window < 2:
-            raise ValueError(
-                f"jacobi_window must be 0 (off) or >= 2 (16 is the default); got {self.jacobi_window}"
-            )
-        EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates
-        TopKLogitsWarper(self.text_top_k)
 
 
 class ImageCodes(NamedTuple):
@@ -98,14 +70,6 @@ class ImageCodes(NamedTuple):
 
 
 @dataclass
-class TextPrior:
-    """Text to force instead of generating it (steering); ``None`` lets the model write it."""
-
-    degradation: str | None = None
-    caption: str | None = None
-
-
-@dataclass
 class DecodeOutput:
     answer_ids: list[torch.Tensor]  # per row: text, image block, <eot>
     entropy: torch.Tensor  # (B, h, w) nats, per image code
@@ -113,27 +77,6 @@ class DecodeOutput:
     seconds: dict[str, float] = field(default_factory=dict)
     image_forward_passes: int = 0  # those of the image block: <boi> <grid h> <grid w>, then the body
     text_cut: list[bool] = field(default_factory=list)  # per row: its text reached max_text_tokens
-
-
-@dataclass
-class DecodeState:
-    """What the phases share. Cache and mask rows are cond0, twin0, cond1, twin1, ... under guidance in
-    the "rows" layout; one row per prompt in the "shared" layout (the twin lives in ``owner == 2`` slots)."""
-
-    seq: torch.Tensor  # (B, capacity) ids of the cond rows; `length` columns are in use until the image
-    mask: torch.Tensor  # (R, capacity) bool: which slots of every cache row hold a token
-    cache: object  # a transformers Cache
-    next_pos: torch.Tensor  # (R,) position of each row's next token
-    twins: int  # cache rows per prompt: 2 with guidance in the "rows" layout, else 1
-    length: int = 0  # cache slots in use
-    logits: torch.Tensor | None = None  # (R, keep, V) fp32, from the last forward
-    passes: int = 0
-    block_start: int = 0  # index of <boi> in `seq`
-    owner: torch.Tensor | None = None  # "shared" layout: (B, capacity) int8, 0 context, 1 row, 2 twin
-    twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's rotary tables for every position
-    static_shapes: bool = False  # masks span the whole capacity (a compiled step's one shape)
-    pair_owner: torch.Tensor | None = None  # "shared" layout: (2,) int8 [1, 2], a row's token then its twin's
 
 
 # "Medium blur, small noise." is about 8 tokens; with a user caption, the model's own degradation sentence
@@ -194,84 +137,23 @@ class _TokenCounter:
             self.callback(rows * self.tokens_per_row)
 
 
-def uses_cuda_graphs(compile: bool | str, device: torch.device) -> bool:
-    """``compile=True`` captures the image step in CUDA graphs on CUDA (elsewhere it is a no-op)."""
-    return compile is True and device.type == "cuda"
-
-
-def capture_cuda_graphs(fn: Callable) -> Callable:
-    """``fn`` compiled for CUDA-graph replay. A replay writes its outputs into the same memory as the previous
-    replay: see :func:`owning_outputs`."""
-    return torch.compile(fn, mode="reduce-overhead", dynamic=False)
-
-
-def owning_outputs(step: Callable) -> Callable:
-    """A CUDA-graph step whose outputs the caller owns: each call tells cudagraph trees that a new step
-    begins (the previous replay's outputs may be overwritten) and copies the new outputs out, so that a
-    loop can carry them into the next call (Jacobi's drafts and their distributions do)."""
-
-    def call(*args):
-        torch.compiler.cudagraph_mark_step_begin()
-        out = step(*args)
-        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
-
-    return call
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a clock read after it measures the work (CUDA runs
-    asynchronously; a CPU needs nothing)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def check_compile(compile: bool | str) -> None:
-    """Refuse a ``compile`` setting that is neither a bool nor a ``torch.compile`` backend's name, now
-    rather than at the first image."""
-    if isinstance(compile, bool):
-        return
-    backends = torch.compiler.list_backends(exclude_tags=())
-    if compile not in backends:
-        raise ValueError(
-            f"compile must be True, False or a torch.compile backend ({', '.join(backends)}); got {compile!r}"
-        )
-
-
-def make_decoder(
-    model,
-    fmt: SequenceFormat,
-    sampling: SamplingConfig | None = None,
-    compile: bool | str = False,
-    guidance_layout: str = GUIDANCE_LAYOUTS[0],
-) -> RestorationDecoder:
-    """The decoder ``sampling`` asks for: speculative Jacobi decoding when ``jacobi_window > 0``, else the
-    one-token loop. Both give the same distribution (the same tokens under greedy decoding)."""
-    sampling = sampling or SamplingConfig()
-    if sampling.jacobi_window:
-        from pure.jacobi import JacobiRestorationDecoder  # pure.jacobi builds on this module
-
-        return JacobiRestorationDecoder(model, fmt, sampling, compile, guidance_layout=guidance_layout)
-    return RestorationDecoder(model, fmt, sampling, compile, guidance_layout)
-
-
 class RestorationDecoder:
     """Generates PURE answers (text + image block) for prompts of equal length.
 
     Args:
         model: a :class:`pure.model.PureForConditionalGeneration` (any causal LM returning fp32 logits).
         fmt: the sequence format of the model's tokenizer.
-        sampling: decoding settings.
+        sampling: decoding settings; ``jacobi_window > 0`` decodes the image by speculative Jacobi decoding
+            (:class:`~pure.decoding.jacobi.JacobiDecoding`: the same distribution, the same tokens under
+            greedy decoding, fewer forwards).
         compile: capture the per-token image step. ``True``: ``torch.compile(mode="reduce-overhead")``
             (CUDA graphs) when the model is on CUDA; elsewhere a no-op (a CPU has no graphs to replay
             and compiling costs more than a tiny model's decode). A backend name (``"inductor"``,
             ``"eager"``, ...) compiles with that backend on any device, as one graph (``fullgraph``).
             The computation is the same (fused kernels may round the last bits differently).
-        guidance_layout: ``"shared"`` (default: twins inside their row's cache, separated by the mask) or
-            ``"rows"`` (a cache row per twin: more memory; a model other than PureForConditionalGeneration
-            needs it unless it runs sdpa). Same outputs either way.
+        guidance_layout: one of :data:`~pure.decoding.layout.GUIDANCE_LAYOUTS` (:mod:`pure.decoding.layout`):
+            ``"shared"`` (default) or ``"rows"``. Same outputs either way.
     """
-
-    static_cache = True  # preallocated KV cache; the mask always spans its whole capacity
 
     def __init__(
         self,
@@ -281,26 +163,26 @@ class RestorationDecoder:
         compile: bool | str = False,
         guidance_layout: str = GUIDANCE_LAYOUTS[0],
     ):
-        if guidance_layout not in GUIDANCE_LAYOUTS:
-            raise ValueError(f"guidance_layout must be one of {GUIDANCE_LAYOUTS}; got {guidance_layout!r}")
         check_compile(compile)
         self.model = model
         self.fmt = fmt
         self.sampling = sampling or SamplingConfig()
         self.compile = compile
-        self.shared = guidance_layout == "shared" and self.sampling.cfg_scale != 1.0
-        self._compiled: dict[str, object] = {}
         # PureForConditionalGeneration.decode takes a 4-D boolean mask, which the loop keeps up to date at
         # the cost of a view per token, and runs its own attention whatever the model was loaded with; any
         # other causal LM gets the 2-D mask through its forward, and must take it as sdpa or eager do.
         self._use_decode = isinstance(model, PureForConditionalGeneration)
+        self.layout = CacheLayout(guidance_layout, self.sampling.cfg_scale, self._use_decode)
         attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
-        if not self._use_decode and attention not in (("sdpa",) if self.shared else ("sdpa", "eager")):
+        if not self._use_decode and attention not in (("sdpa",) if self.layout.shared else ("sdpa", "eager")):
             raise ValueError(
                 f"{type(model).__name__} gets a static cache's mask through its forward, which {attention!r} "
                 "attention does not take: load it with attn_implementation='sdpa' (the 'shared' guidance "
                 "layout's 4-D mask needs sdpa; a PureForConditionalGeneration decodes with any attention)"
             )
+        window = self.sampling.jacobi_window
+        self.speculative = JacobiDecoding(self, window) if window else None
+        self._compiled: dict[str, Callable] = {}
         # Made once per decoder and kept (static inputs of a CUDA graph): the image codes' LM-head rows
         # and the rotary tables; the cache capacity compiled steps are specialised on, and how often it grew.
         self._codes: ImageCodes | None = None
@@ -309,24 +191,28 @@ class RestorationDecoder:
         self._capacity = 0
         self.recompiles = 0
 
+    # -- the model, compiled or not -------------------------------------------------------------------------
+
     def _make_cache(self, capacity: int):
-        return StaticCache(config=self.model.config, max_cache_len=capacity)
+        """A static cache that a speculative window can roll back (one more counter move: free otherwise)."""
+        return RollbackStaticCache(config=self.model.config, max_cache_len=capacity)
 
     def _compiles(self, device: torch.device) -> bool:
         """Whether the image step runs compiled on ``device`` (then with one shape per cache capacity)."""
         return uses_cuda_graphs(self.compile, device) or isinstance(self.compile, str)
 
-    def _compiled_fn(self, name: str, device: torch.device):
-        """The bound method ``name``, compiled as ``self.compile`` asks (see the class docstring)."""
-        fn = getattr(self, name)
+    def _compiled_fn(self, fn: Callable, device: torch.device) -> Callable:
+        """The step function ``fn`` (a bound method: this decoder's or its speculative variant's), compiled
+        as ``self.compile`` asks (see the class docstring), once per decoder."""
         if not self._compiles(device):
             return fn
-        if name not in self._compiled:
+        if fn.__name__ not in self._compiled:
             if uses_cuda_graphs(self.compile, device):
-                self._compiled[name] = owning_outputs(capture_cuda_graphs(fn))
+                self._compiled[fn.__name__] = owning_outputs(capture_cuda_graphs(fn))
             else:
-                self._compiled[name] = torch.compile(fn, backend=self.compile, fullgraph=True, dynamic=False)
-        return self._compiled[name]
+                compiled = torch.compile(fn, backend=self.compile, fullgraph=True, dynamic=False)
+                self._compiled[fn.__name__] = compiled
+        return self._compiled[fn.__name__]
 
     def _capacity_for(self, need: int) -> int:
         """The cache capacity of a compiled decode needing ``need`` slots. Compiled steps specialise on it, so
@@ -354,40 +240,12 @@ class RestorationDecoder:
     def _feed(
         self, state: DecodeState, ids: torch.Tensor, live: torch.Tensor | None = None, keep: int = 1
     ) -> None:
-        """Append ``ids`` (R, q) to every row at its next positions and run the model on them.
-
-        ``live`` (R,) marks rows whose tokens count (others are masked holes that do not advance their
-        positions). Leaves next-token logits (R, keep, V) in ``state.logits`` (fp32).
-        """
-        q = ids.shape[1]
-        live = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device) if live is None else live
-        state.mask[:, state.length : state.length + q] = live[:, None]
-        positions = state.next_pos[:, None] + torch.arange(q, device=ids.device)
-        state.length += q
-        mask = self._attention_mask(state, q)
+        """Append ``ids`` (R, q) to every cache row at its next positions (``live``: see
+        :meth:`CacheLayout.append`) and run the model on them: next-token logits (R, keep, V) in
+        ``state.logits`` (fp32)."""
+        positions, mask = self.layout.append(state, ids.shape[1], live)
         state.logits = self._forward(ids, positions, mask, state.cache, keep, state.rotary)
-        state.next_pos += live * q
         state.passes += 1
-
-    def _mask(self, state: DecodeState) -> torch.Tensor:
-        """The 2-D mask of the slots a forward's attention reads: the whole capacity when the shapes must
-        stay fixed (a compiled step, or a static cache given to another LM's forward), else the slots in use,
-        so that the attention reads the live cache only (:mod:`pure.decoding.attention`)."""
-        fixed = state.static_shapes or (self.static_cache and not self._use_decode)
-        return state.mask if fixed else state.mask[:, : state.length]
-
-    def _attention_mask(self, state: DecodeState, q: int) -> torch.Tensor:
-        """The mask of a forward whose ``q`` queries are the last ``q`` filled slots: boolean ``(R, 1, q,
-        slots)`` for :meth:`pure.model.PureForConditionalGeneration.decode` (transformers would otherwise
-        rebuild it from the 2-D mask at every token), else the 2-D mask."""
-        mask = self._mask(state)
-        if not self._use_decode:
-            return mask
-        if q == 1:  # one query sees every filled slot: a view, nothing to build
-            return mask[:, None, None, :]
-        query_slot = torch.arange(state.length - q, state.length, device=mask.device)
-        causal = torch.arange(mask.shape[1], device=mask.device) <= query_slot[:, None]  # (q, slots)
-        return (mask[:, None] & causal)[:, None]
 
     def _forward(
         self, ids, positions, mask, cache, keep: int, rotary=None, codes: ImageCodes | None = None
@@ -408,73 +266,11 @@ class RestorationDecoder:
         logits = out.logits.float()
         return logits if codes is None else logits.index_select(-1, codes.ids)
 
-    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
-        """Image-phase logits of a forward (R, k, V) -> guided scores (B, n, V) of its n image tokens (V: the
-        vocabulary, or the K image codes).
-
-        "rows": R = 2B rows cond0, twin0, ...; "shared": k = 2n positions cond, twin, cond, twin, ...
-        """
-        if self.sampling.cfg_scale == 1.0:
-            return logits
-        if self.shared:
-            logits = logits.view(logits.shape[0], -1, 2, logits.shape[-1])  # (B, n, cond/twin, V)
-            return classifier_free_guidance(logits[:, :, 0], logits[:, :, 1], self.sampling.cfg_scale)
-        logits = logits.view(-1, 2, *logits.shape[1:])  # (B, cond/twin, n, V)
-        return classifier_free_guidance(logits[:, 0], logits[:, 1], self.sampling.cfg_scale)
-
     def guided_scores(self, state: DecodeState, position: int = -1) -> torch.Tensor:
         """Next-token scores (B, V) of the cond rows, combined with their twins' under guidance."""
-        return self._guide(state.logits)[:, position]
+        return self.layout.guide(state.logits)[:, position]
 
-    def _image_inputs(self, state: DecodeState, tokens: torch.Tensor):
-        """Append image tokens ``(B, q)`` to every row and its twin; advance the state.
-
-        Returns the forward's ``(ids, positions, attention mask)``: ``(R, q)`` ids in the "rows" layout,
-        ``(B, 2q)`` cond/twin-interleaved ids and a ``(B, 1, 2q, capacity)`` mask in the "shared" one.
-        """
-        q, device = tokens.shape[1], tokens.device
-        steps = torch.arange(q, device=device)
-        if not self.shared:
-            positions = state.next_pos[:, None] + steps
-            state.mask[:, state.length : state.length + q] = True
-            state.length += q
-            state.next_pos += q
-            return tokens.repeat_interleave(state.twins, dim=0), positions, self._attention_mask(state, q)
-        start, end = state.length, state.length + 2 * q
-        positions = torch.stack([state.next_pos[:, None] + steps, state.twin_pos[:, None] + steps], dim=2)
-        state.mask[:, start:end] = True
-        state.owner[:, start:end] = state.pair_owner.repeat(q)
-        state.length = end
-        state.next_pos += q
-        state.twin_pos += q
-        return tokens.repeat_interleave(2, dim=1), positions.flatten(1), self._shared_mask(state, 2 * q)
-
-    def _shared_mask(self, state: DecodeState, q: int) -> torch.Tensor:
-        """(B, 1, q, capacity) mask of the last ``q`` slots' queries in the "shared" layout: a row's tokens
-        see the context and the row's image tokens, a twin's tokens only the twin's; both causally."""
-        mask = self._mask(state)  # (B, slots)
-        slots, device = mask.shape[1], mask.device
-        owner = state.owner[:, :slots]
-        sees_row = mask & (owner <= 1)  # (B, slots): context and the row's image tokens
-        sees_twin = mask & (owner == 2)
-        query_owner = state.owner[:, state.length - q : state.length]  # (B, q)
-        allowed = torch.where((query_owner == 1)[..., None], sees_row[:, None], sees_twin[:, None])
-        query_slot = torch.arange(state.length - q, state.length, device=device)
-        allowed &= torch.arange(slots, device=device) <= query_slot[:, None]  # (B, q, slots)
-        return allowed[:, None]
-
-    def _rollback(self, state: DecodeState, tokens: int) -> None:
-        """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
-        if tokens == 0:
-            return
-        slots = 2 * tokens if self.shared else tokens
-        state.cache.crop(-slots)
-        state.length -= slots
-        state.mask[:, state.length : state.length + slots] = False
-        state.next_pos -= tokens
-        if self.shared:
-            state.owner[:, state.length : state.length + slots] = 0
-            state.twin_pos -= tokens
+    # -- the phases -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(
@@ -580,44 +376,23 @@ class RestorationDecoder:
         return DecodeOutput(answers, entropy.cpu(), state.passes, seconds, state.passes - passes_before_image)
 
     def _prefill(self, prompts: torch.Tensor, answer_budget: int, block_len: int) -> DecodeState:
-        """Allocate the sequence, mask and cache for the prompt and ``answer_budget`` more tokens, and run
-        the prompts.
-
-        With guidance every row has an unconditional twin. In the "rows" layout (rows: cond0, twin0, cond1,
-        ...) the twin mirrors its row through the text phase (a batched duplicate) and is cut off from the
-        prompt and text when the image starts, so one static cache serves the whole decode. In the
-        "shared" layout the prompt runs once and the twin first appears at the image start.
-        """
-        batch, prompt_len = prompts.shape
-        device, pad = prompts.device, self.fmt.vocab.pad
-        twins = 2 if self.sampling.cfg_scale != 1.0 and not self.shared else 1
-        capacity = prompt_len + answer_budget + self._extra_capacity()
-        if self.shared:  # the twin's image tokens (and speculative window) sit beside the row's
-            capacity += block_len + self._extra_capacity()
-        static_shapes = self._compiles(device)
-        if static_shapes:  # compiled steps specialise on the cache's shape
+        """Allocate the sequence, mask and cache for the prompt and ``answer_budget`` more tokens (in the
+        layout's form), and run the prompts: once per image in the "shared" layout, once per cache row in
+        the "rows" one (the twin mirrors its row until the image starts)."""
+        device = prompts.device
+        ahead = self.speculative.window if self.speculative else 0
+        capacity = self.layout.capacity(prompts.shape[1], answer_budget, block_len, ahead)
+        if self._compiles(device):  # compiled steps specialise on the cache's shape
             capacity = self._capacity_for(capacity)
-        state = DecodeState(
-            seq=torch.full((batch, capacity), pad, dtype=torch.long, device=device),
-            mask=torch.zeros((batch * twins, capacity), dtype=torch.bool, device=device),
-            cache=self._make_cache(capacity),
-            next_pos=torch.zeros(batch * twins, dtype=torch.long, device=device),
-            twins=twins,
-            static_shapes=static_shapes,
-        )
-        if self.shared:
-            state.owner = torch.zeros((batch, capacity), dtype=torch.int8, device=device)
-            state.twin_pos = torch.zeros(batch, dtype=torch.long, device=device)
-            state.pair_owner = torch.tensor([1, 2], dtype=torch.int8, device=device)
+        cache = self._make_cache(capacity)
+        # the prompt and the text (never compiled) attend the live slots; another LM's forward reads the
+        # static cache whole
+        fixed_width = not self._use_decode
+        state = self.layout.new_state(prompts, capacity, cache, self.fmt.vocab.pad, fixed_width)
         if self._use_decode:  # a lookup per forward instead of the rotary embedding's computation
             state.rotary = self._rotary_tables(capacity, device)
-        state.seq[:, :prompt_len] = prompts
-        self._feed(state, prompts.repeat_interleave(twins, dim=0))
+        self._feed(state, self.layout.rows_of(prompts))
         return state
-
-    def _extra_capacity(self) -> int:
-        """Cache slots beyond the answer (a speculative window writes ahead of what it keeps)."""
-        return 0
 
     def _text_phase(self, state, rows, constraint, generators) -> None:
         """Perceive + Understand: text until every row has emitted ``<boi>`` (not yet fed)."""
@@ -626,7 +401,7 @@ class RestorationDecoder:
         batch, device = len(rows), state.seq.device
         not_text = self._not_text(state.logits.shape[-1], device)
         while True:
-            scores = constraint(state.seq[:, : state.length], self._text_logits(state))
+            scores = constraint(state.seq[:, : state.length], self.layout.text_logits(state))
             scores = scores.masked_fill(not_text, float("-inf"))
             proposed = scores.argmax(-1)
             if s.text_top_k > 1:  # only rows still writing draw noise, so rows stay independent
@@ -644,11 +419,8 @@ class RestorationDecoder:
             if not live.any():
                 return
             state.seq[:, state.length] = feed.to(device)
-            twins = state.twins
             self._feed(
-                state,
-                feed.to(device).repeat_interleave(twins)[:, None],
-                live.to(device).repeat_interleave(twins),
+                state, self.layout.rows_of(feed.to(device)[:, None]), self.layout.rows_of(live.to(device))
             )
 
     def _not_text(self, size: int, device: torch.device) -> torch.Tensor:
@@ -659,25 +431,15 @@ class RestorationDecoder:
         mask[ids] = True
         return mask
 
-    @staticmethod
-    def _text_logits(state: DecodeState) -> torch.Tensor:
-        """Text is conditional only: the cond rows' logits (B, V)."""
-        return state.logits[:: state.twins, -1]
-
     def _start_image(self, state: DecodeState, height: int, width: int) -> None:
         """Feed ``<boi> <grid h> <grid w>`` to every row; the twins now see only their image block."""
         head = torch.tensor(self.fmt.grid_tokens(height, width), device=state.seq.device)
-        state.block_start = state.length
-        state.seq[:, state.length : state.length + 3] = head
-        if self.shared:  # the twin starts here, at position 0, in slots of its own
-            ids, positions, mask = self._image_inputs(state, head.expand(state.seq.shape[0], -1))
-            state.logits = self._forward(ids, positions, mask, state.cache, ids.shape[1], state.rotary)
-            state.passes += 1
-            return
-        if state.twins == 2:
-            state.mask[1::2] = False  # the unconditional twin forgets the prompt and the text ...
-            state.next_pos[1::2] = 0  # ... and its image block starts at position 0
-        self._feed(state, head.expand(state.mask.shape[0], -1))
+        ids, positions, mask = self.layout.start_image(state, head)
+        keep = 2 if self.layout.shared else 1  # the last position of the row, and of its twin
+        state.logits = self._forward(ids, positions, mask, state.cache, keep, state.rotary)
+        state.passes += 1
+        if self._compiles(state.seq.device):  # the image steps' masks take one shape: the whole capacity
+            state.fixed_width = True
 
     def _image_codes(self, device: torch.device) -> ImageCodes:
         """The image codes' ids and (for :class:`PureForConditionalGeneration`) a copy of their LM-head rows
@@ -688,7 +450,7 @@ class RestorationDecoder:
         if self._codes_key != key:
             ids, index = self.fmt.vocab.code_to_id.to(device), self.fmt.vocab.id_to_code.to(device)
             head = None if weight is None else weight.detach().index_select(0, ids)
-            self._codes, self._codes_key = ImageCodes(*_static(ids, head, index)), key
+            self._codes, self._codes_key = ImageCodes(*mark_static(ids, head, index)), key
         return self._codes
 
     def _rotary_tables(self, capacity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -697,7 +459,7 @@ class RestorationDecoder:
         kept = self._rotary
         if kept is None or kept[0].shape[0] < capacity or kept[0].device != device:
             tables = self.model.rotary_tables(capacity, device)
-            self._rotary = kept = None if tables is None else _static(*tables)
+            self._rotary = kept = None if tables is None else mark_static(*tables)
         return kept
 
     def _first_image_token(
@@ -731,11 +493,15 @@ class RestorationDecoder:
         guidance, then :meth:`_select`. Tensors in, tensors out, no host sync: what ``compile`` captures.
         """
         logits = self._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
-        scores = self._guide(logits)[:, -1]
+        scores = self.layout.guide(logits)[:, -1]
         return self._select(scores, codes.ids, forced, uniform)
 
     def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
-        """REstore, a token per forward: guidance, constraint, entropy top-k, temperature, sampling."""
+        """REstore, a token per forward (or by the speculative variant's windows): guidance, constraint,
+        entropy top-k, temperature, sampling."""
+        if self.speculative is not None:
+            self.speculative.image_phase(state, constraint, generators, entropy, bar)
+            return
         height, width = entropy.shape[1:]
         n_body = height * (width + 1)
         device = state.seq.device
@@ -743,7 +509,7 @@ class RestorationDecoder:
         forced = constraint.forced_at(torch.arange(n_body + 1, device=device))  # (n_body + 1,)
         uniform = self._image_noise(keys, n_body + 1)  # (B, n_body + 1)
         codes = self._image_codes(device)
-        step = self._compiled_fn("_decode_step", device)
+        step = self._compiled_fn(self._decode_step, device)
         token, step_entropy = self._first_image_token(state, codes, constraint, keys)
         base = state.block_start + 3  # body index 0 in `seq`
         for i in range(n_body + 1):
@@ -755,17 +521,8 @@ class RestorationDecoder:
                 bar.update(1)
             if i == n_body:  # <eoi>: nothing left to predict
                 return
-            ids, positions, mask = self._image_inputs(state, token[:, None])
+            ids, positions, mask = self.layout.image_inputs(state, token[:, None])
             token, step_entropy = step(
                 ids, positions, mask, state.cache, state.rotary, codes, forced[i + 1], uniform[:, i + 1]
             )
             state.passes += 1
-
-
-def _static(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """``tensors`` marked as static inputs: a CUDA-graph replay reads them where they are instead of copying
-    them into its own memory first."""
-    for t in tensors:
-        if t is not None:
-            torch._dynamo.mark_static_address(t)
-    return tensors

@@ -1,0 +1,48 @@
+"""The decoding settings a user chooses, and text a user may force (:mod:`pure.decoding.loop` takes both)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pure.decoding.sampling import EntropyTopKLogitsWarper, TopKLogitsWarper
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings. Defaults are the PURE README's (spec 4.1)."""
+
+    cfg_scale: float = 0.8
+    temperature: float = 0.9
+    min_k: int = 1
+    max_k: int = 2000
+    text_top_k: int = 1
+    # the answer text's tokens (degradation sentence and caption) before <boi> is forced: PURE's captions are
+    # LLaVA's, which pure.data.captions caps at 512 tokens, after a sentence of about 8; 768 leaves room for a
+    # tokenizer that splits finer, for ~6% more KV cache slots at 512 px than 256 took
+    max_text_tokens: int = 768
+    jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
+
+    def __post_init__(self) -> None:
+        # `not x >= 0` also rejects NaN
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance); got {self.cfg_scale}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if self.text_top_k < 1:
+            raise ValueError(f"text_top_k must be >= 1 (1 = greedy text); got {self.text_top_k}")
+        if self.max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be >= 1; got {self.max_text_tokens}")
+        if self.jacobi_window != 0 and self.jacobi_window < 2:
+            raise ValueError(
+                f"jacobi_window must be 0 (off) or >= 2 (16 is the default); got {self.jacobi_window}"
+            )
+        EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates
+        TopKLogitsWarper(self.text_top_k)
+
+
+@dataclass
+class TextPrior:
+    """Text to force instead of generating it (steering); ``None`` lets the model write it."""
+
+    degradation: str | None = None
+    caption: str | None = None
