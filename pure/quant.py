@@ -5,8 +5,8 @@ halve the decoder's bytes (4 bits: a quarter), and the 7B model's weights go fro
 7.2 GiB (int8). Only the linear layers of the decoder layers are quantised (attention q/k/v/o and the MLP:
 6.48 B of the 7.08 B parameters). The token embedding and the LM head stay in the model's dtype: the engine
 scores image tokens with a copy of the LM head's rows of the image codes (``lm_head.weight.index_select``,
-see :mod:`pure.decoding.loop`), which a quantised tensor does not support, and the text phase's full head is
-1 of ~4,200 steps an image.
+see :mod:`pure.decoding.loop`), which a quantised tensor does not support; the full head serves the text phase
+only, tens of an image's ~4,200 steps.
 
 Modes (:data:`QUANTIZE_MODES`):
 
