@@ -545,6 +545,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
         "dtype": torch.bfloat16,
         "compile": True,
         "quantize": "int8",
+        "threads": "auto",  # pure.infer's default: from the model's size
     }
     assert loaded == [("ckpt", expected)]
     [call] = restorer.calls
@@ -560,7 +561,7 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     restorer.calls.clear()
     assert eval_main(base, backend=FakeBackend()) == 0
     expected = {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None, "compile": False}
-    assert loaded == [("ckpt", {**expected, "quantize": None})]
+    assert loaded == [("ckpt", {**expected, "quantize": None, "threads": "auto"})]
     assert restorer.calls[0]["sampling"].jacobi_window == 0
 
 
