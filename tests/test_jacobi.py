@@ -569,10 +569,10 @@ def sharp_model(tiny_restorer):
 
 @pytest.mark.slow
 def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
-    """400 images of 4x4 codes from the one-token loop vs 400 from SJD (batched: rows at different
-    acceptance; and in batches of 4): no per-position or neighbour-pair test rejects at a family-wise
-    1% level (Bonferroni over 31 tests). The same test does reject a mild change of the distribution
-    (temperature 0.9 -> 1.1), so it is not blind. Fixed seeds: deterministic."""
+    """400 images of 4x4 codes from the one-token loop vs 400 from SJD (batched, drafts from the input:
+    rows at different acceptance; and in batches of 4, random drafts): no per-position or neighbour-pair
+    test rejects at a family-wise 1% level (Bonferroni over 31 tests). The same test does reject a mild
+    change of the distribution (temperature 0.9 -> 1.1), so it is not blind. Fixed seeds: deterministic."""
     fmt, n = tiny_format, 400
     prompt = prompts_for(fmt, 1, 4, 4)
     sampling = SamplingConfig(max_text_tokens=1, cfg_scale=0.8, temperature=0.9)
@@ -586,13 +586,42 @@ def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
         return torch.stack(out).numpy()
 
     one = codes(RestorationDecoder(sharp_model, fmt, sampling), list(range(n)), n)
-    jacobi = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16))
+    jacobi = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16, jacobi_drafts="input"))
     level = 0.01 / 31
     p_batched = two_sample_p_values(one, codes(jacobi, list(range(10**6, 10**6 + n)), n))
-    p_small = two_sample_p_values(one, codes(jacobi, list(range(2 * 10**6, 2 * 10**6 + n)), 4))
+    random_drafts = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16))
+    p_small = two_sample_p_values(one, codes(random_drafts, list(range(2 * 10**6, 2 * 10**6 + n)), 4))
     assert p_batched.min() > level, p_batched.min()
     assert p_small.min() > level, p_small.min()
     hotter = SamplingConfig(max_text_tokens=1, cfg_scale=0.8, temperature=1.1)
     hot = codes(RestorationDecoder(sharp_model, fmt, hotter), list(range(3 * 10**6, 3 * 10**6 + n)), n)
     p_hot = two_sample_p_values(one, hot)
     assert p_hot.min() < level
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_drafts_from_the_input_are_its_codes_and_change_nothing_but_speed(
+    tiny_restorer, tiny_format, temperature
+):
+    """Fresh drafts from the LQ image: each body index gets the prompt's code at the same grid position
+    (none where the grids differ); greedy tokens stay the one-token loop's. (How many more are accepted is
+    a property of a trained model: the README's measurement on PURE-tiny.)"""
+    model, fmt = tiny_restorer.model, tiny_format
+    prompts = prompts_for(fmt, 2, seed=1)
+    sampling = SamplingConfig(
+        temperature=temperature, max_text_tokens=3, jacobi_window=6, jacobi_drafts="input"
+    )
+    decoder = RestorationDecoder(model, fmt, sampling)
+    state = decoder._prefill(prompts, fmt.image_block_length(H, W), fmt.image_block_length(H, W))
+    decoder._start_image(state, H, W)
+    guess = decoder.speculative._input_guess(state, H, W)
+    lq = fmt.parse_image_block(prompts[0, prompts[0].tolist().index(fmt.vocab.boi) :].tolist())
+    expected = torch.cat([lq, torch.full((H, 1), -1)], dim=1).flatten()  # codes, -1 at each newline
+    assert torch.equal(guess[0, :-1], expected) and guess[0, -1] == -1
+    assert (decoder.speculative._input_guess(state, H // 2, W) == -1).all()  # another grid: no guess
+
+    one = decode(RestorationDecoder(model, fmt, replace(sampling, jacobi_window=0)), prompts)
+    from_input = decode(decoder, prompts)
+    if temperature == 0:  # (sampling: test_jacobi_sampling_keeps_the_token_distribution runs these drafts)
+        assert all(torch.equal(a, b) for a, b in zip(one.answer_ids, from_input.answer_ids, strict=True))
+    assert from_input.image_forward_passes < one.image_forward_passes

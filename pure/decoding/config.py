@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from pure.decoding.sampling import EntropyTopKLogitsWarper, TopKLogitsWarper
 
+JACOBI_DRAFTS = ("input", "random")
+
 
 @dataclass
 class SamplingConfig:
@@ -21,6 +23,10 @@ class SamplingConfig:
     # tokenizer that splits finer, for ~6% more KV cache slots at 512 px than 256 took
     max_text_tokens: int = 768
     jacobi_window: int = 0  # speculative Jacobi decoding of the image: window size; 0 = one token per forward
+    # Jacobi's fresh drafts: "random" codes, or "input": the LQ image's code at the same grid position (where
+    # the prompt's LQ grid is the output's). Lossless either way; they differ in how many are accepted (on
+    # the first PURE-tiny, within noise: README)
+    jacobi_drafts: str = "random"
 
     def __post_init__(self) -> None:
         # `not x >= 0` also rejects NaN
@@ -36,6 +42,8 @@ class SamplingConfig:
             raise ValueError(
                 f"jacobi_window must be 0 (off) or >= 2 (16 is the default); got {self.jacobi_window}"
             )
+        if self.jacobi_drafts not in JACOBI_DRAFTS:
+            raise ValueError(f"jacobi_drafts must be one of {JACOBI_DRAFTS}; got {self.jacobi_drafts!r}")
         EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates
         TopKLogitsWarper(self.text_top_k)
 

@@ -22,7 +22,9 @@ one-token loop (:class:`pure.decoding.loop.RestorationDecoder`). What differs fr
 
 Acceptance: a draft ``x`` proposed with distribution ``q`` is accepted with probability
 ``min(1, p(x) / q(x))`` where ``p`` is the fully processed target (guidance, constraint, entropy top-k,
-temperature). Fresh drafts are uniform random image codes, treated as given tokens (``q`` one-hot, so
+temperature). Fresh drafts are uniform random image codes, or the LQ image's codes at the same grid
+positions (``jacobi_drafts="input"``: a restoration's LQ image is tokenised at the output's size, so its
+code is a guess at the output's); either way they are treated as given tokens (``q`` one-hot, so
 ``x`` is accepted with probability ``p(x)``); drafts recycled from the previous iteration's predictions
 carry the distribution they were sampled from. On rejection the token is drawn from
 ``normalize(max(0, p - q))``; when every draft is accepted a bonus token is drawn from the last position.
@@ -144,6 +146,23 @@ class JacobiDecoding:
         )
         return tokens, accepted, probs, entropy
 
+    def _input_guess(self, state, height: int, width: int) -> torch.Tensor:
+        """``(B, h * (w + 1) + 1)``: per row, the code of the prompt's LQ image at each body index of the
+        output (-1 at newlines, ``<eoi>``, and for every index of a row whose LQ grid is not ``h x w``). In a
+        restoration the LQ image is upsampled to the output's size before it is tokenised, so each of its
+        codes is a guess at the output's code at the same place. Device ops only."""
+        d = self.decoder
+        v, seq = d.fmt.vocab, state.seq[:, : state.block_start]
+        n_body = height * (width + 1)
+        start = (seq == v.boi).int().argmax(dim=1)  # (B,) the prompt's first image block
+        offsets = torch.arange(3 + n_body, device=seq.device)
+        block = seq.gather(1, (start[:, None] + offsets).clamp_max(seq.shape[1] - 1))  # <boi> <h> <w> body
+        _, grid_h, grid_w = d.fmt.grid_tokens(height, width)
+        same_grid = (block[:, 0] == v.boi) & (block[:, 1] == grid_h) & (block[:, 2] == grid_w)
+        codes = d._image_codes(seq.device).index[block[:, 3:]]  # (B, n_body) code or -1
+        codes = torch.where(same_grid[:, None], codes, -1)
+        return torch.cat([codes, torch.full_like(codes[:, :1], -1)], dim=1)  # <eoi>
+
     @staticmethod
     def _committed(decided: torch.Tensor, left: int) -> int:
         """Tokens every row commits: the fewest any row decided, at most ``left``. The one host sync of an
@@ -176,14 +195,18 @@ class JacobiDecoding:
         proposed_q = None if greedy else torch.empty((batch, 0, n_codes), device=device)
         proposed_fixed = torch.empty((batch, 0), dtype=torch.bool, device=device)
         rows_done = 0
+        guess = self._input_guess(state, height, width) if s.jacobi_drafts == "input" else None
         while done < total:
             n_drafts = w_len - 1
             missing = n_drafts - proposed.shape[1]
-            if missing > 0:  # fresh drafts: uniform random image codes, taken as given (q one-hot)
-                u = keyed_uniform(
-                    keys, (DRAFT_STREAM, iteration, torch.arange(missing, device=device)[None]), 1
-                )
+            if missing > 0:  # fresh drafts, taken as given (q one-hot): random codes, or the input's
+                slots = torch.arange(missing, device=device)[None]
+                u = keyed_uniform(keys, (DRAFT_STREAM, iteration, slots), 1)
                 fresh_codes = (u[..., 0] * n_codes).long().clamp_max(n_codes - 1)
+                if guess is not None:
+                    at = (done + proposed.shape[1] + slots).clamp_max(guess.shape[1] - 1)  # body indices
+                    known = guess.gather(1, at.expand(batch, -1))  # the input's code there, or -1
+                    fresh_codes = torch.where(known >= 0, known, fresh_codes)
                 fresh = code_ids[fresh_codes]
                 proposed = torch.cat([proposed, fresh], dim=1)
                 proposed_fixed = torch.cat([proposed_fixed, torch.zeros_like(fresh, dtype=torch.bool)], dim=1)
