@@ -563,6 +563,10 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     expected = {"vq": None, "tokenizer": None, "device": "cpu", "dtype": None, "compile": False}
     assert loaded == [("ckpt", {**expected, "quantize": None, "threads": "auto"})]
     assert restorer.calls[0]["sampling"].jacobi_window == 0
+    # the text budget is the decoder's own default, as in pure.infer (it was a stale 256 here)
+    from pure.decoding.config import SamplingConfig
+
+    assert restorer.calls[0]["sampling"].max_text_tokens == SamplingConfig().max_text_tokens
 
 
 def _fake_benchmark(tmp_path, monkeypatch, restorer):

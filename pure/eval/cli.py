@@ -103,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--max-text-tokens",
         type=int,
-        default=256,
-        help="budget of the degradation/caption text (default 256)",
+        help="budget of the degradation/caption text (default: pure.infer's, SamplingConfig.max_text_tokens)",
     )
     bench.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     bench.add_argument(
@@ -148,6 +147,7 @@ def _path_or_id(value: str | None) -> str | None:
 def _restore(args: argparse.Namespace) -> dict | None:
     """Benchmark mode: restore what is missing in --pred; returns the settings for the summary (those
     the restorations in --pred were made with, from its record; see `_recorded_restoration`)."""
+    from pure.decoding.config import SamplingConfig
     from pure.distributed import Ranks
     from pure.eval.benchmark import (
         check_identity,
@@ -161,6 +161,8 @@ def _restore(args: argparse.Namespace) -> dict | None:
 
     if not args.lq:
         raise EvalError("--model needs --lq, the folder of LQ inputs to restore")
+    if args.max_text_tokens is None:  # the decoder's default, recorded as a number in the settings
+        args.max_text_tokens = SamplingConfig.max_text_tokens
     sampling = sampling_config(
         cfg_scale=args.cfg,
         temperature=args.temperature,
