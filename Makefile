@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 # (constraints-oldest.txt; everything else as constraints.txt pins it). CI runs it after `make test`.
 OLD_VENV ?= .venv-oldest
 OLDEST_TESTS ?= tests/test_dependency_bounds.py tests/test_model.py tests/test_engine.py \
-	tests/test_restorer.py tests/test_train.py
+	tests/test_gpu_paths.py tests/test_restorer.py tests/test_train.py
 $(OLD_VENV)/.installed: pyproject.toml constraints.txt constraints-oldest.txt
 	$(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
