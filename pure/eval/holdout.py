@@ -878,15 +878,19 @@ def _cell(stats: Mapping[str, Any], decimals: int) -> str:
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
-    """``results.md``: what was measured, the table (method | PSNR-Y | SSIM-Y | s/image) and the verdict."""
+    """``results.md``: what was measured, the table (method | PSNR-Y | SSIM-Y | GMS-Y | token acc | s/image),
+    the verdict, PURE's paired differences from copy and bicubic, and the Perceive and Understand lines."""
     protocol = results["protocol"]
+    crops = len({r["crop"] for r in results.get("rows", [])})
+    total = f" ({crops} in all: an image of the crop's size gives one)" if crops else ""
     lines = [
         "# Held-out measurement",
         "",
         f"- checkpoint: `{results['checkpoint'].get('model', '?')}`",
-        f"- images: {len(results['images'])} ({len(results['skipped'])} skipped), "
-        f"{protocol['crops_per_image']} crop(s) each of {protocol['crop']} px, LQ {protocol['lq_size']} px "
-        f"(x{protocol['scale']}, `{protocol['degradation_preset']}` degradations), "
+        f"- images: {len(results['images'])} ({len(results['skipped'])} skipped), up to "
+        f"{protocol['crops_per_image']} crop(s) each{total} of {protocol['crop']} px, "
+        f"LQ {protocol['lq_size']} px (x{protocol['scale']}, `{protocol['degradation_preset']}` "
+        "degradations), "
         f"seeds {', '.join(map(str, protocol['seeds']))}",
         f"- PSNR/SSIM on the BT.601 Y channel, {BORDER} px border cut; mean ± std over crops x seeds",
         f"- colour fix: {protocol['color_fix']} on the PURE rows; bicubic and vq are shown as they are",
