@@ -534,6 +534,17 @@ def test_speculative_step_outputs_follow_the_target(tiny_format, monkeypatch, dr
 
     check(tokens[:, 0], target[0])
     check(tokens[accepted >= 1, 1], target[1])
+    # Behind a rejection the slot's next draft (coupled to this one: MC-SJD) still has the target's law, and
+    # keeps this draft as often as a maximal coupling can: P = sum(min(q, p)), not sum(q * p) as when drawn
+    # afresh.
+    behind = accepted == 0
+    check(tokens[behind, 1], target[1])
+    p1 = target[1][codes]
+    q1 = q[0, 1] if draft_kind == "recycled" else torch.full_like(p1, 1 / codes.numel())
+    kept = (tokens[behind, 1] == drafts[behind, 1]).float().mean()
+    maximal = torch.minimum(q1, p1).sum() if draft_kind == "recycled" else (p1 / codes.numel()).sum()
+    assert abs(kept - maximal) < 4 * (maximal * (1 - maximal) / behind.sum()).sqrt()
+    assert draft_kind == "random" or kept > 2 * (q1 * p1).sum()
 
 
 def two_sample_p_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -569,10 +580,11 @@ def sharp_model(tiny_restorer):
 
 @pytest.mark.slow
 def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
-    """400 images of 4x4 codes from the one-token loop vs 400 from SJD (batched, drafts from the input:
-    rows at different acceptance; and in batches of 4, random drafts): no per-position or neighbour-pair
-    test rejects at a family-wise 1% level (Bonferroni over 31 tests). The same test does reject a mild
-    change of the distribution (temperature 0.9 -> 1.1), so it is not blind. Fixed seeds: deterministic."""
+    """400 images of 4x4 codes from the one-token loop vs 400 from SJD (batched, coupled drafts from the
+    input: rows at different acceptance; and in batches of 4, random uncoupled drafts): no per-position or
+    neighbour-pair test rejects at a family-wise 1% level (Bonferroni over 31 tests). The same test does
+    reject a mild change of the distribution (temperature 0.9 -> 1.1), so it is not blind. Fixed seeds:
+    deterministic."""
     fmt, n = tiny_format, 400
     prompt = prompts_for(fmt, 1, 4, 4)
     sampling = SamplingConfig(max_text_tokens=1, cfg_scale=0.8, temperature=0.9)
@@ -588,8 +600,9 @@ def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
     one = codes(RestorationDecoder(sharp_model, fmt, sampling), list(range(n)), n)
     jacobi = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16, jacobi_drafts="input"))
     level = 0.01 / 31
-    p_batched = two_sample_p_values(one, codes(jacobi, list(range(10**6, 10**6 + n)), n))
-    random_drafts = RestorationDecoder(sharp_model, fmt, replace(sampling, jacobi_window=16))
+    p_batched = two_sample_p_values(one, codes(jacobi, list(range(3 * 10**6, 3 * 10**6 + n)), n))
+    uncoupled = replace(sampling, jacobi_window=16, jacobi_coupled=False)
+    random_drafts = RestorationDecoder(sharp_model, fmt, uncoupled)
     p_small = two_sample_p_values(one, codes(random_drafts, list(range(2 * 10**6, 2 * 10**6 + n)), 4))
     assert p_batched.min() > level, p_batched.min()
     assert p_small.min() > level, p_small.min()

@@ -27,6 +27,8 @@ class SamplingConfig:
     # the prompt's LQ grid is the output's). Lossless either way; they differ in how many are accepted (on
     # the first PURE-tiny, within noise: README)
     jacobi_drafts: str = "random"
+    # Jacobi's recycled drafts coupled to the previous iteration's (MC-SJD; lossless either way)
+    jacobi_coupled: bool = True
 
     def __post_init__(self) -> None:
         # `not x >= 0` also rejects NaN

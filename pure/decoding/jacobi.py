@@ -28,6 +28,12 @@ code is a guess at the output's); either way they are treated as given tokens (`
 ``x`` is accepted with probability ``p(x)``); drafts recycled from the previous iteration's predictions
 carry the distribution they were sampled from. On rejection the token is drawn from
 ``normalize(max(0, p - q))``; when every draft is accepted a bonus token is drawn from the last position.
+
+Coupled drafts (``jacobi_coupled``, the default; MC-SJD, arXiv 2510.24211): behind the first rejection, a
+slot's next draft is its current draft kept with probability ``min(1, p(x) / q(x))``, else a sample from
+``normalize(max(0, p - q))``: a maximal coupling of ``q`` and ``p``, so the new draft's law is still ``p``
+(the next window verifies it against ``q' = p``, as before), but it stays the same from one iteration to the
+next as often as two such laws allow, instead of being drawn afresh, and later windows accept longer prefixes.
 Under greedy decoding (temperature 0) a draft is accepted iff it is the argmax, and the output equals
 the one-token loop's exactly.
 
@@ -134,6 +140,9 @@ class JacobiDecoding:
             noise = -torch.log(keyed_uniform(keys, (SAMPLE_STREAM, iteration, slots[None]), probs.shape[-1]))
             predicted = (probs / noise).argmax(dim=-1)  # (B, W) exponential races
             corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (B, W-1)
+            if s.jacobi_coupled:  # the next draft of a slot: this one, coupled maximally (module docstring)
+                kept = torch.where(ok, draft_codes[..., 0], corrected)
+                predicted = torch.cat([kept, predicted[:, -1:]], dim=1)
             corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
             predicted, corrected = as_ids(predicted), as_ids(corrected)
         accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) leading accepted drafts
