@@ -28,7 +28,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
-from pure.decoding.attention import decoding_attention
+from pure.decoding.attention import decoding_attention, layer_kwargs
 
 HUB_MODEL_ID = "nonwhy/PURE"
 _QK_NORM_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_norm\.(weight|bias)$")
@@ -128,6 +128,7 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
             position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
         else:
             position_embeddings = (rotary[0][position_ids], rotary[1][position_ids])
+        attention_kwargs = layer_kwargs(attention_mask)  # the same for every layer: made once
         for layer in self.model.layers:
             hidden = layer(
                 hidden,
@@ -136,6 +137,7 @@ class PureForConditionalGeneration(ChameleonForConditionalGeneration):
                 past_key_values=past_key_values,
                 use_cache=True,
                 position_embeddings=position_embeddings,
+                **attention_kwargs,
             )[0]
         hidden = self.model.norm(hidden[:, -logits_to_keep:])  # the norm is per position: kept ones only
         logits = self.lm_head(hidden) if head is None else torch.nn.functional.linear(hidden, head)

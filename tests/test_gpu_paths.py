@@ -354,3 +354,29 @@ def test_step_traffic_counts_the_slots_each_attention_reads():
     assert ideal == sum(context + t + 3 + t for t in steps) / 4
     weights = step_traffic(config, model, shape, "rows", "bf16", 5, "live", text=7)
     assert weights.weights == 8 * 8 * 2 and weights.head == 5 * 8 * 2  # the tables are not read
+
+
+def test_a_compiled_step_attends_through_one_block_mask_per_forward(tiny_restorer, tiny_format):
+    """Inside torch.compile every layer runs flex attention over the live blocks, and the block mask is built
+    once per forward (one sort of the blocks), not once per layer: read off the graphs dynamo captures."""
+    graphs = []
+
+    @torch._dynamo.register_backend(name="pure_test_recorder")
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    sampling = SamplingConfig(temperature=0.0, max_text_tokens=2)
+    eager = decode(
+        RestorationDecoder(tiny_restorer.model, tiny_format, sampling), prompts_for(tiny_format, 1)
+    )
+    decoder = RestorationDecoder(tiny_restorer.model, tiny_format, sampling, compile="pure_test_recorder")
+    assert same_answers(decode(decoder, prompts_for(tiny_format, 1)), eager)
+    torch._dynamo.reset()
+    [graph] = graphs
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    layers = tiny_restorer.model.config.num_hidden_layers
+    assert sum("flex_attention" in t for t in targets) == layers
+    # one block mask: two sorts (the visible blocks, and BlockMask's own query-block table); per layer, 2 each
+    assert layers > 1 and sum("argsort" in t for t in targets) == 2

@@ -48,6 +48,15 @@ def live_block_mask(allowed: torch.Tensor) -> BlockMask:
     )
 
 
+def layer_kwargs(attention_mask: torch.Tensor | None) -> dict:
+    """What a forward hands every layer's :func:`decode_attention` besides the mask: inside ``torch.compile``,
+    the :func:`live_block_mask` of a full-width boolean mask, built once per forward rather than per layer."""
+    compiled = torch.compiler.is_compiling() and attention_mask is not None and attention_mask.ndim == 4
+    if compiled and attention_mask.dtype == torch.bool and attention_mask.shape[-1] % KV_BLOCK == 0:
+        return {"block_mask": live_block_mask(attention_mask)}
+    return {}
+
+
 def decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -56,19 +65,21 @@ def decode_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    block_mask: BlockMask | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query ``(R, H, q, D)``, key/value ``(R, Hkv, capacity, D)`` (the
     whole static cache), a boolean ``attention_mask`` ``(R, 1, q, slots)`` over the first ``slots`` slots
-    (or ``None``: causal) -> ``((R, q, H, D), None)``."""
+    (or ``None``: causal) -> ``((R, q, H, D), None)``. With ``block_mask`` (:func:`layer_kwargs`), flex
+    attention reads only the blocks it lists."""
     slots = key.shape[-2] if attention_mask is None else attention_mask.shape[-1]
     key, value = key[:, :, :slots], value[:, :, :slots]
-    if attention_mask is not None and torch.compiler.is_compiling() and slots % KV_BLOCK == 0:
+    if block_mask is not None:
         out = flex_attention(
             query,
             key,
             value,
-            block_mask=live_block_mask(attention_mask),
+            block_mask=block_mask,
             scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1],
         )
