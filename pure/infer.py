@@ -148,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative Jacobi decoding of the image, N tokens per forward (N default 16): fewer "
         "forward passes, same output distribution (same image when greedy)",
     )
+    sampling.add_argument(
+        "--row-lag",
+        type=int,
+        default=0,
+        metavar="L",
+        help="row-parallel decoding of the image (lossy, off by default): a grid row starts once the row "
+        "above has L codes, and the rows advance together: about 64 L + 64 forwards at 512 px instead of "
+        "4,161. An approximation (each code misses the part of the rows above that is not written yet); "
+        "L >= the grid's width gives the normal image. Not with --jacobi",
+    )
     tiling = p.add_argument_group("any size and scale (tiled restoration, see pure.tiling)")
     tiling.add_argument(
         "--scale", type=int, choices=(1, 2, 4), help="output = input size x 1, 2 or 4, restored by tiles"
@@ -202,6 +212,7 @@ SAMPLING_OPTIONS = {
     "text_top_k": "--text-top-k",
     "max_text_tokens": "--max-text-tokens",
     "jacobi_window": "--jacobi",
+    "row_lag": "--row-lag",
 }
 
 
@@ -278,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
             text_top_k=args.text_top_k,
             max_text_tokens=args.max_text_tokens,
             jacobi_window=args.jacobi,
+            row_lag=args.row_lag,
         )
     except ValueError as err:
         raise CliError(err) from None

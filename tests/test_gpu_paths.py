@@ -33,6 +33,10 @@ def decode(decoder, prompts, seeds=(3, 4)):
     return decoder.generate(prompts, H, W, generators=gens)
 
 
+# the image phase's variants: one token per forward, Jacobi windows, row-parallel (padded sets of rows)
+VARIANTS = {"one-token": {}, "jacobi": {"jacobi_window": 6}, "rows": {"row_lag": 2}}
+
+
 def same_answers(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.answer_ids, b.answer_ids, strict=True))
 
@@ -64,14 +68,14 @@ def test_the_flash_emulation_is_faithful_where_flash_attention_is_correct(flash_
     assert torch.allclose(flash[1, 3:], sdpa[1, 3:], atol=2e-5)
 
 
-@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_scale", [1.0, 0.8])
 def test_decoding_is_the_same_whatever_attention_the_model_was_loaded_with(
-    flash_model, tiny_restorer, tiny_format, window, cfg_scale
+    flash_model, tiny_restorer, tiny_format, variant, cfg_scale
 ):
-    """A model loaded with flash-attention 2 decodes exactly as with sdpa: prompt prefill, the grid feed
-    and Jacobi windows included (flash's glue reads a static cache's 2-D mask as left padding)."""
-    sampling = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=4, jacobi_window=window)
+    """A model loaded with flash-attention 2 decodes exactly as with sdpa: prompt prefill, the grid feed,
+    Jacobi windows and sets of rows (flash's glue reads a static cache's 2-D mask as left padding)."""
+    sampling = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=4, **VARIANTS[variant])
     prompts = prompts_for(tiny_format, 2)
     sdpa = decode(RestorationDecoder(tiny_restorer.model, tiny_format, sampling), prompts)
     flash = decode(RestorationDecoder(flash_model, tiny_format, sampling), prompts)
@@ -106,12 +110,12 @@ def cpu_graphs(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["rows", "shared"])
-@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_every_compiled_step_survives_replays_overwriting_its_outputs(
-    tiny_restorer, tiny_format, cpu_graphs, layout, window, temperature
+    tiny_restorer, tiny_format, cpu_graphs, layout, variant, temperature
 ):
-    sampling = SamplingConfig(temperature=temperature, max_text_tokens=3, jacobi_window=window)
+    sampling = SamplingConfig(temperature=temperature, max_text_tokens=3, **VARIANTS[variant])
     prompts = prompts_for(tiny_format, 2)
     model = tiny_restorer.model
     eager = decode(RestorationDecoder(model, tiny_format, sampling, guidance_layout=layout), prompts)
@@ -156,8 +160,10 @@ class HostDataRefused(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("layout", ["rows", "shared"])
-@pytest.mark.parametrize("window", [0, 6])
-def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format, monkeypatch, layout, window):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_loop_copies_nothing_from_the_host(
+    tiny_restorer, tiny_format, monkeypatch, layout, variant
+):
     """On the meta device (no values, so no syncs either), the image phase runs without host data. What is
     made once per decoder or per device (the constraint's tables, the image codes) is made first."""
     model = copy.deepcopy(tiny_restorer.model).to("meta")
@@ -165,13 +171,13 @@ def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format,
         engine, "noise_keys", lambda gens, b, device: torch.zeros(b, 2, dtype=torch.long, device=device)
     )
     monkeypatch.setattr("pure.decoding.jacobi.noise_keys", engine.noise_keys)
-    sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8, jacobi_window=window)
+    monkeypatch.setattr("pure.decoding.rows.noise_keys", engine.noise_keys)
+    sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8, **VARIANTS[variant])
     decoder = RestorationDecoder(model, tiny_format, sampling, guidance_layout=layout)
     meta = torch.device("meta")
     prompts = prompts_for(tiny_format, 1).to(meta)
-    state = decoder._prefill(
-        prompts, tiny_format.image_block_length(H, W), tiny_format.image_block_length(H, W)
-    )
+    block = tiny_format.image_block_length(H, W)
+    state = decoder._prefill(prompts, block, block, decoder._ahead(H, W))
     decoder._start_image(state, H, W)
     constraint = ImageGridConstraintLogitsProcessor(tiny_format.vocab, H, W)
     entropy = torch.zeros(1, H, W, device=meta)
@@ -182,7 +188,9 @@ def test_the_image_loop_copies_nothing_from_the_host(tiny_restorer, tiny_format,
 
     constraint.forced_at(torch.arange(1, device=meta))
     decoder._image_codes(meta)
-    if window:  # Jacobi commits as many tokens as its window accepted: the one host read it makes
+    if (
+        variant == "jacobi"
+    ):  # Jacobi commits as many tokens as its window accepted: the one host read it makes
         monkeypatch.setattr(JacobiDecoding, "_committed", staticmethod(lambda decided, left: min(2, left)))
     with torch.inference_mode(), HostDataRefused():
         decoder._image_phase(state, constraint, [None], entropy, Bar())

@@ -625,7 +625,9 @@ def test_drafts_from_the_input_are_its_codes_and_change_nothing_but_speed(
         temperature=temperature, max_text_tokens=3, jacobi_window=6, jacobi_drafts="input"
     )
     decoder = RestorationDecoder(model, fmt, sampling)
-    state = decoder._prefill(prompts, fmt.image_block_length(H, W), fmt.image_block_length(H, W))
+    state = decoder._prefill(
+        prompts, fmt.image_block_length(H, W), fmt.image_block_length(H, W), decoder._ahead(H, W)
+    )
     decoder._start_image(state, H, W)
     guess = decoder.speculative._input_guess(state, H, W)
     lq = fmt.parse_image_block(prompts[0, prompts[0].tolist().index(fmt.vocab.boi) :].tolist())

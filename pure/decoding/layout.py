@@ -50,6 +50,12 @@ class DecodeState:
     twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
     pair_owner: torch.Tensor | None = None  # "shared" layout: (2,) int8 [1, 2], a row's token then its twin's
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's rotary tables for every position
+    # row-parallel decoding (pure.decoding.rows): the body index of every slot's token (-1: before the
+    # body), which orders attention instead of the slots; the position of body index 0 per cache row (and
+    # per twin in the "shared" layout)
+    slot_body: torch.Tensor | None = None  # like `mask`
+    body_pos: torch.Tensor | None = None  # like `next_pos`
+    twin_body_pos: torch.Tensor | None = None  # like `twin_pos`
 
 
 class RollbackStaticCache(StaticCache):
@@ -158,6 +164,40 @@ class CacheLayout:
         state.twin_pos += q
         return tokens.repeat_interleave(2, dim=1), positions.flatten(1), self._shared_mask(state, 2 * q)
 
+    def start_rows(self, state: DecodeState) -> None:
+        """After :meth:`start_image`: image tokens are appended by :meth:`body_inputs` from here on, at any
+        body index, and attention follows body (raster) order rather than slot order."""
+        state.slot_body = torch.full_like(state.mask, -1, dtype=torch.long)
+        state.body_pos = state.next_pos.clone()
+        if self.shared:
+            state.twin_body_pos = state.twin_pos.clone()
+
+    def body_inputs(self, state: DecodeState, tokens: torch.Tensor, index: torch.Tensor):
+        """Append image tokens ``(B, q)`` at body indices ``index`` ``(q,)`` (any order, any gaps) to every
+        row and its twin, at their raster positions; each query sees the filled slots of its context whose
+        body index is not above its own. Returns the forward's ``(ids, positions, attention mask)`` as
+        :meth:`image_inputs` does."""
+        q = index.numel()
+        start = state.length
+        if self.shared:
+            end = start + 2 * q
+            state.owner[:, start:end] = state.pair_owner.repeat(q)
+            state.slot_body[:, start:end] = index.repeat_interleave(2)
+            pos = torch.stack([state.body_pos[:, None] + index, state.twin_body_pos[:, None] + index], dim=2)
+            ids, positions = tokens.repeat_interleave(2, dim=1), pos.flatten(1)
+            state.twin_pos += q
+        else:
+            end = start + q
+            state.slot_body[:, start:end] = index
+            ids, positions = self.rows_of(tokens), state.body_pos[:, None] + index
+        state.mask[:, start:end] = True
+        state.length = end
+        state.next_pos += q  # as image_inputs: what rollback takes back
+        mask = (
+            self._shared_mask(state, end - start) if self.shared else self.attention_mask(state, end - start)
+        )
+        return ids, positions, mask
+
     def rollback(self, state: DecodeState, tokens: int) -> None:
         """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
         if tokens == 0:
@@ -185,24 +225,31 @@ class CacheLayout:
         mask = self.mask(state)
         if not self.decode_masks:
             return mask
-        if q == 1:  # one query sees every filled slot: a view, nothing to build
+        if q == 1 and state.slot_body is None:  # one query sees every filled slot: a view, nothing to build
             return mask[:, None, None, :]
-        query_slot = torch.arange(state.length - q, state.length, device=mask.device)
-        causal = torch.arange(mask.shape[1], device=mask.device) <= query_slot[:, None]  # (q, slots)
-        return (mask[:, None] & causal)[:, None]
+        return (mask[:, None] & self._causal(state, q, mask.shape[1]))[:, None]
+
+    @staticmethod
+    def _causal(state: DecodeState, q: int, slots: int) -> torch.Tensor:
+        """``(q, slots)`` or ``(rows, q, slots)``: which of the first ``slots`` slots precede each of the last
+        ``q`` filled slots: in slot order, or in body order once row-parallel decoding has started."""
+        if state.slot_body is not None:
+            body = state.slot_body[:, :slots]
+            return body[:, None, :] <= state.slot_body[:, state.length - q : state.length, None]
+        query_slot = torch.arange(state.length - q, state.length, device=state.mask.device)
+        return torch.arange(slots, device=state.mask.device) <= query_slot[:, None]
 
     def _shared_mask(self, state: DecodeState, q: int) -> torch.Tensor:
         """(B, 1, q, slots) mask of the last ``q`` slots' queries in the "shared" layout: a row's tokens
         see the context and the row's image tokens, a twin's tokens only the twin's; both causally."""
         mask = self.mask(state)  # (B, slots)
-        slots, device = mask.shape[1], mask.device
+        slots = mask.shape[1]
         owner = state.owner[:, :slots]
         sees_row = mask & (owner <= 1)  # (B, slots): context and the row's image tokens
         sees_twin = mask & (owner == 2)
         query_owner = state.owner[:, state.length - q : state.length]  # (B, q)
         allowed = torch.where((query_owner == 1)[..., None], sees_row[:, None], sees_twin[:, None])
-        query_slot = torch.arange(state.length - q, state.length, device=device)
-        allowed &= torch.arange(slots, device=device) <= query_slot[:, None]  # (B, q, slots)
+        allowed &= self._causal(state, q, slots)  # (B, q, slots)
         return allowed[:, None]
 
     # -- reading the logits ---------------------------------------------------------------------------------

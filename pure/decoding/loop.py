@@ -9,7 +9,8 @@ Phases, in the order :meth:`RestorationDecoder.generate` runs them:
    in one KV cache and every row's result is independent of its neighbours;
 3. image start: ``<boi> <grid h> <grid w>``; from here on each row's twin sees only its image block;
 4. image: every row generates the same grid in lock step, one token per forward, or several with
-   speculative Jacobi decoding (:mod:`pure.decoding.jacobi`), a variant the loop calls for this phase.
+   speculative Jacobi decoding (:mod:`pure.decoding.jacobi`, lossless) or row-parallel decoding
+   (:mod:`pure.decoding.rows`, lossy, opt-in): variants the loop calls for this phase.
 
 The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
 function of tensors with no host synchronisation. It scores the image codes only (16,384 of PURE's 73,728
@@ -45,6 +46,7 @@ from pure.decoding.capture import (
 from pure.decoding.config import SamplingConfig, TextPrior
 from pure.decoding.jacobi import JacobiDecoding
 from pure.decoding.layout import GUIDANCE_LAYOUTS, CacheLayout, DecodeState, RollbackStaticCache
+from pure.decoding.rows import RowParallelDecoding
 from pure.decoding.sampling import (
     ImageGridConstraintLogitsProcessor,
     TopKLogitsWarper,
@@ -145,7 +147,9 @@ class RestorationDecoder:
         fmt: the sequence format of the model's tokenizer.
         sampling: decoding settings; ``jacobi_window > 0`` decodes the image by speculative Jacobi decoding
             (:class:`~pure.decoding.jacobi.JacobiDecoding`: the same distribution, the same tokens under
-            greedy decoding, fewer forwards).
+            greedy decoding, fewer forwards); ``row_lag > 0`` by row-parallel decoding
+            (:class:`~pure.decoding.rows.RowParallelDecoding`: several grid rows per forward, an
+            approximation; needs a :class:`~pure.model.PureForConditionalGeneration`).
         compile: capture the per-token image step. ``True``: ``torch.compile(mode="reduce-overhead")``
             (CUDA graphs) when the model is on CUDA; elsewhere a no-op (a CPU has no graphs to replay
             and compiling costs more than a tiny model's decode). A backend name (``"inductor"``,
@@ -182,6 +186,8 @@ class RestorationDecoder:
             )
         window = self.sampling.jacobi_window
         self.speculative = JacobiDecoding(self, window) if window else None
+        lag = self.sampling.row_lag
+        self.row_parallel = RowParallelDecoding(self, lag) if lag else None
         self._compiled: dict[str, Callable] = {}
         # Made once per decoder and kept (static inputs of a CUDA graph): the image codes' LM-head rows
         # and the rotary tables; the cache capacity compiled steps are specialised on, and how often it grew.
@@ -325,7 +331,7 @@ class RestorationDecoder:
         constraint = ImageGridConstraintLogitsProcessor(self.fmt.vocab, LATENT_PER_GRID, LATENT_PER_GRID)
         budget = self.sampling.max_text_tokens + max(r.forced_length for r in rows)
         with self._attention_scope():
-            state = self._prefill(prompts, budget, 0)
+            state = self._prefill(prompts, budget, 0, 0)
             self._text_phase(state, rows, constraint, generators)
         return [row.tokens for row in rows]
 
@@ -350,7 +356,7 @@ class RestorationDecoder:
         text_budget = (
             0 if rows is None else self.sampling.max_text_tokens + max(r.forced_length for r in rows)
         )
-        state = self._prefill(prompts, text_budget + block_len, block_len)
+        state = self._prefill(prompts, text_budget + block_len, block_len, self._ahead(height, width))
         if rows is not None:
             self._text_phase(state, rows, constraint, generators)
         synchronize(device)
@@ -375,12 +381,20 @@ class RestorationDecoder:
         seconds = {"text": text_done - start, "image": image_done - text_done}
         return DecodeOutput(answers, entropy.cpu(), state.passes, seconds, state.passes - passes_before_image)
 
-    def _prefill(self, prompts: torch.Tensor, answer_budget: int, block_len: int) -> DecodeState:
+    def _ahead(self, height: int, width: int) -> int:
+        """Slots an image variant writes past what it keeps (a Jacobi window, a padded set of rows)."""
+        if self.speculative:
+            return self.speculative.window
+        return self.row_parallel.ahead(height, width) if self.row_parallel else 0
+
+    def _prefill(
+        self, prompts: torch.Tensor, answer_budget: int, block_len: int, ahead: int = 0
+    ) -> DecodeState:
         """Allocate the sequence, mask and cache for the prompt and ``answer_budget`` more tokens (in the
-        layout's form), and run the prompts: once per image in the "shared" layout, once per cache row in
-        the "rows" one (the twin mirrors its row until the image starts)."""
+        layout's form) and ``ahead`` slots (:meth:`_ahead`), and run the prompts: once per image in the
+        "shared" layout, once per cache row in the "rows" one (the twin mirrors its row until the image
+        starts)."""
         device = prompts.device
-        ahead = self.speculative.window if self.speculative else 0
         capacity = self.layout.capacity(prompts.shape[1], answer_budget, block_len, ahead)
         if self._compiles(device):  # compiled steps specialise on the cache's shape
             capacity = self._capacity_for(capacity)
@@ -497,10 +511,11 @@ class RestorationDecoder:
         return self._select(scores, codes.ids, forced, uniform)
 
     def _image_phase(self, state, constraint, generators, entropy, bar) -> None:
-        """REstore, a token per forward (or by the speculative variant's windows): guidance, constraint,
+        """REstore, a token per forward (or by a variant's windows or sets of rows): guidance, constraint,
         entropy top-k, temperature, sampling."""
-        if self.speculative is not None:
-            self.speculative.image_phase(state, constraint, generators, entropy, bar)
+        variant = self.speculative or self.row_parallel
+        if variant is not None:
+            variant.image_phase(state, constraint, generators, entropy, bar)
             return
         height, width = entropy.shape[1:]
         n_body = height * (width + 1)
