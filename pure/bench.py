@@ -481,6 +481,21 @@ def build_parser() -> argparse.ArgumentParser:
         "with speculative Jacobi decoding.",
     )
     p.add_argument("--arch", choices=["tiny", "7b"], default="tiny", help="tiny (CPU, default) or 7b (GPU)")
+    trained = p.add_argument_group(
+        "a trained checkpoint instead (--model): forward passes per image of every decoding of the image "
+        "(one token, Jacobi: independent, coupled, coupled with LQ drafts; row-parallel at --lags), and the "
+        "lossy ones' hold-out fidelity against one token per forward (pure.bench_passes)"
+    )
+    trained.add_argument("--model", help="checkpoint folder, e.g. examples/pure-tiny")
+    trained.add_argument(
+        "--holdout",
+        help="folder (or glob) of held-out HQ images (default: 4 scikit-image photos and 4 generated scenes)",
+    )
+    trained.add_argument("--lags", default="1,2,4,8", help="row-parallel lags (default 1,2,4,8)")
+    trained.add_argument("--seeds", default="0,1", help="degradation and sampling seeds (default 0,1)")
+    trained.add_argument(
+        "--crops-per-image", type=int, default=1, help="crops per hold-out image (default 1)"
+    )
     p.add_argument("--size", type=int, help="output side in px (default 128 tiny, 512 7b)")
     p.add_argument("--batch-size", type=int, default=1, help="images decoded together (default 1)")
     p.add_argument("--cfg", type=float, default=0.8, help="guidance scale (default 0.8; 1 = off)")
@@ -525,8 +540,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trained_main(args) -> int:
+    """``--model``: the forward-pass table of a trained checkpoint (:mod:`pure.bench_passes`)."""
+    from pure.bench_passes import builtin_images, decodings, pass_table
+    from pure.eval.holdout import HoldoutError, parse_seeds
+    from pure.imageio import ImageLoadError, list_images
+    from pure.restorer import PureRestorer
+
+    try:
+        lags = [int(x) for x in args.lags.split(",") if x.strip()]
+        seeds = parse_seeds(args.seeds)
+        settings = decodings(args.jacobi_window, lags, SamplingConfig(args.cfg, args.temperature))
+        images = list_images(args.holdout) if args.holdout else builtin_images()
+        torch.set_num_threads(args.threads or 1)
+        restorer = PureRestorer.from_pretrained(args.model, device=args.device or "cpu")
+        lines, _ = pass_table(restorer, images, settings, seeds, args.crops_per_image, args.size, True)
+    except (ValueError, HoldoutError, ImageLoadError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model:
+        return trained_main(args)
     device = torch.device(args.device or ("cuda" if args.arch == "7b" else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         for line in memory_estimate(args.size or 512, args.batch_size, args.jacobi_window):

@@ -456,6 +456,7 @@ class PureRestorer:
                 "decode_s": decoded - encoded - out.seconds["text"] - out.seconds["image"],
                 "total_s": time.perf_counter() - start,
                 "forward_passes": out.forward_passes,
+                "image_forward_passes": out.image_forward_passes,
                 "batch_size": n,
                 "cpu_threads": torch.get_num_threads(),
                 "cpu_threads_from": self.threads_from,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pure.bench import build_arch, memory_estimate, pure_like_names
+from pure.decoding.config import SamplingConfig
 
 
 def run_bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -95,3 +96,34 @@ def test_bench_7b_on_gpu():
     done = run_bench("--arch", "7b", "--steps-limit", "260", "--skip", "a", timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(b) engine" in done.stdout and "GiB" in done.stdout
+
+
+def test_pass_table_of_a_checkpoint(tiny_checkpoint, tiny_restorer):
+    """``--model``: every decoding of the image on the same hold-out, its forwards per image and the lossy
+    ones' paired differences from one token per forward."""
+    from PIL import Image
+
+    from pure.bench_passes import REFERENCE, decodings, pass_table
+
+    settings = decodings(6, [1, 99], SamplingConfig(max_text_tokens=4))  # a random model never ends its text
+    assert next(iter(settings)) == REFERENCE and settings["rows, lag 1"].row_lag == 1
+    gen = torch.Generator().manual_seed(0)
+    images = {
+        f"noise{i}": Image.fromarray(torch.randint(0, 256, (96, 96, 3), generator=gen).byte().numpy())
+        for i in range(2)
+    }
+    with torch.inference_mode():
+        lines, results = pass_table(tiny_restorer, images, settings, seeds=(0, 1), crop=64)
+    size = results["protocol"]["crop"]
+    grid = size // 8
+    table = {line[:34].strip(): line[34:].split() for line in lines[2:-1]}
+    assert list(table) == list(settings)
+    one = table[REFERENCE]
+    assert one[:2] == ["yes", "1.00"] and int(one[2]) == grid * (grid + 1) + 1
+    rows1 = table["rows, lag 1"]
+    assert rows1[0] == "no" and int(rows1[2]) == (grid - 1) * 1 + grid
+    assert float(rows1[1]) == pytest.approx((grid * (grid + 1) + 1) / int(rows1[2]), abs=0.01)
+    assert int(table["rows, lag 99"][2]) == grid * (grid + 1) - 1  # the one-token order, 2 forwards fewer
+    assert "±" in " ".join(rows1) and all(t[0] == "yes" for k, t in table.items() if k.startswith("Jacobi"))
+    # a lag past the width is the one-token loop: the same images, so every paired difference is 0
+    assert " ".join(table["rows, lag 99"][4:]).count("+0.0") == 3
