@@ -526,7 +526,7 @@ def measure_holdout(
                                 "caption": result.caption,
                                 "entropy_mean": float(result.entropy.float().mean()),
                                 "token_acc": token_accuracy(result.codes, hq_codes),
-                                "image_passes": result.timings["image_forward_passes"],
+                                "image_passes": getattr(result, "timings", {}).get("image_forward_passes"),
                             }
                             if method == picture_method:
                                 focus = result.entropy
