@@ -14,6 +14,9 @@ All three sample the same distribution: transformers' guidance mixes log-softmax
 from the engine's raw logits by a per-row constant that the softmax removes. The weights are random (no
 download): the figures are about speed and memory, not images. ``--arch 7b`` builds Chameleon-7B's
 architecture with PURE's 73,728-id vocabulary on the meta device and materialises it in bf16 on the GPU.
+
+``--model DIR`` measures a trained checkpoint instead: forward passes per image of every decoding of the
+image, lossless and lossy, and what the lossy ones cost on a hold-out (:mod:`pure.bench_passes`).
 """
 
 from __future__ import annotations
@@ -478,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pure.bench",
         description="Decode one image block three ways on a random model and compare speed and memory: "
         "(a) transformers' generate with its own unbatched guidance, (b) the engine, (c) the engine "
-        "with speculative Jacobi decoding.",
+        "with speculative Jacobi decoding. With --model, a trained checkpoint's forward passes per image "
+        "for every decoding of the image instead (lossless and lossy, with the hold-out cost of the lossy).",
     )
     p.add_argument("--arch", choices=["tiny", "7b"], default="tiny", help="tiny (CPU, default) or 7b (GPU)")
     trained = p.add_argument_group(

@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{JACOBI_DEFAULT_WINDOW}): fewer forward passes, same output distribution",
     )
     bench.add_argument(
+        "--row-lag",
+        type=int,
+        default=0,
+        metavar="L",
+        help="row-parallel decoding of the image (lossy; as python -m pure.infer --row-lag): a row starts "
+        "once the row above has L codes",
+    )
+    bench.add_argument(
         "--compile",
         nargs="?",
         const=True,
@@ -168,6 +176,7 @@ def _restore(args: argparse.Namespace) -> dict | None:
         temperature=args.temperature,
         max_text_tokens=args.max_text_tokens,
         jacobi_window=args.jacobi,
+        row_lag=args.row_lag,
     )
     # everything that changes the restored pixels (not --batch-size, --device or --no-pictures)
     settings = {
@@ -184,6 +193,8 @@ def _restore(args: argparse.Namespace) -> dict | None:
         "jacobi_window": args.jacobi,
         "color_fix": not args.no_color_fix,
     }
+    if args.row_lag:  # only when set, as quantize: earlier records keep their settings
+        settings["row_lag"] = args.row_lag
     if args.quantize:  # only when set: the records of unquantised runs keep their settings
         settings["quantize"] = args.quantize
     pred_dir = Path(args.pred)
