@@ -8,7 +8,7 @@
 # Every step skips or resumes what exists, so an interrupted run continues where it stopped (the VQ in
 # chunks of 250 steps, the model from its latest checkpoint). Outputs: data/pure_tiny_v2/ and
 # outputs/pure_tiny_v2/. SHIP=1 copies the result over examples/pure-tiny/ (only do that when its card
-# beats the shipped one: see the README). VQ_STEPS (4000) and the trainer's max_steps set the length.
+# beats the shipped one: see the README). VQ_STEPS (1500, as the recipe) and the trainer's max_steps set the length.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -23,7 +23,7 @@ step "1/8 images: v1's photos and hold-out, 2000 procedural training scenes, 16 
 bash recipes/pure_tiny/data_v2.sh
 
 step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
-STEPS=${VQ_STEPS:-4000} bash recipes/pure_tiny/vq_v2_curve.sh
+STEPS=${VQ_STEPS:-1500} bash recipes/pure_tiny/vq_v2_curve.sh
 
 step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice"
 $PY -m pure.data.pairs --hq $DATA/sources/train --out $DATA/pairs_photos --crop $SIZE --scale 4 \

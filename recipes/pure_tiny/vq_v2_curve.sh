@@ -6,7 +6,7 @@
 # Each chunk is `python -m pure.train_vq recipes/pure_tiny/vq_v2.yaml --max-steps S` (the run checkpoints
 # and resumes exactly; the LR schedule spans the recipe's train.steps whatever the chunking), then
 # recipes/pure_tiny/vq_curve.py measures the chunk's export against bicubic on the hold-out protocol and
-# appends to outputs/pure_tiny_v2/vq/curve.jsonl (plot: curve.png). CHUNK (250) and STEPS (4000) may be set;
+# appends to outputs/pure_tiny_v2/vq/curve.jsonl (plot: curve.png). CHUNK (250) and STEPS (1500) may be set;
 # RECIPE=recipes/pure_tiny/vq_v2_gn32.yaml RUN=outputs/pure_tiny_v2/vq_gn32 runs the A/B twin.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +16,7 @@ RECIPE=${RECIPE:-recipes/pure_tiny/vq_v2.yaml}
 RUN=${RUN:-outputs/pure_tiny_v2/vq}
 HOLDOUT=data/pure_tiny_v2/sources/holdout
 CHUNK=${CHUNK:-250}
-STEPS=${STEPS:-4000}
+STEPS=${STEPS:-1500}
 [ -d $HOLDOUT ] || bash recipes/pure_tiny/data_v2.sh
 for ((s = CHUNK; s <= STEPS; s += CHUNK)); do
     if [ -f $RUN/curve.jsonl ] && grep -q "\"step\": $s," $RUN/curve.jsonl; then continue; fi
