@@ -43,16 +43,16 @@ step "4/8 text tokenizer (BPE on the instruction, labels and captions) and a ran
 step "5/8 pre-tokenised shards"
 for set in photos scenes; do
     $PY -m pure.data.pretokenize --records $DATA/records_$set.jsonl --model $OUT/init --out $DATA/shards_$set \
-        --size $SIZE --device cpu
+        --size $SIZE --device cpu --workers ${WORKERS:-2} --shard-size 500
 done
 
 step "6/8 instruction tuning (resumable: rerun to continue)"
 if [ -f $OUT/train/export/config.json ]; then
     echo "already trained: $OUT/train/export"
-elif [ -d $OUT/train/checkpoints ]; then
-    $PY -m pure.train recipes/pure_tiny/train_v2.yaml --resume
+elif [ -d $OUT/train/checkpoints ]; then  # the whole machine: one run, its matmuls on every core
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml --resume
 else
-    $PY -m pure.train recipes/pure_tiny/train_v2.yaml
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml
 fi
 
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
