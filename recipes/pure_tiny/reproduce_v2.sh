@@ -7,8 +7,9 @@
 #
 # Every step skips or resumes what exists, so an interrupted run continues where it stopped (the VQ in
 # chunks of 250 steps, the model from its latest checkpoint). Outputs: data/pure_tiny_v2/ and
-# outputs/pure_tiny_v2/. SHIP=1 copies the result over examples/pure-tiny/ (only do that when its card
-# beats the shipped one: see the README). VQ_STEPS (1500, as the recipe) and the trainer's max_steps set the length.
+# outputs/pure_tiny_v2/. VQ=examples/pure-tiny-v2/vq skips the tokenizer's 47 minutes (its committed
+# result). SHIP=1 copies the result over examples/pure-tiny/ (only do that when its card beats the shipped
+# one: see the README). VQ_STEPS (1500, as the recipe) and the trainer's max_steps set the length.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -22,8 +23,13 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/8 images: v1's photos and hold-out, 2000 procedural training scenes, 16 hold-out scenes"
 bash recipes/pure_tiny/data_v2.sh
 
-step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
-STEPS=${VQ_STEPS:-1500} bash recipes/pure_tiny/vq_v2_curve.sh
+if [ -n "${VQ:-}" ]; then  # VQ=examples/pure-tiny-v2/vq: the committed tokenizer, not trained again
+    step "2/8 VQ tokenizer: $VQ (given)"
+else
+    step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
+    STEPS=${VQ_STEPS:-1500} bash recipes/pure_tiny/vq_v2_curve.sh
+    VQ=$OUT/vq/vq
+fi
 
 step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice"
 $PY -m pure.data.pairs --hq $DATA/sources/train --out $DATA/pairs_photos --crop $SIZE --scale 4 \
@@ -36,7 +42,7 @@ for set in photos scenes; do
 done
 
 step "4/8 text tokenizer (BPE on the instruction, labels and captions) and a random 6-layer model"
-[ -f $OUT/init/config.json ] || $PY -m pure.make_random_checkpoint $OUT/init --vq $OUT/vq/vq \
+[ -f $OUT/init/config.json ] || $PY -m pure.make_random_checkpoint $OUT/init --vq $VQ \
     --captions $DATA/sources/captions.jsonl --hidden 256 --layers 6 --heads 4 --intermediate 704 \
     --image-size $SIZE
 
