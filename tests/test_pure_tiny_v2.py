@@ -74,3 +74,35 @@ def test_curve_point_measures_bicubic_vq_and_copy(tmp_path):
     assert points[0]["vq"]["token_acc"] == 1.0 and "token_acc" not in points[0]["bicubic"]
     assert points[0]["bicubic"] == points[1]["bicubic"]  # same protocol, same LQs
     assert (run / "curve.png").stat().st_size > 0
+
+
+def test_the_committed_v2_tokenizer_reproduces_its_last_curve_point(tmp_path):
+    """examples/pure-tiny-v2/vq is the tokenizer whose curve the README quotes: rebuilt from the recipe's
+    sources and seeds, the hold-out gives its last point again (bicubic, VQ ceiling, copy), and its ceiling
+    is above bicubic in PSNR-Y, SSIM-Y and GMS-Y (the issue's tokenizer target)."""
+    from pure.data.sample_images import build_sources
+    from pure.data.synthetic_images import write_scenes
+    from pure.eval.holdout import VQOnly, measure_holdout
+    from pure.imageio import list_images
+
+    sources = tmp_path / "sources"
+    build_sources(RECIPES / "sources.yaml", sources)  # as recipes/pure_tiny/data_v2.sh does
+    write_scenes(sources, "holdout", range(16), size=128)
+    vq = VQModel.from_pretrained("examples/pure-tiny-v2/vq")
+    with torch.inference_mode():
+        results = measure_holdout(
+            VQOnly(vq, 128),
+            list_images(sources / "holdout"),
+            crop=128,
+            crops_per_image=4,
+            seeds=[0],
+            methods=["bicubic", "vq", "copy"],
+        )
+    curve = Path("examples/pure-tiny-v2/vq_curve_v2_1500.jsonl").read_text().splitlines()
+    last = json.loads(curve[-1])
+    assert last["step"] == 1500
+    for method in ("bicubic", "vq", "copy"):
+        for key in ("psnr_y", "ssim_y", "gms_y"):
+            assert results["methods"][method][key]["mean"] == pytest.approx(last[method][key], abs=0.02)
+    for key in ("psnr_y", "ssim_y", "gms_y"):
+        assert last["vq"][key] > last["bicubic"][key]
