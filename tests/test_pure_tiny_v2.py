@@ -106,3 +106,27 @@ def test_the_committed_v2_tokenizer_reproduces_its_last_curve_point(tmp_path):
             assert results["methods"][method][key]["mean"] == pytest.approx(last[method][key], abs=0.02)
     for key in ("psnr_y", "ssim_y", "gms_y"):
         assert last["vq"][key] > last["bicubic"][key]
+
+
+@pytest.mark.parametrize("template", ["card_template.md", "card_template_v2.md"])
+def test_card_templates_take_the_fields_ship_py_reads(tmp_path, template):
+    spec = importlib.util.spec_from_file_location("ship", RECIPES / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    run = tmp_path / "run"
+    (run / "vq").mkdir(parents=True)
+    (run / "train" / "export").mkdir(parents=True)
+    (run / "holdout").mkdir()
+    holdout = {"psnr": 19.5, "psnr_y": 23.9, "usage": 0.87}
+    (run / "vq" / "metrics.json").write_text(json.dumps({"holdout": holdout, "steps": 1500, "seconds": 2817}))
+    (run / "train" / "export" / "trainer_state.json").write_text(
+        json.dumps({"step": 1200, "train_seconds": 3600})
+    )
+    (run / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1200, "loss": 2.5}) + "\n")
+    (run / "holdout" / "results.md").write_text("# Held-out measurement\n| method | PSNR-Y |\n")
+    config = {"hidden_size": 256, "num_hidden_layers": 6, "vocab_size": 1400, "pure_image_size": 128}
+    (run / "train" / "export" / "config.json").write_text(json.dumps(config))
+    (run / "train" / "export" / "training_config.yaml").write_text("train: {global_batch_size: 8}\n")
+    fields = {**ship.card_fields(run), "pictures": "![p](pictures/p.png)"}
+    card = (RECIPES / template).read_text().format(**fields)
+    assert "1200 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card

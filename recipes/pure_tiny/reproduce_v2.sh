@@ -68,5 +68,5 @@ $PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdo
 step "8/8 the card"
 cat $OUT/holdout/results.md
 if [ "${SHIP:-0}" = 1 ]; then
-    $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny
+    $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny --card recipes/pure_tiny/card_template_v2.md
 fi

@@ -73,7 +73,7 @@ def card_fields(run: Path) -> dict:
     }
 
 
-def ship(run: Path, out: Path) -> Path:
+def ship(run: Path, out: Path, template: Path = HERE / "card_template.md") -> Path:
     export = run / "train" / "export"
     missing = [name for name in CHECKPOINT_FILES if not (export / name).is_file()]
     if missing:
@@ -91,7 +91,7 @@ def ship(run: Path, out: Path) -> Path:
         for picture in pictures:
             shutil.copy2(picture, staging / "pictures" / picture.name)
         fields["pictures"] = "\n".join(f"![{p.stem}](pictures/{p.name})" for p in pictures)
-        card = (HERE / "card_template.md").read_text().format(**fields)
+        card = template.read_text().format(**fields)
         (staging / "README.md").write_text(card)
         if out.exists():
             shutil.rmtree(out)
@@ -103,8 +103,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="outputs/pure_tiny", help="the reproduce.sh output folder")
     p.add_argument("--out", default="examples/pure-tiny", help="the folder to (re)write")
+    p.add_argument("--card", default=str(HERE / "card_template.md"), help="the card template to fill")
     args = p.parse_args()
-    print(f"shipped {ship(Path(args.run), Path(args.out))}")
+    print(f"shipped {ship(Path(args.run), Path(args.out), Path(args.card))}")
     return 0
 
 
