@@ -62,7 +62,7 @@ else
 fi
 
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
-$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0,1 \
+$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0 \
     --crops-per-image 4 --captions $DATA/sources/captions.jsonl --whole-pictures --overwrite --out $OUT/holdout
 
 step "8/8 the card"
