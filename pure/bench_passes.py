@@ -94,7 +94,7 @@ def pass_table(
     reference = next(iter(settings))
     rows = results["rows"]
     crop = results["protocol"]["crop"]
-    grid = crop // 8
+    grid = crop // restorer.vq.config.downsample
     tokens = grid * (grid + 1) + 1  # the image block's body and <eoi>
     pairs = len({(r["crop"], r["seed"]) for r in rows})
     lines = [

@@ -37,6 +37,13 @@ if TYPE_CHECKING:
     from pure.decoding.loop import RestorationDecoder
 
 
+def effective_lag(lag: int, width: int) -> int:
+    """A lag past ``w + 1`` only adds empty steps: ``L = w + 1`` is already the one-token order."""
+    if lag < 1:
+        raise ValueError(f"the row lag must be >= 1 code; got {lag}")
+    return min(lag, width + 1)
+
+
 def row_schedule(height: int, width: int, lag: int) -> list[tuple[int, int, int]]:
     """The forwards after ``<boi> <grid h> <grid w>`` (whose forward decides body index 0): per step ``t``,
     ``(t, first row, last row)``, the grid rows that advance. Row ``r``'s code ``c`` is decided at step
@@ -44,9 +51,7 @@ def row_schedule(height: int, width: int, lag: int) -> list[tuple[int, int, int]
     index ``r * (w + 1) + t - r * lag - 1`` (:func:`fed_indices`), which predicts the next. Body index
     ``r * (w + 1) + c`` is code ``c`` of row ``r`` (``c = w``: its newline, fed to start row ``r + 1``). The
     last row's last code, at step ``(h - 1) * lag + w - 1``, is the last target (a newline follows it)."""
-    if lag < 1:
-        raise ValueError(f"the row lag must be >= 1 code; got {lag}")
-    lag = min(lag, width + 1)  # a longer lag only adds empty steps: L = w + 1 is the one-token order
+    lag = effective_lag(lag, width)
     return [
         (t, max(0, -(-(t - width) // lag)), min(height - 1, t // lag))
         for t in range(1, (height - 1) * lag + width)
@@ -56,7 +61,7 @@ def row_schedule(height: int, width: int, lag: int) -> list[tuple[int, int, int]
 def fed_indices(t: int, first: int, last: int, width: int, lag: int) -> list[int]:
     """The body indices step ``(t, first, last)`` of :func:`row_schedule` feeds (host ints; the decode makes
     them on the device)."""
-    lag = min(lag, width + 1)
+    lag = effective_lag(lag, width)
     return [r * (width + 1 - lag) + t - 1 for r in range(first, last + 1)]
 
 
@@ -110,7 +115,7 @@ class RowParallelDecoding:
         compiled = d._compiles(device)
         step = d._compiled_fn(self.rows_step, device)
         schedule = row_schedule(height, width, self.lag)
-        lag = min(self.lag, width + 1)
+        lag = effective_lag(self.lag, width)
         pad_to = self.ahead(height, width) if compiled else 0
         rows = torch.arange(max(pad_to, height), device=device)
 
