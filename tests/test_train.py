@@ -27,10 +27,17 @@ import yaml
 pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
 pytest.importorskip("peft", reason="needs the train extra: pip install -e '.[train]'")
 
+from pure.data.shards import ShardSet
 from pure.model import load_model
 from pure.sequence import IGNORE_INDEX, SequenceFormat
 from pure.train.config import ConfigError, Recipe, apply_override, load_recipe, recipe_to_yaml
-from pure.train.data import PaddingCollator, TrainingData, epoch_plan
+from pure.train.data import (
+    PaddingCollator,
+    TrainingData,
+    epoch_plan,
+    input_noise_generator,
+    replace_image_inputs,
+)
 from pure.train.engine import (
     DistInfo,
     PlainEngine,
@@ -215,6 +222,32 @@ def test_collator_pads_right_and_masks_prompt_and_padding(tiny_format):
             int(ids[b][image[b]][0]) == tiny_format.vocab.boi
             and int(ids[b][image[b]][-1]) == tiny_format.vocab.eoi
         )
+
+
+def test_image_input_noise_replaces_only_answer_codes_with_batch_codes(tiny_format):
+    batch = _batch(tiny_format, n=4)
+    ids, image = batch["input_ids"], batch["image_mask"]
+    codes = image & tiny_format.vocab.image_mask()[ids]
+    assert replace_image_inputs(ids, codes, 0.0, input_noise_generator(0, 0, 0, 0)) is ids
+    noisy = replace_image_inputs(ids, codes, 0.5, input_noise_generator(0, 3, 1, 0))
+    changed = noisy != ids
+    assert changed.any() and not changed[~codes].any()  # the prompt (LQ block), text, grammar untouched
+    assert set(noisy[changed].tolist()) <= set(ids[codes].tolist())  # drawn from the batch's codes
+    assert 0.3 < changed.sum() / codes.sum() < 0.6  # ~half, less the draws of an equal code
+    again = replace_image_inputs(ids, codes, 0.5, input_noise_generator(0, 3, 1, 0))
+    other = replace_image_inputs(ids, codes, 0.5, input_noise_generator(0, 4, 1, 0))
+    assert torch.equal(noisy, again) and not torch.equal(noisy, other)  # keyed by where it is in the run
+    assert torch.equal(batch["labels"], _batch(tiny_format, n=4)["labels"])  # labels are not inputs
+
+
+def test_image_input_noise_is_validated():
+    recipe = Recipe()
+    recipe.data.sets = [ShardSet("x")]
+    apply_override(recipe, "data.image_input_noise=0.2")
+    assert recipe.data.image_input_noise == 0.2
+    recipe.data.image_input_noise = 1.0
+    with pytest.raises(ConfigError, match="image_input_noise"):
+        recipe.validate()
 
 
 # -- loss ---------------------------------------------------------------------------------------------
@@ -451,6 +484,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
         "logging.sample_ids=true",
         "logging.progress=false",
         "logging.peak_tflops=0.001",  # a made-up peak, so that the MFU estimate is logged on a CPU
+        "data.image_input_noise=0.2",  # drawn per step and micro-batch: the resumed run must match anyway
     ]
     _train([*common, f"output_dir={root / 'full'}"])
     _train([*common, f"output_dir={root / 'resumed'}", "train.halt_at_step=2", "train.export_at_end=false"])

@@ -80,6 +80,9 @@ class DataConfig:
     length_window: int = 500
     """Length grouping: sort by length, shuffle inside windows of this many global batches."""
     num_workers: int = 2
+    image_input_noise: float = 0.0
+    """Fraction of the answer's image-code inputs replaced by codes drawn from the batch, labels kept
+    (:func:`pure.train.data.replace_image_inputs`); against exposure bias in small models. PURE: 0."""
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Recipe:
             (self.model.z_loss_weight >= 0 and self.model.loss_chunk_size >= 0, "model: negative value"),
             (bool(d.config) != bool(d.sets), "give the training data as data.config (a YAML) or data.sets"),
             (d.max_length > 0 and d.length_window > 0, "data.max_length and data.length_window must be > 0"),
+            (0 <= d.image_input_noise < 1, "data.image_input_noise must be in [0, 1)"),
             (
                 not self.lora.enabled or (self.lora.r > 0 and self.lora.target_modules),
                 "lora: r > 0 and targets",

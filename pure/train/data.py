@@ -119,6 +119,36 @@ class PaddingCollator:
         }
 
 
+def replace_image_inputs(
+    input_ids: torch.Tensor, code_mask: torch.Tensor, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A copy of ``input_ids`` in which each position of ``code_mask`` (the answer's image codes) holds,
+    with probability ``fraction``, a code drawn from those positions anywhere in the batch.
+
+    Only inputs change: labels keep the true codes, so the model still learns every HQ code but cannot
+    rely on its own previous ones, as it cannot at inference, where they are its own samples (exposure
+    bias). What it can always rely on is the LQ block, which is never touched. Not in PURE (its 7B model
+    was pretrained on images); the PURE-tiny v2 recipe uses it. ``fraction`` 0 returns ``input_ids``.
+    """
+    if fraction <= 0:
+        return input_ids
+    pool = input_ids[code_mask]
+    hit = code_mask & (torch.rand(input_ids.shape, generator=generator) < fraction)
+    n = int(hit.sum())
+    if n == 0:
+        return input_ids
+    ids = input_ids.clone()
+    ids[hit] = pool[torch.randint(pool.numel(), (n,), generator=generator)]
+    return ids
+
+
+def input_noise_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of :func:`replace_image_inputs` for one micro-batch: a function of where it is in
+    the run, so that a resumed run draws what the uninterrupted one drew."""
+    key = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(key))
+
+
 class StepBatchSampler:
     """Yields this rank's micro-batches (lists of indices) for steps ``start_step .. total_steps-1``."""
 

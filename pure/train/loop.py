@@ -19,7 +19,7 @@ from pure.model import default_attn_implementation, load_model, resolve_checkpoi
 from pure.sequence import SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.train.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from pure.train.data import TrainingData
+from pure.train.data import TrainingData, input_noise_generator, replace_image_inputs
 from pure.train.engine import (
     PlainEngine,
     barrier,
@@ -129,6 +129,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     tokens_flops = flops_per_token(config, recipe.lora.enabled)
     peak = peak_flops(recipe.logging.peak_tflops, dist.device)
     stop = _StopFlag()
+    is_code = fmt.vocab.image_mask()
 
     # -- the loop ---------------------------------------------------------------------------------------
     batches = iter(data.loader(step, total_steps))
@@ -138,10 +139,15 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
             group["lr"] = lr
         stats = StepStats(dist.device)
         started = time.perf_counter()
-        for _ in range(data.accumulation):
+        for micro in range(data.accumulation):
             batch = next(batches)
+            input_ids = batch["input_ids"]
+            if recipe.data.image_input_noise:
+                noise = input_noise_generator(recipe.seed, step, micro, dist.rank)
+                codes = batch["image_mask"] & is_code[input_ids]
+                input_ids = replace_image_inputs(input_ids, codes, recipe.data.image_input_noise, noise)
             out = engine(
-                batch["input_ids"].to(dist.device),
+                input_ids.to(dist.device),
                 batch["labels"].to(dist.device),
                 batch["image_mask"].to(dist.device),
             )
