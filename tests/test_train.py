@@ -580,6 +580,17 @@ def test_resumed_run_matches_the_uninterrupted_one(runs):
     assert full[0]["ids"] != full[1]["ids"]
 
 
+def test_export_cli_takes_a_run_folder_and_exports_its_latest_checkpoint(runs, tmp_path):
+    from pure.train.export import main as export_main
+
+    run_dir = runs["root"] / "full"  # a run folder has its own config.yaml beside checkpoints/
+    assert export_main([str(run_dir), "--output", str(tmp_path / "again")]) == 0
+    again, at_end = load_model(tmp_path / "again").state_dict(), load_model(run_dir / "export").state_dict()
+    assert again.keys() == at_end.keys() and all(torch.equal(again[k], at_end[k]) for k in at_end)
+    state = json.loads((tmp_path / "again/trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
 def test_export_restores_an_image_through_pure_infer(runs, tmp_path):
     export = runs["root"] / "full/export"
     assert {"config.json", "model.safetensors", "tokenizer.json", "vq", "README.md"} <= {

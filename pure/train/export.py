@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from pure.train.engine import MissingPackageError, latest_checkpoint
 
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.yaml").is_file() and latest_checkpoint(checkpoint) is not None:
-        checkpoint = latest_checkpoint(checkpoint)
+    checkpoint = latest_checkpoint(checkpoint) or checkpoint  # a run folder has a config.yaml too
     try:
         out = export_checkpoint(checkpoint, args.output, overwrite=args.overwrite)
     except (ConfigError, FileExistsError, RuntimeError, MissingPackageError) as err:
