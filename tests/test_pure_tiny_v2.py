@@ -130,3 +130,35 @@ def test_card_templates_take_the_fields_ship_py_reads(tmp_path, template):
     fields = {**ship.card_fields(run), "pictures": "![p](pictures/p.png)"}
     card = (RECIPES / template).read_text().format(**fields)
     assert "1200 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card
+
+
+def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpoint, tmp_path):
+    from pure.data.shards import find_shards, read_shard
+    from pure.model import load_config
+    from pure.sequence import SequenceFormat
+    from pure.tokenizer import PureTokenizer
+    from pure.train.synthetic import write_synthetic_shards
+
+    spec = importlib.util.spec_from_file_location("exposure", RECIPES / "exposure.py")
+    exposure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exposure)
+    shards = write_synthetic_shards(tiny_checkpoint, tmp_path / "shards", n=3, per_shard=3)
+    d = exposure.diagnose(str(tiny_checkpoint), str(shards), n=3, free=2)
+    assert len(d["teacher_forced"]) == len(d["copy"]) == 3 and len(d["free_running"]) == 2
+    assert all(0 <= x <= 1 for x in d["teacher_forced"] + d["free_running"])
+    # copy accuracy, another way: the two image blocks parsed, compared code by code
+    config = load_config(tiny_checkpoint)
+    tokenizer = PureTokenizer.from_file(
+        Path(tiny_checkpoint) / "tokenizer.json",
+        vocabulary_map=config.vocabulary_map,
+        vocab_size=config.vocab_size,
+    )
+    fmt = SequenceFormat(tokenizer)
+    rows = read_shard(find_shards(shards)[-1])
+    for row, copy in zip(rows, d["copy"], strict=True):
+        ids = torch.tensor(row["input_ids"])
+        boi = (ids == fmt.vocab.boi).nonzero().flatten().tolist()
+        lq, hq = (fmt.parse_image_block(ids[i:]) for i in boi)
+        assert copy == pytest.approx((lq == hq).float().mean().item())
+    assert d["attention"].shape == (config.num_hidden_layers, config.num_attention_heads)
+    assert ((d["attention"] >= 0) & (d["attention"] <= 1)).all()

@@ -61,8 +61,17 @@ else
     OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml
 fi
 
+step "6b/8 stage 2: on from stage 1's export with 30% of the HQ image inputs replaced (resumable)"
+if [ -f $OUT/train2/export/config.json ]; then
+    echo "already trained: $OUT/train2/export"
+else
+    [ -d $OUT/train2/checkpoints ] && resume=--resume || resume=
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_stage2.yaml \
+        --set model.init_from=$OUT/train/export $resume
+fi
+
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
-$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0 \
+$PY -m pure.eval.holdout --model $OUT/train2/export --holdout $DATA/sources/holdout --seeds 0 \
     --crops-per-image 4 --captions $DATA/sources/captions.jsonl --whole-pictures --overwrite --out $OUT/holdout
 
 step "8/8 the card"
