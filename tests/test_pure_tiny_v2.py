@@ -41,6 +41,13 @@ def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
     assert recipe.train.save_every > 0  # a run that spans sessions must be resumable
 
 
+def test_stage2_recipe_continues_the_committed_stage1_on_the_same_data_with_input_noise():
+    stage1, stage2 = load_recipe(RECIPES / "train_v2.yaml"), load_recipe(RECIPES / "train_v2_stage2.yaml")
+    assert (Path(stage2.model.init_from) / "config.json").is_file()  # committed: a fresh clone can continue
+    assert stage1.data.image_input_noise == 0 < stage2.data.image_input_noise < 1
+    assert stage2.data.sets == stage1.data.sets and stage2.run_dir != stage1.run_dir
+
+
 @pytest.mark.parametrize("script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh"])
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True).returncode == 0
