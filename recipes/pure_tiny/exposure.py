@@ -31,12 +31,12 @@ from pure.tokenizer import PureTokenizer
 
 
 def _blocks(ids: torch.Tensor, prompt_length: int, fmt: SequenceFormat) -> tuple[int, int, int, int]:
-    """(LQ body start, HQ body start, h, w): bodies start after ``<boi>`` and the two grid tokens."""
-    v = fmt.vocab
-    boi = (ids == v.boi).nonzero().flatten().tolist()
+    """(LQ body start, HQ body start, h, w): bodies start after the block's head (``<boi>``, grid tokens)."""
+    boi = (ids == fmt.vocab.boi).nonzero().flatten().tolist()
     lq, hq = boi[0], next(i for i in boi if i >= prompt_length)
-    codes = fmt.parse_image_block(ids[hq:])
-    return lq + 3, hq + 3, *codes.shape
+    h, w = fmt.parse_image_block(ids[hq:]).shape
+    head = len(fmt.grid_tokens(h, w))
+    return lq + head, hq + head, h, w
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def diagnose(model_dir: str, shards: str, n: int, free: int) -> dict:
         row = rows[k]
         ids = torch.tensor(row["input_ids"], dtype=torch.long)
         lq_body, hq_body, h, w = _blocks(ids, row["prompt_length"], fmt)
-        grid = torch.tensor([r * (w + 1) + c for r in range(h) for c in range(w)])
+        grid = (torch.arange(h)[:, None] * (w + 1) + torch.arange(w)).flatten()  # codes, not newlines
         hq, lq = hq_body + grid, lq_body + grid
         attentions: list[torch.Tensor] = []
         record = attentions.append

@@ -61,7 +61,7 @@ else
     OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml
 fi
 
-step "6b/8 stage 2: on from stage 1's export with 30% of the HQ image inputs replaced (resumable)"
+step "6b/8 stage 2: on from stage 1's export, part of the HQ image inputs replaced (resumable)"
 if [ -f $OUT/train2/export/config.json ]; then
     echo "already trained: $OUT/train2/export"
 else
