@@ -121,22 +121,27 @@ def test_card_templates_take_the_fields_ship_py_reads(tmp_path, template):
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
     run = tmp_path / "run"
-    (run / "vq").mkdir(parents=True)
-    (run / "train" / "export").mkdir(parents=True)
-    (run / "holdout").mkdir()
+    (run / "holdout").mkdir(parents=True)
     holdout = {"psnr": 19.5, "psnr_y": 23.9, "usage": 0.87}
-    (run / "vq" / "metrics.json").write_text(json.dumps({"holdout": holdout, "steps": 1500, "seconds": 2817}))
-    (run / "train" / "export" / "trainer_state.json").write_text(
-        json.dumps({"step": 1200, "train_seconds": 3600})
-    )
-    (run / "train" / "metrics.jsonl").write_text(json.dumps({"step": 1200, "loss": 2.5}) + "\n")
-    (run / "holdout" / "results.md").write_text("# Held-out measurement\n| method | PSNR-Y |\n")
+    vq_metrics = tmp_path / "committed_vq" / "metrics.json"  # a tokenizer the run did not train
+    vq_metrics.parent.mkdir()
+    vq_metrics.write_text(json.dumps({"holdout": holdout, "steps": 1500, "seconds": 2817}))
     config = {"hidden_size": 256, "num_hidden_layers": 6, "vocab_size": 1400, "pure_image_size": 128}
-    (run / "train" / "export" / "config.json").write_text(json.dumps(config))
-    (run / "train" / "export" / "training_config.yaml").write_text("train: {global_batch_size: 8}\n")
-    fields = {**ship.card_fields(run), "pictures": "![p](pictures/p.png)"}
+    for stage, steps, noise, loss in (("train", 1200, 0, 2.5), ("train2", 1500, 0.3, 2.3)):
+        export = run / stage / "export"
+        export.mkdir(parents=True)
+        (export / "trainer_state.json").write_text(json.dumps({"step": steps, "train_seconds": 60 * steps}))
+        (run / stage / "metrics.jsonl").write_text(json.dumps({"step": steps, "loss": loss}) + "\n")
+        (export / "config.json").write_text(json.dumps(config))
+        recipe = {"train": {"global_batch_size": 8, "lr": 1e-3}, "data": {"image_input_noise": noise}}
+        (export / "training_config.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    (run / "holdout" / "results.md").write_text("# Held-out measurement\n| method | PSNR-Y |\n")
+    fields = {**ship.card_fields(run, ("train", "train2"), vq_metrics), "pictures": "![p](pictures/p.png)"}
+    assert fields["steps"] == 2700 and fields["train_minutes"] == 2700 and fields["loss"] == 2.3
+    assert "stage 2: 1500 steps at peak lr 0.001, 30% of the HQ image inputs replaced" in fields["stages"]
+    assert "stage 1: 1200 steps at peak lr 0.001, 1200 min; stage 2" in fields["stages"]
     card = (RECIPES / template).read_text().format(**fields)
-    assert "1200 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card
+    assert "2700 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card
 
 
 def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpoint, tmp_path):

@@ -25,10 +25,12 @@ bash recipes/pure_tiny/data_v2.sh
 
 if [ -n "${VQ:-}" ]; then  # VQ=examples/pure-tiny-v2/vq: the committed tokenizer, not trained again
     step "2/8 VQ tokenizer: $VQ (given)"
+    VQ_METRICS=$VQ/metrics.json  # its hold-out figures, for the card
 else
     step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
     STEPS=${VQ_STEPS:-1500} bash recipes/pure_tiny/vq_v2_curve.sh
     VQ=$OUT/vq/vq
+    VQ_METRICS=$OUT/vq/metrics.json
 fi
 
 step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice"
@@ -70,12 +72,22 @@ else
         --set model.init_from=$OUT/train/export $resume
 fi
 
+step "6c/8 stage 3: on from stage 2's export, half of the HQ image inputs replaced (resumable)"
+if [ -f $OUT/train3/export/config.json ]; then
+    echo "already trained: $OUT/train3/export"
+else
+    [ -d $OUT/train3/checkpoints ] && resume=--resume || resume=
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_stage3.yaml \
+        --set model.init_from=$OUT/train2/export $resume
+fi
+
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
-$PY -m pure.eval.holdout --model $OUT/train2/export --holdout $DATA/sources/holdout --seeds 0 \
+$PY -m pure.eval.holdout --model $OUT/train3/export --holdout $DATA/sources/holdout --seeds 0 \
     --crops-per-image 4 --captions $DATA/sources/captions.jsonl --whole-pictures --overwrite --out $OUT/holdout
 
 step "8/8 the card"
 cat $OUT/holdout/results.md
 if [ "${SHIP:-0}" = 1 ]; then
-    $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny --card recipes/pure_tiny/card_template_v2.md
+    $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny --card recipes/pure_tiny/card_template_v2.md \
+        --stages train train2 train3 --vq-metrics "$VQ_METRICS"
 fi

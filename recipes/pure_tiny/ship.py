@@ -45,23 +45,45 @@ def _last_logged(metrics_jsonl: Path) -> dict:
     return last
 
 
-def card_fields(run: Path) -> dict:
-    """The numbers the card quotes, read from the run's own files."""
-    vq = _json(run / "vq" / "metrics.json")
-    train_state = _json(run / "train" / "export" / "trainer_state.json")
-    last = _last_logged(run / "train" / "metrics.jsonl")
+def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Path | None = None) -> dict:
+    """The numbers the card quotes, read from the run's own files.
+
+    ``stages`` are the run's training folders in order (``train``, then ``train2``... when each stage starts
+    from the previous one's export); the card quotes their sum and the last one's model. ``vq_metrics`` is
+    the tokenizer's ``metrics.json`` (default: the run's ``vq/metrics.json``; a committed tokenizer keeps
+    its own).
+    """
+    vq = _json(vq_metrics or run / "vq" / "metrics.json")
+    states, lines = [], []
+    for i, stage in enumerate(stages, 1):
+        export = run / stage / "export"
+        state = _json(export / "trainer_state.json")
+        recipe = yaml.safe_load((export / "training_config.yaml").read_text())
+        last = _last_logged(run / stage / "metrics.jsonl")
+        state.setdefault("step", last.get("step", "?"))
+        state["loss"] = last.get("loss", float("nan"))
+        states.append(state)
+        noise = recipe.get("data", {}).get("image_input_noise", 0) or 0
+        lines.append(
+            f"stage {i}: {state['step']} steps at peak lr {recipe['train']['lr']:g}"
+            + (f", {noise:.0%} of the HQ image inputs replaced" if noise else "")
+            + f", {state.get('train_seconds', float('nan')) / 60:.0f} min"
+        )
+    final = run / stages[-1] / "export"
+    config = _json(final / "config.json")
+    recipe = yaml.safe_load((final / "training_config.yaml").read_text())
     table = (run / "holdout" / "results.md").read_text()
-    config = _json(run / "train" / "export" / "config.json")
-    recipe = yaml.safe_load((run / "train" / "export" / "training_config.yaml").read_text())
+    steps = [s["step"] for s in states]
     return {
         "vq_psnr": vq["holdout"]["psnr"],
         "vq_psnr_y": vq["holdout"]["psnr_y"],
         "vq_usage": vq["holdout"]["usage"],
         "vq_steps": vq.get("steps", "?"),
         "vq_minutes": vq["seconds"] / 60,
-        "steps": train_state.get("step", last.get("step", "?")),
-        "loss": last.get("loss", float("nan")),
-        "train_minutes": train_state.get("train_seconds", float("nan")) / 60,
+        "steps": sum(steps) if all(isinstance(s, int) for s in steps) else "?",
+        "loss": states[-1]["loss"],
+        "train_minutes": sum(s.get("train_seconds", float("nan")) for s in states) / 60,
+        "stages": "; ".join(lines),
         "hidden": config.get("hidden_size"),
         "layers": config.get("num_hidden_layers"),
         "heads": config.get("num_attention_heads"),
@@ -73,12 +95,18 @@ def card_fields(run: Path) -> dict:
     }
 
 
-def ship(run: Path, out: Path, template: Path = HERE / "card_template.md") -> Path:
-    export = run / "train" / "export"
+def ship(
+    run: Path,
+    out: Path,
+    template: Path = HERE / "card_template.md",
+    stages: tuple[str, ...] = ("train",),
+    vq_metrics: Path | None = None,
+) -> Path:
+    export = run / stages[-1] / "export"
     missing = [name for name in CHECKPOINT_FILES if not (export / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{export} lacks {missing}: has the training run finished?")
-    fields = card_fields(run)
+    fields = card_fields(run, stages, vq_metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         staging = Path(tmp) / "ship"
@@ -104,8 +132,21 @@ def main() -> int:
     p.add_argument("--run", default="outputs/pure_tiny", help="the reproduce.sh output folder")
     p.add_argument("--out", default="examples/pure-tiny", help="the folder to (re)write")
     p.add_argument("--card", default=str(HERE / "card_template.md"), help="the card template to fill")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["train"],
+        help="the run's training folders in order; the last one's export is shipped (default: train)",
+    )
+    p.add_argument(
+        "--vq-metrics",
+        type=Path,
+        default=None,
+        help="the tokenizer's metrics.json (default: RUN/vq/metrics.json, the tokenizer the run trained)",
+    )
     args = p.parse_args()
-    print(f"shipped {ship(Path(args.run), Path(args.out), Path(args.card))}")
+    shipped = ship(Path(args.run), Path(args.out), Path(args.card), tuple(args.stages), args.vq_metrics)
+    print(f"shipped {shipped}")
     return 0
 
 
