@@ -45,6 +45,7 @@ from pure.train.engine import (
     deepspeed_config,
     learning_rate,
     load_checkpoint,
+    stale_build_locks,
 )
 from pure.train.export import export_model
 from pure.train.loss import SupervisedLMLoss, full_logits_loss, supervised_loss
@@ -757,6 +758,32 @@ def test_a_missing_package_fails_in_one_line_before_the_model_loads(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert "pip install" in err or "train.precision fp32" in err
+
+
+def test_a_stale_extension_build_lock_fails_in_one_line_before_the_model_loads(
+    tiny_checkpoint, monkeypatch, capsys, tmp_path
+):
+    from pure.train.__main__ import main
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    fresh, stale = tmp_path / "building_now" / "lock", tmp_path / "deepspeed_shm_comm" / "lock"
+    for lock in (fresh, stale):
+        lock.parent.mkdir()
+        lock.touch()
+    hour_ago = os.stat(stale).st_mtime - 3600
+    os.utime(stale, (hour_ago, hour_ago))  # a build killed an hour ago
+    assert stale_build_locks() == [stale]  # a build under way is not in the way
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("pure.train.loop.load_training_model", lambda *a: pytest.fail("loaded the model"))
+    code = main(
+        [str(TINY_RECIPE), "--set", f"model.init_from={tiny_checkpoint}", "--set", "train.engine=deepspeed"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: stale C++ extension build lock") and f"rm {stale}" in err
+    assert len(err.strip().splitlines()) == 1
+    stale.unlink()
+    assert stale_build_locks() == []
 
 
 def test_synthetic_shards_without_datasets_fail_in_one_line(monkeypatch, capsys, tmp_path):

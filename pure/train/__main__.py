@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pure.data.shards import ShardError
     from pure.model import ModelLoadError
-    from pure.train.engine import MissingPackageError, single_process_env
+    from pure.train.engine import MissingPackageError, StaleBuildLockError, single_process_env
     from pure.train.loop import train
 
     single_process_env()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = train(
             recipe, resume=args.resume, command=[sys.executable, "-m", "pure.train", *sys.argv[1:]]
         )
-    except (ConfigError, ShardError, ModelLoadError, MissingPackageError) as err:  # fix the recipe or install
+    except (ConfigError, ShardError, ModelLoadError, MissingPackageError, StaleBuildLockError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":

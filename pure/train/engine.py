@@ -90,6 +90,35 @@ def run_requirements(recipe: Recipe, engine: str) -> dict[str, str]:
     return needs
 
 
+def stale_build_locks(max_age_s: float = 600.0) -> list[Path]:
+    """Lock files of torch C++ extension builds (DeepSpeed compiles its CPU ops this way) older than
+    ``max_age_s``: left by a build that was killed, they make every later build wait forever, silently
+    (torch's ``FileBaton``). Looks where torch builds: ``$TORCH_EXTENSIONS_DIR/NAME`` or the default
+    root's ``PYTHON_ACCELERATOR/NAME``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    locks = Path(root).glob("*/lock") if root else Path(get_default_build_root()).glob("*/*/lock")
+    now = time.time()
+    return sorted(lock for lock in locks if now - lock.stat().st_mtime > max_age_s)
+
+
+class StaleBuildLockError(RuntimeError):
+    """A killed extension build's lock would make DeepSpeed's set-up wait forever."""
+
+
+def check_build_locks() -> None:
+    """Refuse to start when a stale extension-build lock would hang DeepSpeed's set-up without a word."""
+    stale = stale_build_locks()
+    if stale:
+        names = " ".join(str(lock) for lock in stale)
+        raise StaleBuildLockError(
+            f"stale C++ extension build lock(s), more than 10 minutes old: {names}. A build was killed "
+            f"mid-way, and DeepSpeed would wait on it forever. If no other training run is compiling now, "
+            f"delete them (rm {names}) and start again."
+        )
+
+
 def choose_engine(recipe: Recipe) -> str:
     """``"deepspeed"`` or ``"plain"``, as ``train.engine`` says (``auto``: DeepSpeed when installed)."""
     wanted = recipe.train.engine

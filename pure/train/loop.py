@@ -24,6 +24,7 @@ from pure.train.engine import (
     PlainEngine,
     barrier,
     build_optimizer,
+    check_build_locks,
     choose_engine,
     deepspeed_config,
     init_distributed,
@@ -74,6 +75,8 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     # -- where, who, what -------------------------------------------------------------------------------
     engine_kind = choose_engine(recipe)
     require_packages(run_requirements(recipe, engine_kind))  # before minutes of model loading
+    if engine_kind == "deepspeed":
+        check_build_locks()  # a killed build's lock would hang deepspeed.initialize silently
     dist = init_distributed() if engine_kind == "deepspeed" else init_single_process()
     run_dir = recipe.run_dir
     start_from = _resume_folder(run_dir, resume)
