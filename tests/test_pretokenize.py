@@ -279,3 +279,17 @@ def test_cli_summary_and_bad_arguments(dataset, reference, tiny_checkpoint, caps
     err = capsys.readouterr().err
     assert "--size must be a positive multiple of 32" in err and "is not a checkpoint folder" in err
     assert "Traceback" not in err
+
+
+def test_cli_without_datasets_fails_in_one_line_and_writes_nothing(
+    dataset, tiny_checkpoint, monkeypatch, capsys
+):
+    from pure.data.pretokenize import main
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    out = dataset / "no_shards"
+    argv = ["--records", str(dataset / "records.jsonl"), "--model", str(tiny_checkpoint), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: not installed: datasets (writes the shards)") and "pip install" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

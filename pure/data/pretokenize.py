@@ -451,6 +451,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from pure.train.engine import MissingPackageError, require_packages
+
+    try:
+        require_packages({"datasets": "writes the shards"})  # before the tokenizers load
+    except MissingPackageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = pretokenize(
             args.records,
