@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -45,6 +47,19 @@ class PureTokenizer:
         if vocabulary_map and not any(n.startswith(IMAGE_TOKEN_PREFIX) for n in names):
             names = {**vocabulary_map, **names}
         return cls(tokenizer, PureVocab.from_names(names, vocab_size))
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, config=None) -> PureTokenizer:
+        """A checkpoint folder's ``tokenizer.json``, with the ``vocabulary_map`` and ``vocab_size`` of its
+        model: ``config`` (the loaded model config) or else the folder's ``config.json``."""
+        folder = Path(folder)
+        if config is None:
+            path = folder / "config.json"
+            raw = json.loads(path.read_text()) if path.is_file() else {}
+            vocabulary_map, vocab_size = raw.get("vocabulary_map"), raw.get("vocab_size")
+        else:
+            vocabulary_map, vocab_size = config.vocabulary_map, config.vocab_size
+        return cls.from_file(folder / "tokenizer.json", vocabulary_map, vocab_size)
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, without BOS or any other special token."""

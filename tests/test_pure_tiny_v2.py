@@ -160,11 +160,7 @@ def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpo
     assert all(0 <= x <= 1 for x in d["teacher_forced"] + d["free_running"])
     # copy accuracy, another way: the two image blocks parsed, compared code by code
     config = load_config(tiny_checkpoint)
-    tokenizer = PureTokenizer.from_file(
-        Path(tiny_checkpoint) / "tokenizer.json",
-        vocabulary_map=config.vocabulary_map,
-        vocab_size=config.vocab_size,
-    )
+    tokenizer = PureTokenizer.from_checkpoint(tiny_checkpoint)  # config.json read by the helper
     fmt = SequenceFormat(tokenizer)
     rows = read_shard(find_shards(shards)[-1])
     for row, copy in zip(rows, d["copy"], strict=True):

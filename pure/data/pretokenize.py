@@ -87,12 +87,7 @@ class Tokenizers:
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {folder}; pass a checkpoint folder as --model")
-        config = (
-            json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        )
-        tokenizer = PureTokenizer.from_file(
-            tokenizer_file, vocabulary_map=config.get("vocabulary_map"), vocab_size=config.get("vocab_size")
-        )
+        tokenizer = PureTokenizer.from_checkpoint(folder)
         vq_path = Path(vq) if vq is not None else folder / "vq"
         if not vq_path.exists():
             raise FileNotFoundError(

@@ -53,9 +53,7 @@ def load_training_model(recipe: Recipe, device_type: str) -> tuple[SupervisedLML
     attn = default_attn_implementation(device_type, dtype) if m.attn_implementation == "auto" else None
     lm = load_model(folder, device="cpu", dtype=dtype, attn_implementation=attn or m.attn_implementation)
     lm.train().requires_grad_(True)
-    tokenizer = PureTokenizer.from_file(
-        folder / "tokenizer.json", vocabulary_map=lm.config.vocabulary_map, vocab_size=lm.config.vocab_size
-    )
+    tokenizer = PureTokenizer.from_checkpoint(folder, lm.config)
     add_residual_dropout(lm, m.residual_dropout)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(lm)

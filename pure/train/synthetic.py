@@ -47,10 +47,7 @@ def write_synthetic_shards(
 ) -> Path:
     """Write ``n`` synthetic examples as shards of ``per_shard`` under ``folder`` (a shard set)."""
     checkpoint, folder = Path(checkpoint), Path(folder)
-    config = load_config(checkpoint)
-    tokenizer = PureTokenizer.from_file(
-        checkpoint / "tokenizer.json", vocabulary_map=config.vocabulary_map, vocab_size=config.vocab_size
-    )
+    tokenizer = PureTokenizer.from_checkpoint(checkpoint, load_config(checkpoint))
     if latent % LATENT_PER_GRID:
         raise ValueError(f"latent must be a multiple of {LATENT_PER_GRID}; got {latent}")
     examples = synthetic_examples(SequenceFormat(tokenizer), n, latent, seed)

@@ -42,11 +42,7 @@ def _blocks(ids: torch.Tensor, prompt_length: int, fmt: SequenceFormat) -> tuple
 @torch.no_grad()
 def diagnose(model_dir: str, shards: str, n: int, free: int) -> dict:
     lm = load_model(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    tokenizer = PureTokenizer.from_file(
-        f"{model_dir}/tokenizer.json",
-        vocabulary_map=lm.config.vocabulary_map,
-        vocab_size=lm.config.vocab_size,
-    )
+    tokenizer = PureTokenizer.from_checkpoint(model_dir, lm.config)
     fmt = SequenceFormat(tokenizer)
     rows = read_shard(find_shards(shards)[-1])
     out: dict[str, list] = {"teacher_forced": [], "free_running": [], "copy": [], "attention": []}
