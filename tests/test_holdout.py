@@ -472,3 +472,40 @@ def test_whole_pictures_restore_larger_images_whole(tiny_restorer, tmp_path):
     assert whole["bicubic"]["psnr_y"] > 10 and 0 < whole["pure"]["gms_y"] <= 1
     with Image.open(tmp_path / whole["picture"]) as picture:
         assert picture.width >= 4 * 128
+
+
+def test_cli_quantize_is_checked_before_the_model_loads(
+    tiny_checkpoint, holdout_folder, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("pure.quant.torchao_available", lambda: False)
+    monkeypatch.setattr("pure.restorer.PureRestorer.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    argv = ["--model", str(tiny_checkpoint), "--holdout", str(holdout_folder), "--out", str(tmp_path / "o")]
+    code, _, stderr = _run(capsys, *argv, "--quantize", "int8")
+    assert code == 2 and stderr.startswith("error: quantize='int8' needs torchao") and "pip install" in stderr
+    code, _, stderr = _run(capsys, "--vq", str(tiny_checkpoint / "vq"), *argv[2:], "--quantize", "int8")
+    assert code == 2 and "--quantize needs --model" in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_quantize_measures_the_quantised_model_and_records_it(
+    tiny_checkpoint, holdout_folder, tmp_path, capsys
+):
+    pytest.importorskip("torchao", reason="needs the quant extra: pip install -e '.[quant]'")
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_checkpoint), "--holdout", str(holdout_folder), "--out", str(out)]
+    code, stdout, _ = _run(
+        capsys,
+        *argv,
+        "--crop",
+        str(CROP),
+        "--seeds",
+        "0",
+        "--methods",
+        "greedy",
+        "--quantize",
+        "int8",
+        "--quiet",
+    )
+    assert code == 0, stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"]["quantize"] == "int8"

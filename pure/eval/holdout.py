@@ -59,6 +59,7 @@ from pure.data.degradations import DegradationConfig
 from pure.data.pairs import PairSettings, crop_name, make_pair, pair_names
 from pure.decoding.loop import SamplingConfig
 from pure.imageio import ImageLoadError, atomic_write, list_images, load_image, save_image, save_json
+from pure.quant import QUANTIZE_MODES, check_quantize
 from pure.sequence import DEGRADATION_LEVELS
 from pure.vq import pil_to_pixels, pixels_to_pil, to_rgb
 
@@ -1052,6 +1053,13 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also restore each image larger than the crop whole (by tiles) for a comparison picture",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="weight-only quantisation of the decoder's linear layers, as pure.infer --quantize (torchao): "
+        "measures what int8 or int4 costs in quality; recorded in results.json's checkpoint",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/results.json")
@@ -1071,6 +1079,10 @@ def _run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if args.model is None and args.vq is None:
         raise HoldoutError("give --model (a checkpoint), or --vq alone to measure a tokenizer's baselines")
+    if args.quantize is not None:
+        if args.model is None:
+            raise HoldoutError("--quantize needs --model: it quantises the model, not the tokenizer")
+        check_quantize(args.quantize)  # torchao there, before any weight loads
     default_methods = ",".join([*BASELINES, *SETTINGS])
     if args.model is None and args.methods == default_methods:
         args.methods = ",".join(BASELINES)
@@ -1094,7 +1106,9 @@ def _run(args: argparse.Namespace) -> int:
         restorer = VQOnly(VQModel.from_pretrained(args.vq, device=args.device or "cpu"), args.crop or 128)
         identity = checkpoint_identity(args.vq, {"model": f"none (tokenizer {args.vq} only)"})
     else:
-        restorer = PureRestorer.from_pretrained(args.model, vq=args.vq, device=args.device)
+        restorer = PureRestorer.from_pretrained(
+            args.model, vq=args.vq, device=args.device, quantize=args.quantize
+        )
         identity = checkpoint_identity(args.model, restorer.identity)
     results = measure_holdout(
         restorer,
