@@ -493,7 +493,7 @@ def test_cli_quantize_measures_the_quantised_model_and_records_it(
     pytest.importorskip("torchao", reason="needs the quant extra: pip install -e '.[quant]'")
     out = tmp_path / "out"
     argv = ["--model", str(tiny_checkpoint), "--holdout", str(holdout_folder), "--out", str(out)]
-    code, stdout, _ = _run(
+    code, _, stderr = _run(
         capsys,
         *argv,
         "--crop",
@@ -501,11 +501,11 @@ def test_cli_quantize_measures_the_quantised_model_and_records_it(
         "--seeds",
         "0",
         "--methods",
-        "greedy",
+        "pure-greedy",
         "--quantize",
         "int8",
         "--quiet",
     )
-    assert code == 0, stdout
+    assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
     assert results["checkpoint"]["quantize"] == "int8"

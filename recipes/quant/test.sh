@@ -10,4 +10,5 @@ VERSION=$(grep -E '^torchao==' constraints.txt | cut -d= -f3)
 if [ ! -d "$SITE/torchao" ]; then
     "$PY" -m pip install -q --no-deps --target "$SITE" "torchao==$VERSION"
 fi
-PYTHONPATH="$SITE" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$PY" -m pytest -q tests/test_quant.py tests/test_memory.py "$@"
+PYTHONPATH="$SITE" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$PY" -m pytest -q tests/test_quant.py tests/test_memory.py \
+    tests/test_holdout.py::test_cli_quantize_measures_the_quantised_model_and_records_it "$@"
