@@ -241,14 +241,36 @@ def test_image_input_noise_replaces_only_answer_codes_with_batch_codes(tiny_form
     assert torch.equal(batch["labels"], _batch(tiny_format, n=4)["labels"])  # labels are not inputs
 
 
-def test_image_input_noise_is_validated():
+@pytest.mark.parametrize("key", ["image_input_noise", "image_input_own"])
+def test_image_input_replacements_are_validated(key):
     recipe = Recipe()
     recipe.data.sets = [ShardSet("x")]
-    apply_override(recipe, "data.image_input_noise=0.2")
-    assert recipe.data.image_input_noise == 0.2
-    recipe.data.image_input_noise = 1.0
-    with pytest.raises(ConfigError, match="image_input_noise"):
+    apply_override(recipe, f"data.{key}=0.2")
+    assert getattr(recipe.data, key) == 0.2
+    setattr(recipe.data, key, 1.0)
+    with pytest.raises(ConfigError, match=key):
         recipe.validate()
+
+
+def test_own_samples_are_the_models_codes_for_the_next_position(lm, tiny_format):
+    batch = _batch(tiny_format, n=2)
+    ids = batch["input_ids"]
+    is_code = tiny_format.vocab.image_mask()
+    code_ids = is_code.nonzero().squeeze(1)
+    hit = batch["image_mask"] & is_code[ids]
+    hit &= torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    module = SupervisedLMLoss(lm)
+    a, b = (module.own_samples(ids, hit, code_ids, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert a.shape == (int(hit.sum()),) and torch.equal(a, b) and is_code[a].all()
+    assert not any(p.grad is not None for p in lm.parameters())  # no graph, no gradients
+    with torch.no_grad():  # a near-zero temperature: the samples are the argmax of the teacher-forced logits
+        lm.lm_head.weight.mul_(1e4)
+        logits = lm(input_ids=ids).logits
+        sharp = module.own_samples(ids, hit, code_ids, torch.Generator().manual_seed(2))
+    expected = code_ids[logits[:, :-1][hit[:, 1:]][:, code_ids].argmax(-1)]  # position t from t - 1
+    assert torch.equal(sharp, expected) and not torch.equal(sharp, a)
+    with pytest.raises(ValueError, match="position 0"):
+        module.own_samples(ids, torch.ones_like(hit), code_ids, torch.Generator())
 
 
 # -- loss ---------------------------------------------------------------------------------------------
@@ -486,6 +508,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
         "logging.progress=false",
         "logging.peak_tflops=0.001",  # a made-up peak, so that the MFU estimate is logged on a CPU
         "data.image_input_noise=0.2",  # drawn per step and micro-batch: the resumed run must match anyway
+        "data.image_input_own=0.2",  # the model's own samples: so must they (and under LoRA and ZeRO-3)
     ]
     _train([*common, f"output_dir={root / 'full'}"])
     _train([*common, f"output_dir={root / 'resumed'}", "train.halt_at_step=2", "train.export_at_end=false"])

@@ -83,6 +83,11 @@ class DataConfig:
     image_input_noise: float = 0.0
     """Fraction of the answer's image-code inputs replaced by codes drawn from the batch, labels kept
     (:func:`pure.train.data.replace_image_inputs`); against exposure bias in small models. PURE: 0."""
+    image_input_own: float = 0.0
+    """Fraction of the answer's image-code inputs replaced by the model's own samples of them, drawn from a
+    teacher-forced pass without gradients (parallel scheduled sampling), labels kept
+    (:meth:`pure.train.loss.SupervisedLMLoss.own_samples`): its mistakes as it makes them at inference.
+    Applied before ``image_input_noise``; costs one more forward per micro-batch. PURE: 0."""
 
 
 @dataclass
@@ -181,6 +186,7 @@ class Recipe:
             (bool(d.config) != bool(d.sets), "give the training data as data.config (a YAML) or data.sets"),
             (d.max_length > 0 and d.length_window > 0, "data.max_length and data.length_window must be > 0"),
             (0 <= d.image_input_noise < 1, "data.image_input_noise must be in [0, 1)"),
+            (0 <= d.image_input_own < 1, "data.image_input_own must be in [0, 1)"),
             (
                 not self.lora.enabled or (self.lora.r > 0 and self.lora.target_modules),
                 "lora: r > 0 and targets",

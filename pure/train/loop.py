@@ -131,6 +131,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     peak = peak_flops(recipe.logging.peak_tflops, dist.device)
     stop = _StopFlag()
     is_code = fmt.vocab.image_mask()
+    code_ids = is_code.nonzero().squeeze(1)
 
     # -- the loop ---------------------------------------------------------------------------------------
     batches = iter(data.loader(step, total_steps))
@@ -143,9 +144,15 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
         for micro in range(data.accumulation):
             batch = next(batches)
             input_ids = batch["input_ids"]
+            codes = batch["image_mask"] & is_code[input_ids]
+            if recipe.data.image_input_own:
+                own = input_noise_generator(recipe.seed, step, micro, dist.rank, stream=1)
+                hit = codes & (torch.rand(input_ids.shape, generator=own) < recipe.data.image_input_own)
+                samples = engine.module.own_samples(input_ids.to(dist.device), hit, code_ids, own)
+                input_ids = input_ids.clone()
+                input_ids[hit] = samples
             if recipe.data.image_input_noise:
                 noise = input_noise_generator(recipe.seed, step, micro, dist.rank)
-                codes = batch["image_mask"] & is_code[input_ids]
                 input_ids = replace_image_inputs(input_ids, codes, recipe.data.image_input_noise, noise)
             out = engine(
                 input_ids.to(dist.device),

@@ -148,6 +148,26 @@ class SupervisedLMLoss(nn.Module):
         hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
         return supervised_loss(hidden, head, labels, image_mask, self.z_loss_weight, self.chunk_size)
 
+    @torch.no_grad()
+    def own_samples(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        code_ids: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """What the model would have fed itself at ``positions`` (``(B, T)`` bool, never column 0): one
+        sample per position of its next-token distribution over ``code_ids`` (the image codes), from a
+        teacher-forced pass on ``input_ids``; drawn with the CPU ``generator``. Returns ``(positions.sum(),)``
+        ids, in ``input_ids[positions]`` order."""
+        if positions[:, 0].any():
+            raise ValueError("position 0 has no previous token to predict it from")
+        backbone, head = backbone_and_head(self.lm)
+        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][positions[:, 1:].to(hidden.device)])[:, code_ids.to(hidden.device)]
+        probs = logits.float().softmax(-1).cpu()
+        return code_ids.cpu()[torch.multinomial(probs, 1, generator=generator).squeeze(1)]
+
 
 def full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reference: the usual shifted CE over full ``(B, T, V)`` logits (token mean). For tests."""
