@@ -1,7 +1,7 @@
 """Does a trained model read its LQ input, or lean on its own previous codes? Exposure-bias diagnosis.
 
     python recipes/pure_tiny/exposure.py --model outputs/pure_tiny_v2/train2/export \
-        --shards data/pure_tiny_v2/shards_scenes -n 8
+        --shards data/pure_tiny_v2/shards_scenes
 
 On training sequences of a shard set, for the answer's HQ codes:
 
@@ -87,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported checkpoint folder")
     p.add_argument("--shards", required=True, help="shard set (its last shard is read)")
-    p.add_argument("-n", type=int, default=8, help="sequences for the teacher-forced figures")
-    p.add_argument("--free", type=int, default=4, help="of which decoded free-running (slower)")
+    p.add_argument("-n", type=int, default=24, help="sequences for the teacher-forced figures (default 24)")
+    p.add_argument(
+        "--free",
+        type=int,
+        default=24,
+        help="of which decoded free-running (default 24; 4 are too few to tell)",
+    )
     args = p.parse_args(argv)
     d = diagnose(args.model, args.shards, args.n, args.free)
     mean = statistics.mean
