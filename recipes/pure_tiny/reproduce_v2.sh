@@ -54,32 +54,26 @@ for set in photos scenes; do
         --size $SIZE --device cpu --workers ${WORKERS:-2} --shard-size 500
 done
 
+# train RUN RECIPE [--set ...]: train (or resume, or skip when exported) one stage, on every core
+train() {
+    local run=$1 recipe=$2
+    shift 2
+    if [ -f $OUT/$run/export/config.json ]; then
+        echo "already trained: $OUT/$run/export"
+        return
+    fi
+    [ -d $OUT/$run/checkpoints ] && set -- "$@" --resume
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train $recipe "$@"
+}
+
 step "6/8 instruction tuning (resumable: rerun to continue)"
-if [ -f $OUT/train/export/config.json ]; then
-    echo "already trained: $OUT/train/export"
-elif [ -d $OUT/train/checkpoints ]; then  # the whole machine: one run, its matmuls on every core
-    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml --resume
-else
-    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2.yaml
-fi
+train train recipes/pure_tiny/train_v2.yaml
 
 step "6b/8 stage 2: on from stage 1's export, part of the HQ image inputs replaced (resumable)"
-if [ -f $OUT/train2/export/config.json ]; then
-    echo "already trained: $OUT/train2/export"
-else
-    [ -d $OUT/train2/checkpoints ] && resume=--resume || resume=
-    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_stage2.yaml \
-        --set model.init_from=$OUT/train/export $resume
-fi
+train train2 recipes/pure_tiny/train_v2_stage2.yaml --set model.init_from=$OUT/train/export
 
 step "6c/8 stage 3: on from stage 2's export, half of the HQ image inputs replaced (resumable)"
-if [ -f $OUT/train3/export/config.json ]; then
-    echo "already trained: $OUT/train3/export"
-else
-    [ -d $OUT/train3/checkpoints ] && resume=--resume || resume=
-    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_stage3.yaml \
-        --set model.init_from=$OUT/train2/export $resume
-fi
+train train3 recipes/pure_tiny/train_v2_stage3.yaml --set model.init_from=$OUT/train2/export
 
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
 $PY -m pure.eval.holdout --model $OUT/train3/export --holdout $DATA/sources/holdout --seeds 0 \
