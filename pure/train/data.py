@@ -142,10 +142,15 @@ def replace_image_inputs(
     return ids
 
 
-def input_noise_generator(seed: int, step: int, micro: int, rank: int, stream: int = 0) -> torch.Generator:
-    """The generator of :func:`replace_image_inputs` (``stream`` 0) or of the model's own samples
-    (``stream`` 1) for one micro-batch: a function of where it is in the run, so that a resumed run draws
-    what the uninterrupted one drew."""
+NOISE_STREAM, OWN_SAMPLES_STREAM = 0, 1  # the two draws of a micro-batch, each from its own generator
+
+
+def input_noise_generator(
+    seed: int, step: int, micro: int, rank: int, stream: int = NOISE_STREAM
+) -> torch.Generator:
+    """The generator of :func:`replace_image_inputs` (``NOISE_STREAM``) or of the model's own samples
+    (``OWN_SAMPLES_STREAM``) for one micro-batch: a function of where it is in the run, so that a resumed
+    run draws what the uninterrupted one drew."""
     entropy = [seed, step, micro, rank] + ([stream] if stream else [])
     key = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(key))

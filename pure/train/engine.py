@@ -107,15 +107,15 @@ class StaleBuildLockError(RuntimeError):
     """A killed extension build's lock would make DeepSpeed's set-up wait forever."""
 
 
-def check_build_locks() -> None:
+def check_build_locks(max_age_s: float = 600.0) -> None:
     """Refuse to start when a stale extension-build lock would hang DeepSpeed's set-up without a word."""
-    stale = stale_build_locks()
+    stale = stale_build_locks(max_age_s)
     if stale:
         names = " ".join(str(lock) for lock in stale)
         raise StaleBuildLockError(
-            f"stale C++ extension build lock(s), more than 10 minutes old: {names}. A build was killed "
-            f"mid-way, and DeepSpeed would wait on it forever. If no other training run is compiling now, "
-            f"delete them (rm {names}) and start again."
+            f"stale C++ extension build lock(s), more than {max_age_s / 60:g} minutes old: {names}. A build "
+            f"was killed mid-way, and DeepSpeed would wait on it forever. If no other training run is "
+            f"compiling now, delete them (rm {names}) and start again."
         )
 
 

@@ -19,7 +19,7 @@ from pure.model import default_attn_implementation, load_model, resolve_checkpoi
 from pure.sequence import SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.train.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from pure.train.data import TrainingData, input_noise_generator, replace_image_inputs
+from pure.train.data import OWN_SAMPLES_STREAM, TrainingData, input_noise_generator, replace_image_inputs
 from pure.train.engine import (
     PlainEngine,
     barrier,
@@ -144,9 +144,10 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
         for micro in range(data.accumulation):
             batch = next(batches)
             input_ids = batch["input_ids"]
-            codes = batch["image_mask"] & is_code[input_ids]
+            if recipe.data.image_input_own or recipe.data.image_input_noise:
+                codes = batch["image_mask"] & is_code[input_ids]  # the answer's image codes
             if recipe.data.image_input_own:
-                own = input_noise_generator(recipe.seed, step, micro, dist.rank, stream=1)
+                own = input_noise_generator(recipe.seed, step, micro, dist.rank, OWN_SAMPLES_STREAM)
                 hit = codes & (torch.rand(input_ids.shape, generator=own) < recipe.data.image_input_own)
                 samples = engine.module.own_samples(input_ids.to(dist.device), hit, code_ids, own)
                 input_ids = input_ids.clone()

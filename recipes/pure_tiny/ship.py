@@ -54,7 +54,7 @@ def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Pat
     its own).
     """
     vq = _json(vq_metrics or run / "vq" / "metrics.json")
-    states, lines = [], []
+    states, recipes, lines = [], [], []
     for i, stage in enumerate(stages, 1):
         export = run / stage / "export"
         state = _json(export / "trainer_state.json")
@@ -63,15 +63,14 @@ def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Pat
         state.setdefault("step", last.get("step", "?"))
         state["loss"] = last.get("loss", float("nan"))
         states.append(state)
+        recipes.append(recipe)
         noise = recipe.get("data", {}).get("image_input_noise", 0) or 0
         lines.append(
             f"stage {i}: {state['step']} steps at peak lr {recipe['train']['lr']:g}"
             + (f", {noise:.0%} of the HQ image inputs replaced" if noise else "")
             + f", {state.get('train_seconds', float('nan')) / 60:.0f} min"
         )
-    final = run / stages[-1] / "export"
-    config = _json(final / "config.json")
-    recipe = yaml.safe_load((final / "training_config.yaml").read_text())
+    config = _json(run / stages[-1] / "export" / "config.json")
     table = (run / "holdout" / "results.md").read_text()
     steps = [s["step"] for s in states]
     return {
@@ -90,7 +89,7 @@ def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Pat
         "vocab": config.get("vocab_size"),
         "image_size": config.get("pure_image_size"),
         "lq_size": config.get("pure_image_size", 0) // SCALE,
-        "batch": recipe["train"]["global_batch_size"],
+        "batch": recipes[-1]["train"]["global_batch_size"],
         "holdout_table": table.split("\n", 1)[1].strip(),  # without its "# Held-out measurement" title
     }
 
