@@ -170,3 +170,36 @@ def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpo
         assert copy == pytest.approx((lq == hq).float().mean().item())
     assert d["attention"].shape == (config.num_hidden_layers, config.num_attention_heads)
     assert ((d["attention"] >= 0) & (d["attention"] <= 1)).all()
+
+
+def _load_probe():
+    spec = importlib.util.spec_from_file_location("perceive_probe", RECIPES / "perceive_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_perceive_probe_statistics_see_noise_and_blur():
+    probe = _load_probe()
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 1, 1, generator=g) * torch.linspace(-0.5, 0.5, 64)[None, None]  # smooth ramps
+    noisy = base + 0.1 * torch.randn(3, 64, 64, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(noisy[None], 5, stride=1, padding=2, count_include_pad=False)[0]
+    f_base, f_noisy, f_blurred = (probe.statistics(x) for x in (base.expand(3, 64, 64), noisy, blurred))
+    assert f_base.shape == (12,) and torch.isfinite(f_base).all()
+    high_pass = [0, 3]  # luma's 3x3 and 2x2 high-pass
+    assert (f_noisy[high_pass] > f_base[high_pass] + 1).all()  # noise raises them by e-fold and more
+    assert (f_blurred[high_pass] < f_noisy[high_pass]).all()  # blurring lowers them
+
+
+def test_perceive_probe_fits_separable_labels_and_not_random_ones():
+    probe = _load_probe()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g)
+    separable = (x @ torch.randn(5, 3, generator=g)).argmax(-1)  # 3 classes, linearly separable
+    train = torch.arange(400) < 300
+    predicted = probe.fit_probe(x, separable, train, classes=3, l2=1e-4)
+    assert (predicted == separable[~train]).float().mean() > 0.9
+    random_labels = torch.randint(0, 3, (400,), generator=g)
+    predicted = probe.fit_probe(x, random_labels, train, classes=3, l2=1e-4)
+    assert (predicted == random_labels[~train]).float().mean() < 0.5
