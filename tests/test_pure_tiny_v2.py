@@ -127,21 +127,38 @@ def test_card_templates_take_the_fields_ship_py_reads(tmp_path, template):
     vq_metrics.parent.mkdir()
     vq_metrics.write_text(json.dumps({"holdout": holdout, "steps": 1500, "seconds": 2817}))
     config = {"hidden_size": 256, "num_hidden_layers": 6, "vocab_size": 1400, "pure_image_size": 128}
-    for stage, steps, noise, loss in (("train", 1200, 0, 2.5), ("train2", 1500, 0.3, 2.3)):
+    sets = [
+        {"path": "shards_photos", "ratio": 0.35, "name": "photos"},
+        {"path": "shards_scenes", "ratio": 0.65},
+    ]
+    fresh = [{"path": "shards_scenes2", "ratio": 1.0, "name": "scenes2"}]
+    stages = (
+        ("train", 1200, {"image_input_noise": 0, "sets": sets}, 2.5),
+        ("train2", 1500, {"image_input_noise": 0.3, "sets": sets}, 2.3),
+        ("train3", 300, {"image_input_noise": 0.2, "image_input_own": 0.4, "sets": fresh}, 2.2),
+    )
+    for stage, steps, data, loss in stages:
         export = run / stage / "export"
         export.mkdir(parents=True)
         (export / "trainer_state.json").write_text(json.dumps({"step": steps, "train_seconds": 60 * steps}))
         (run / stage / "metrics.jsonl").write_text(json.dumps({"step": steps, "loss": loss}) + "\n")
         (export / "config.json").write_text(json.dumps(config))
-        recipe = {"train": {"global_batch_size": 8, "lr": 1e-3}, "data": {"image_input_noise": noise}}
+        recipe = {"train": {"global_batch_size": 8, "lr": 1e-3}, "data": data}
         (export / "training_config.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     (run / "holdout" / "results.md").write_text("# Held-out measurement\n| method | PSNR-Y |\n")
-    fields = {**ship.card_fields(run, ("train", "train2"), vq_metrics), "pictures": "![p](pictures/p.png)"}
-    assert fields["steps"] == 2700 and fields["train_minutes"] == 2700 and fields["loss"] == 2.3
-    assert "stage 2: 1500 steps at peak lr 0.001, 30% of the HQ image inputs replaced" in fields["stages"]
+    fields = {**ship.card_fields(run, ("train", "train2", "train3"), vq_metrics), "pictures": "![p](p.png)"}
+    assert fields["steps"] == 3000 and fields["train_minutes"] == 3000 and fields["loss"] == 2.2
+    assert (
+        "stage 2: 1500 steps at peak lr 0.001, 30% of the HQ image inputs replaced, 1500 min"
+        in fields["stages"]
+    )
     assert "stage 1: 1200 steps at peak lr 0.001, 1200 min; stage 2" in fields["stages"]
+    assert (
+        "stage 3: 300 steps at peak lr 0.001, 20% of the HQ image inputs replaced by random codes and 40% "
+        "by its own samples (data: scenes2 100%), 300 min" in fields["stages"]
+    )
     card = (RECIPES / template).read_text().format(**fields)
-    assert "2700 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card
+    assert "3000 steps of 8 sequences" in card and "| method | PSNR-Y |" in card and "{" not in card
 
 
 def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpoint, tmp_path):

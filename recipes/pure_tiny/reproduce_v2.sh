@@ -20,7 +20,7 @@ SIZE=128  # HQ side in px; LQ is SIZE/4
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/8 images: v1's photos and hold-out, 2000 procedural training scenes, 16 hold-out scenes"
+step "1/8 images: v1's photos and hold-out, 2000 + 6000 procedural training scenes, 16 hold-out scenes"
 bash recipes/pure_tiny/data_v2.sh
 
 if [ -n "${VQ:-}" ]; then  # VQ=examples/pure-tiny-v2/vq: the committed tokenizer, not trained again
@@ -33,12 +33,14 @@ else
     VQ_METRICS=$OUT/vq/metrics.json
 fi
 
-step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice"
+step "3/8 LQ/HQ pairs, Real-ESRGAN x4: 100 random $SIZE px crops per photo, each scene whole twice, fresh ones once"
 $PY -m pure.data.pairs --hq $DATA/sources/train --out $DATA/pairs_photos --crop $SIZE --scale 4 \
     --crops-per-image 100 --flip --seed 0
 $PY -m pure.data.pairs --hq $DATA/sources/train/scenes --out $DATA/pairs_scenes --crop $SIZE --scale 4 \
     --crops-per-image 2 --flip --seed 0
-for set in photos scenes; do
+$PY -m pure.data.pairs --hq $DATA/sources/train/scenes2 --out $DATA/pairs_scenes2 --crop $SIZE --scale 4 \
+    --crops-per-image 1 --flip --seed 1
+for set in photos scenes scenes2; do
     $PY -m pure.data.records --pairs $DATA/pairs_$set --captions $DATA/sources/captions.jsonl \
         --out $DATA/records_$set.jsonl
 done
@@ -49,7 +51,7 @@ step "4/8 text tokenizer (BPE on the instruction, labels and captions) and a ran
     --image-size $SIZE
 
 step "5/8 pre-tokenised shards"
-for set in photos scenes; do
+for set in photos scenes scenes2; do
     $PY -m pure.data.pretokenize --records $DATA/records_$set.jsonl --model $OUT/init --out $DATA/shards_$set \
         --size $SIZE --device cpu --workers ${WORKERS:-2} --shard-size 500
 done
@@ -75,13 +77,16 @@ train train2 recipes/pure_tiny/train_v2_stage2.yaml --set model.init_from=$OUT/t
 step "6c/8 stage 3: on from stage 2's export, half of the HQ image inputs replaced (resumable)"
 train train3 recipes/pure_tiny/train_v2_stage3.yaml --set model.init_from=$OUT/train2/export
 
+step "6d/8 stage 4: on from stage 3's export, on 6000 fresh scenes, its own samples as part of its inputs (resumable)"
+train train4 recipes/pure_tiny/train_v2_stage4.yaml --set model.init_from=$OUT/train3/export
+
 step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy)"
-$PY -m pure.eval.holdout --model $OUT/train3/export --holdout $DATA/sources/holdout --seeds 0 \
+$PY -m pure.eval.holdout --model $OUT/train4/export --holdout $DATA/sources/holdout --seeds 0 \
     --crops-per-image 4 --captions $DATA/sources/captions.jsonl --whole-pictures --overwrite --out $OUT/holdout
 
 step "8/8 the card"
 cat $OUT/holdout/results.md
 if [ "${SHIP:-0}" = 1 ]; then
     $PY recipes/pure_tiny/ship.py --run $OUT --out examples/pure-tiny --card recipes/pure_tiny/card_template_v2.md \
-        --stages train train2 train3 --vq-metrics "$VQ_METRICS"
+        --stages train train2 train3 train4 --vq-metrics "$VQ_METRICS"
 fi

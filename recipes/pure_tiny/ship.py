@@ -45,6 +45,25 @@ def _last_logged(metrics_jsonl: Path) -> dict:
     return last
 
 
+def _inputs_and_data(data: dict, previous: dict | None) -> str:
+    """What a stage's recipe does to the HQ image inputs, and its data mixture where it differs from the
+    previous stage's (``previous`` None: the first stage, whose mixture the card states)."""
+    noise, own = data.get("image_input_noise", 0) or 0, data.get("image_input_own", 0) or 0
+    text = ""
+    if noise and own:
+        text += (
+            f", {noise:.0%} of the HQ image inputs replaced by random codes and {own:.0%} by its own samples"
+        )
+    elif noise or own:
+        text += f", {noise or own:.0%} of the HQ image inputs replaced" + (
+            " by its own samples" if own else ""
+        )
+    sets = data.get("sets") or []
+    if previous is not None and sets != (previous.get("sets") or []):
+        text += " (data: " + " / ".join(f"{s.get('name', s['path'])} {s['ratio']:.0%}" for s in sets) + ")"
+    return text
+
+
 def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Path | None = None) -> dict:
     """The numbers the card quotes, read from the run's own files.
 
@@ -64,10 +83,9 @@ def card_fields(run: Path, stages: tuple[str, ...] = ("train",), vq_metrics: Pat
         state["loss"] = last.get("loss", float("nan"))
         states.append(state)
         recipes.append(recipe)
-        noise = recipe.get("data", {}).get("image_input_noise", 0) or 0
         lines.append(
             f"stage {i}: {state['step']} steps at peak lr {recipe['train']['lr']:g}"
-            + (f", {noise:.0%} of the HQ image inputs replaced" if noise else "")
+            + _inputs_and_data(recipe.get("data", {}), recipes[-2].get("data", {}) if i > 1 else None)
             + f", {state.get('train_seconds', float('nan')) / 60:.0f} min"
         )
     config = _json(run / stages[-1] / "export" / "config.json")
