@@ -531,7 +531,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_pure_tiny_recipe_runs_two_steps_and_records_its_time(runs, tiny_checkpoint):
-    """recipes/pure_tiny/train.yaml as `make pure-tiny` runs it, on the tiny checkpoint and shards."""
+    """recipes/pure_tiny/train.yaml (PURE-tiny v1) as reproduce.sh runs it, on the tiny checkpoint."""
     out = runs["root"] / "pure_tiny"
     overrides = [f"model.init_from={tiny_checkpoint}", f"data.sets=[{{path: {runs['shards']}}}]"]
     _train(
