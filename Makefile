@@ -66,7 +66,7 @@ demo: $(VENV)/.installed
 	$(PY) -m pure.infer --input examples/lq_astronaut_128.png --model examples/pure-tiny --scale 4 \
 		--output outputs/demo_restored.png --compare --overwrite
 
-# PURE-tiny (v2) from scratch, offline: about 7.5 hours on 2 CPU cores, and every step resumes where it stopped
+# PURE-tiny (v2) from scratch, offline: about 7 hours on 2 CPU cores, and every step resumes where it stopped
 # (VQ=examples/pure-tiny-v2/vq skips the tokenizer's 47 min). SHIP=1 replaces examples/pure-tiny with the result.
 # v1, the first PURE-tiny (about an hour): bash recipes/pure_tiny/reproduce.sh.
 pure-tiny: $(VENV)/.installed
