@@ -767,7 +767,7 @@ def paired_differences(
     return out
 
 
-def _levels(sentence: str | None) -> tuple[str, str] | None:
+def degradation_levels(sentence: str | None) -> tuple[str, str] | None:
     """``"Medium blur, small noise."`` -> ``("medium", "small")``; None if it is not such a sentence."""
     if not sentence:
         return None
@@ -784,11 +784,11 @@ def perceive_summary(rows: Sequence[Mapping[str, Any]], method: str = "pure") ->
     ``label`` of the LQ's recorded degradation parameters), beside two rates a model without sight gets:
     chance (1/3 per level, 1/9 for both) and the majority class (always answering the commonest true
     level of this hold-out). A missing or malformed sentence counts as wrong."""
-    mine = [r for r in rows if r["method"] == method and _levels(r.get("label")) is not None]
+    mine = [r for r in rows if r["method"] == method and degradation_levels(r.get("label")) is not None]
     if not mine:
         return {"n": 0}
-    truth = [_levels(r["label"]) for r in mine]
-    said = [_levels(r.get("degradation")) for r in mine]
+    truth = [degradation_levels(r["label"]) for r in mine]
+    said = [degradation_levels(r.get("degradation")) for r in mine]
     n = len(mine)
 
     def rate(hits: Sequence[bool]) -> float:

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pure.eval.holdout import Y_WEIGHTS, degradation_levels
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
 
-LUMA = torch.tensor([0.299, 0.587, 0.114])
+LUMA = torch.tensor(Y_WEIGHTS) / sum(Y_WEIGHTS)  # BT.601: 0.299 R + 0.587 G + 0.114 B
 
 
 def statistics(pixels: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,9 @@ def main() -> None:
             feats["lq"].append(statistics(pixels))
             feats["codes"].append(statistics(round_trip))
             feats["bag"].append(torch.bincount(codes.flatten(), minlength=vq.config.codebook_size).float())
-            blur, noise = r["degradation"]["label"].rstrip(".").split(", ")
-            labels["blur"].append(blur.split()[0].lower())
-            labels["noise"].append(noise.split()[0].lower())
+            blur, noise = degradation_levels(r["degradation"]["label"])
+            labels["blur"].append(blur)
+            labels["noise"].append(noise)
             groups.append(r["id"].rsplit("_", 1)[0])
     names = sorted(set(groups))
     random.Random(0).shuffle(names)
