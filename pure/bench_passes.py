@@ -7,7 +7,9 @@ checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at the 
 * one token per forward (the reference);
 * speculative Jacobi decoding, window ``W``: independent drafts, coupled drafts (MC-SJD, the default), coupled
   drafts initialised from the LQ image's codes; all three lossless (the one-token loop's distribution);
-* row-parallel decoding at several lags ``L`` (:mod:`pure.decoding.rows`): lossy.
+* row-parallel decoding at several lags ``L`` (:mod:`pure.decoding.rows`): lossy; and each lag with
+  speculative fronts of window ``W`` (:mod:`pure.decoding.fronts`): lossless with respect to row-parallel
+  decoding at that lag (the same distribution), so as lossy as it against one token per forward.
 
 Per decoding: image tokens per image forward (the ``<boi> <grid h> <grid w>`` forward included), image
 forwards per image, seconds per image on this machine, and the hold-out PSNR-Y / SSIM-Y / token-accuracy
@@ -47,7 +49,9 @@ def decodings(
         f"Jacobi {window}, coupled": jacobi,
         f"Jacobi {window}, coupled, LQ drafts": replace(jacobi, jacobi_drafts="input"),
     }
-    out.update({f"rows, lag {lag}": replace(base, row_lag=lag) for lag in lags})
+    for lag in lags:
+        out[f"rows, lag {lag}"] = replace(base, row_lag=lag)
+        out[f"rows, lag {lag}, Jacobi {window}"] = replace(jacobi, row_lag=lag)
     return out
 
 

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="row-parallel decoding of the image (lossy, off by default): a grid row starts once the row "
         "above has L codes, and the rows advance together: about 64 L + 64 forwards at 512 px instead of "
         "4,161. An approximation (each code misses the part of the rows above that is not written yet); "
-        "L >= the grid's width gives the normal image. Not with --jacobi",
+        "L >= the grid's width gives the normal image. With --jacobi N, each row advances by speculative "
+        "windows of N: the same image as --row-lag alone, in fewer forwards",
     )
     tiling = p.add_argument_group("any size and scale (tiled restoration, see pure.tiling)")
     tiling.add_argument(

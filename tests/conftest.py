@@ -1,5 +1,6 @@
 """Shared fixtures: everything is built here, tiny and random; nothing is downloaded."""
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +60,13 @@ def cli(capsys, tiny_checkpoint):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tiny_restorer):
+    """The tiny model with its head scaled up: peaked, prefix-dependent distributions (a random tiny
+    model's are nearly uniform and nearly independent of the prefix, which would make the test blind)."""
+    model = copy.deepcopy(tiny_restorer.model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model

@@ -124,6 +124,8 @@ def test_pass_table_of_a_checkpoint(tiny_checkpoint, tiny_restorer):
     assert rows1[0] == "no" and int(rows1[2]) == (grid - 1) * 1 + grid
     assert float(rows1[1]) == pytest.approx((grid * (grid + 1) + 1) / int(rows1[2]), abs=0.01)
     assert int(table["rows, lag 99"][2]) == grid * (grid + 1) - 1  # the one-token order, 2 forwards fewer
+    fronts = table["rows, lag 1, Jacobi 6"]  # row-parallel's distribution: as lossy, in fewer forwards
+    assert fronts[0] == "no" and int(fronts[2]) <= int(rows1[2])
     assert "±" in " ".join(rows1) and all(t[0] == "yes" for k, t in table.items() if k.startswith("Jacobi"))
     # a lag past the width is the one-token loop: the same images, so every paired difference is 0
     assert " ".join(table["rows, lag 99"][4:]).count("+0.0") == 3

@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from pure.decoding import loop as engine
+from pure.decoding.fronts import RowFrontsDecoding
 from pure.decoding.jacobi import JacobiDecoding
 from pure.decoding.loop import RestorationDecoder, SamplingConfig
 from pure.decoding.sampling import ImageGridConstraintLogitsProcessor
@@ -33,8 +34,14 @@ def decode(decoder, prompts, seeds=(3, 4)):
     return decoder.generate(prompts, H, W, generators=gens)
 
 
-# the image phase's variants: one token per forward, Jacobi windows, row-parallel (padded sets of rows)
-VARIANTS = {"one-token": {}, "jacobi": {"jacobi_window": 6}, "rows": {"row_lag": 2}}
+# the image phase's variants: one token per forward, Jacobi windows, row-parallel (padded sets of rows), and
+# row-parallel with speculative fronts (padded windows of several rows, compacted)
+VARIANTS = {
+    "one-token": {},
+    "jacobi": {"jacobi_window": 6},
+    "rows": {"row_lag": 2},
+    "fronts": {"row_lag": 2, "jacobi_window": 4},
+}
 
 
 def same_answers(a, b) -> bool:
@@ -172,6 +179,7 @@ def test_the_image_loop_copies_nothing_from_the_host(
     )
     monkeypatch.setattr("pure.decoding.jacobi.noise_keys", engine.noise_keys)
     monkeypatch.setattr("pure.decoding.rows.noise_keys", engine.noise_keys)
+    monkeypatch.setattr("pure.decoding.fronts.noise_keys", engine.noise_keys)
     sampling = SamplingConfig(temperature=0.9, cfg_scale=0.8, **VARIANTS[variant])
     decoder = RestorationDecoder(model, tiny_format, sampling, guidance_layout=layout)
     meta = torch.device("meta")
@@ -192,6 +200,10 @@ def test_the_image_loop_copies_nothing_from_the_host(
         variant == "jacobi"
     ):  # Jacobi commits as many tokens as its window accepted: the one host read it makes
         monkeypatch.setattr(JacobiDecoding, "_committed", staticmethod(lambda decided, left: min(2, left)))
+    if variant == "fronts":  # as Jacobi: how many drafts each front accepted (here one)
+        monkeypatch.setattr(
+            RowFrontsDecoding, "_read", staticmethod(lambda a: [[1] * a.shape[1]] * a.shape[0])
+        )
     with torch.inference_mode(), HostDataRefused():
         decoder._image_phase(state, constraint, [None], entropy, Bar())
 

@@ -16,7 +16,7 @@ import torch
 from scipy.stats import chi2_contingency
 from transformers import DynamicCache
 
-from pure.decoding.jacobi import JacobiDecoding
+from pure.decoding.jacobi import JacobiDecoding, input_guess
 from pure.decoding.layout import DecodeState, RollbackStaticCache
 from pure.decoding.loop import TOKEN_STREAM, RestorationDecoder, SamplingConfig
 from pure.decoding.sampling import (
@@ -568,16 +568,6 @@ def two_sample_p_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array(marginals + pairs)
 
 
-@pytest.fixture(scope="module")
-def sharp_model(tiny_restorer):
-    """The tiny model with its head scaled up: peaked, prefix-dependent distributions (a random tiny
-    model's are nearly uniform and nearly independent of the prefix, which would make the test blind)."""
-    model = copy.deepcopy(tiny_restorer.model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    return model
-
-
 @pytest.mark.slow
 def test_jacobi_sampling_keeps_the_token_distribution(sharp_model, tiny_format):
     """400 images of 4x4 codes from the one-token loop vs 400 from SJD (batched, coupled drafts from the
@@ -629,11 +619,11 @@ def test_drafts_from_the_input_are_its_codes_and_change_nothing_but_speed(
         prompts, fmt.image_block_length(H, W), fmt.image_block_length(H, W), decoder._ahead(H, W)
     )
     decoder._start_image(state, H, W)
-    guess = decoder.speculative._input_guess(state, H, W)
+    guess = input_guess(decoder, state, H, W)
     lq = fmt.parse_image_block(prompts[0, prompts[0].tolist().index(fmt.vocab.boi) :].tolist())
     expected = torch.cat([lq, torch.full((H, 1), -1)], dim=1).flatten()  # codes, -1 at each newline
     assert torch.equal(guess[0, :-1], expected) and guess[0, -1] == -1
-    assert (decoder.speculative._input_guess(state, H // 2, W) == -1).all()  # another grid: no guess
+    assert (input_guess(decoder, state, H // 2, W) == -1).all()  # another grid: no guess
 
     one = decode(RestorationDecoder(model, fmt, replace(sampling, jacobi_window=0)), prompts)
     from_input = decode(decoder, prompts)

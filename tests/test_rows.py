@@ -189,11 +189,9 @@ def test_each_token_sees_what_precedes_it_in_raster_order_and_exists(tiny_restor
 # -- wiring -------------------------------------------------------------------------------------------------
 
 
-def test_row_lag_is_validated_and_exclusive_with_jacobi(tiny_restorer, tiny_format):
+def test_row_lag_is_validated(tiny_restorer, tiny_format):
     with pytest.raises(ValueError, match="row_lag must be 0"):
         SamplingConfig(row_lag=-1)
-    with pytest.raises(ValueError, match="choose one"):
-        SamplingConfig(row_lag=2, jacobi_window=8)
     with pytest.raises(ValueError, match="--row-lag must be 0"):
         sampling_config(row_lag=-2)
     args = build_parser().parse_args(["--input", "x.png", "--row-lag", "4"])

@@ -31,7 +31,8 @@ class SamplingConfig:
     jacobi_coupled: bool = True
     # row-parallel decoding of the image (pure.decoding.rows; lossy, opt-in): a row starts once the row above
     # has this many codes, and the active rows advance together; 0 = off. A lag of the grid's width or more
-    # gives the one-token loop's image
+    # gives the one-token loop's image. With jacobi_window too, each row advances by speculative windows
+    # (pure.decoding.fronts): the same image as row_lag alone, in fewer forwards
     row_lag: int = 0
 
     def __post_init__(self) -> None:
@@ -50,8 +51,6 @@ class SamplingConfig:
             )
         if isinstance(self.row_lag, bool) or not isinstance(self.row_lag, int) or self.row_lag < 0:
             raise ValueError(f"row_lag must be 0 (off) or a number of codes >= 1; got {self.row_lag!r}")
-        if self.row_lag and self.jacobi_window:
-            raise ValueError("row_lag and jacobi_window are two ways of decoding the image: choose one")
         if self.jacobi_drafts not in JACOBI_DRAFTS:
             raise ValueError(f"jacobi_drafts must be one of {JACOBI_DRAFTS}; got {self.jacobi_drafts!r}")
         EntropyTopKLogitsWarper(self.min_k, self.max_k)  # validates

@@ -108,69 +108,11 @@ class JacobiDecoding:
             ``accepted (B,)``; ``probs (B, W, K)`` the targets (``None`` when greedy); ``entropy (B, W)``.
         """
         d = self.decoder
-        s = d.sampling
-        batch, width = drafts.shape[0], drafts.shape[1] + 1
         # (R, W, K) code logits, or (B, 2W, K) in the "shared" layout
         logits = d._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
-        scores, entropy = entropy_top_k(
-            d.layout.guide(logits).flatten(0, 1), s.min_k, s.max_k
-        )  # per position
-        scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
-        slots = torch.arange(width, device=ids.device)
-
-        def as_ids(index: torch.Tensor) -> torch.Tensor:  # (B, W) code indices -> ids, or the forced token
-            return torch.where(forced >= 0, forced, codes.ids[index])
-
-        if s.temperature == 0:
-            probs = None
-            best = as_ids(scores.argmax(dim=-1))  # (B, W)
-            ok = fixed | (drafts == best[:, :-1])
-            predicted = corrected = best
-        else:
-            probs = (scores / s.temperature).softmax(dim=-1)  # (B, W, K)
-            draft_codes = codes.index[drafts].clamp_min(0)[..., None]  # forced drafts are fixed: any code
-            p_x = probs[:, :-1].gather(-1, draft_codes)[..., 0]  # (B, W-1)
-            q_x = q.gather(-1, draft_codes)[..., 0]
-            coin = keyed_uniform(keys, (ACCEPT_STREAM, iteration, slots[None, :-1]), 1)[..., 0]
-            ok = fixed | (coin * q_x < p_x)  # probability min(1, p(x) / q(x))
-            residual = (probs[:, :-1] - q).clamp_min(0.0)  # (B, W-1, K)
-            # p == q leaves nothing (and cannot reject, up to rounding): fall back to p
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])
-            # A slot keeps at most one of its corrected and predicted tokens: they can share the noise.
-            noise = -torch.log(keyed_uniform(keys, (SAMPLE_STREAM, iteration, slots[None]), probs.shape[-1]))
-            predicted = (probs / noise).argmax(dim=-1)  # (B, W) exponential races
-            corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (B, W-1)
-            if s.jacobi_coupled:  # the next draft of a slot: this one, coupled maximally (module docstring)
-                kept = torch.where(ok, draft_codes[..., 0], corrected)
-                predicted = torch.cat([kept, predicted[:, -1:]], dim=1)
-            corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
-            predicted, corrected = as_ids(predicted), as_ids(corrected)
-        accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) leading accepted drafts
-        at = slots[None]
-        drafts_w = torch.cat([drafts, drafts[:, -1:]], dim=1)  # (B, W); the pad column is never chosen
-        tokens = torch.where(
-            at < accepted[:, None],
-            drafts_w,
-            torch.where(at == accepted[:, None], corrected, predicted),
-        )
-        return tokens, accepted, probs, entropy
-
-    def _input_guess(self, state, height: int, width: int) -> torch.Tensor:
-        """``(B, h * (w + 1) + 1)``: per row, the code of the prompt's LQ image at each body index of the
-        output (-1 at newlines, ``<eoi>``, and for every index of a row whose LQ grid is not ``h x w``). In a
-        restoration the LQ image is upsampled to the output's size before it is tokenised, so each of its
-        codes is a guess at the output's code at the same place. Device ops only."""
-        d = self.decoder
-        v, seq = d.fmt.vocab, state.seq[:, : state.block_start]
-        n_body = height * (width + 1)
-        start = (seq == v.boi).int().argmax(dim=1)  # (B,) the prompt's first image block
-        offsets = torch.arange(3 + n_body, device=seq.device)
-        block = seq.gather(1, (start[:, None] + offsets).clamp_max(seq.shape[1] - 1))  # <boi> <h> <w> body
-        _, grid_h, grid_w = d.fmt.grid_tokens(height, width)
-        same_grid = (block[:, 0] == v.boi) & (block[:, 1] == grid_h) & (block[:, 2] == grid_w)
-        codes = d._image_codes(seq.device).index[block[:, 3:]]  # (B, n_body) code or -1
-        codes = torch.where(same_grid[:, None], codes, -1)
-        return torch.cat([codes, torch.full_like(codes[:, :1], -1)], dim=1)  # <eoi>
+        slots = torch.arange(drafts.shape[1] + 1, device=ids.device)[None]
+        guided = d.layout.guide(logits)
+        return verify_drafts(d, guided, codes, forced, keys, iteration, slots, drafts, q, fixed)[:4]
 
     @staticmethod
     def _committed(decided: torch.Tensor, left: int) -> int:
@@ -204,7 +146,7 @@ class JacobiDecoding:
         proposed_q = None if greedy else torch.empty((batch, 0, n_codes), device=device)
         proposed_fixed = torch.empty((batch, 0), dtype=torch.bool, device=device)
         rows_done = 0
-        guess = self._input_guess(state, height, width) if s.jacobi_drafts == "input" else None
+        guess = input_guess(d, state, height, width) if s.jacobi_drafts == "input" else None
         while done < total:
             n_drafts = w_len - 1
             missing = n_drafts - proposed.shape[1]
@@ -264,3 +206,81 @@ class JacobiDecoding:
         state.seq[:, state.block_start + 3 : state.block_start + 3 + total] = tokens
         codes = entropies[:, : total - 1].view(batch, height, width + 1)[:, :, :width]
         entropy.copy_(codes)
+
+
+def verify_drafts(d: RestorationDecoder, guided, codes, forced, keys, iteration, slots, drafts, q, fixed):
+    """Verify windows of drafts against the targets of one forward (module docstring). No host sync.
+
+    Args:
+        d: the decoder (its sampling settings). guided: ``(N, W, K)`` guided code scores at every window
+            position. codes: the image codes. forced: ``(W,)`` the grammar's token at each position, ``-1``
+            where a code is drawn. keys: ``(N, 2)`` noise keys. iteration: the noise counter of this
+            forward. slots: ``(1 or N, W)`` noise counters of the window positions (distinct per window of a
+            row). drafts: ``(N, W-1)`` ids. q: ``(N, W-1, K)`` their draft distributions (``None`` when
+            greedy). fixed: ``(N, W-1)`` drafts accepted without test.
+
+    Returns:
+        ``tokens (N, W)`` ids: position ``i < accepted`` holds the accepted draft, ``accepted`` the corrected
+        or bonus token, later positions a prediction sampled from a wrong prefix (the next drafts);
+        ``accepted (N,)``; ``probs (N, W, K)`` the targets (``None`` when greedy); ``entropy (N, W)``;
+        ``predicted (N, W)``: every position's next draft, law ``probs`` (a position before ``accepted``
+        that is not decided after all, as in :mod:`pure.decoding.fronts`, proposes this, not its draft).
+    """
+    s = d.sampling
+    batch, width = drafts.shape[0], drafts.shape[1] + 1
+    scores, entropy = entropy_top_k(guided.flatten(0, 1), s.min_k, s.max_k)  # per position
+    scores, entropy = scores.view(batch, width, -1), entropy.view(batch, width)
+
+    def as_ids(index: torch.Tensor) -> torch.Tensor:  # (N, W) code indices -> ids, or the forced token
+        return torch.where(forced >= 0, forced, codes.ids[index])
+
+    if s.temperature == 0:
+        probs = None
+        best = as_ids(scores.argmax(dim=-1))  # (N, W)
+        ok = fixed | (drafts == best[:, :-1])
+        predicted = corrected = best
+    else:
+        probs = (scores / s.temperature).softmax(dim=-1)  # (N, W, K)
+        draft_codes = codes.index[drafts].clamp_min(0)[..., None]  # forced drafts are fixed: any code
+        p_x = probs[:, :-1].gather(-1, draft_codes)[..., 0]  # (N, W-1)
+        q_x = q.gather(-1, draft_codes)[..., 0]
+        coin = keyed_uniform(keys, (ACCEPT_STREAM, iteration, slots[:, :-1]), 1)[..., 0]
+        ok = fixed | (coin * q_x < p_x)  # probability min(1, p(x) / q(x))
+        residual = (probs[:, :-1] - q).clamp_min(0.0)  # (N, W-1, K)
+        # p == q leaves nothing (and cannot reject, up to rounding): fall back to p
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])
+        # A slot keeps at most one of its corrected and predicted tokens: they can share the noise.
+        noise = -torch.log(keyed_uniform(keys, (SAMPLE_STREAM, iteration, slots), probs.shape[-1]))
+        predicted = (probs / noise).argmax(dim=-1)  # (N, W) exponential races
+        corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (N, W-1)
+        if s.jacobi_coupled:  # the next draft of a slot: this one, coupled maximally (module docstring)
+            kept = torch.where(ok, draft_codes[..., 0], corrected)
+            predicted = torch.cat([kept, predicted[:, -1:]], dim=1)
+        corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
+        predicted, corrected = as_ids(predicted), as_ids(corrected)
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (N,) leading accepted drafts
+    at = torch.arange(width, device=drafts.device)[None]
+    drafts_w = torch.cat([drafts, drafts[:, -1:]], dim=1)  # (N, W); the pad column is never chosen
+    tokens = torch.where(
+        at < accepted[:, None],
+        drafts_w,
+        torch.where(at == accepted[:, None], corrected, predicted),
+    )
+    return tokens, accepted, probs, entropy, predicted
+
+
+def input_guess(d: RestorationDecoder, state, height: int, width: int) -> torch.Tensor:
+    """``(B, h * (w + 1) + 1)``: per row, the code of the prompt's LQ image at each body index of the
+    output (-1 at newlines, ``<eoi>``, and for every index of a row whose LQ grid is not ``h x w``). In a
+    restoration the LQ image is upsampled to the output's size before it is tokenised, so each of its
+    codes is a guess at the output's code at the same place. Device ops only."""
+    v, seq = d.fmt.vocab, state.seq[:, : state.block_start]
+    n_body = height * (width + 1)
+    start = (seq == v.boi).int().argmax(dim=1)  # (B,) the prompt's first image block
+    offsets = torch.arange(3 + n_body, device=seq.device)
+    block = seq.gather(1, (start[:, None] + offsets).clamp_max(seq.shape[1] - 1))  # <boi> <h> <w> body
+    _, grid_h, grid_w = d.fmt.grid_tokens(height, width)
+    same_grid = (block[:, 0] == v.boi) & (block[:, 1] == grid_h) & (block[:, 2] == grid_w)
+    codes = d._image_codes(seq.device).index[block[:, 3:]]  # (B, n_body) code or -1
+    codes = torch.where(same_grid[:, None], codes, -1)
+    return torch.cat([codes, torch.full_like(codes[:, :1], -1)], dim=1)  # <eoi>

@@ -56,6 +56,31 @@ class DecodeState:
     slot_body: torch.Tensor | None = None  # like `mask`
     body_pos: torch.Tensor | None = None  # like `next_pos`
     twin_body_pos: torch.Tensor | None = None  # like `twin_pos`
+    # the grid's width and the row lag: what a body index sees of the rows above (CacheLayout.start_rows)
+    row_width: int = 0
+    row_lag: int = 0
+
+
+def staircase(key: torch.Tensor, query: torch.Tensor, width: int, lag: int) -> torch.Tensor:
+    """Whether the token at body index ``query`` sees the one at body index ``key`` (broadcast; ``-1``: a
+    token before the body, seen by all) when a ``width``-code grid is decoded with row lag ``lag``
+    (:mod:`pure.decoding.rows`): it sees what precedes it in raster order, except, ``k`` rows up, the codes
+    more than ``k * lag`` columns to its right. That is what exists when row-parallel decoding feeds it, so
+    the staircase is that decoding's model whatever order the tokens are decided in (speculative row fronts,
+    :mod:`pure.decoding.fronts`, decide them faster). A row's newline counts as column -1 of the row below
+    (what it is fed to predict); ``lag > width`` is plain raster order."""
+    ordered = key <= query
+    if lag > width:
+        return ordered
+    key_row, key_col = _row_and_column(key, width)
+    query_row, query_col = _row_and_column(query, width)
+    return ordered & ((key < 0) | (key_col <= query_col + (query_row - key_row) * lag))
+
+
+def _row_and_column(body: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Body index -> (grid row, column) as the staircase counts them: a code's own place; column -1 of the
+    next row for a newline (it is fed to predict that row's first code)."""
+    return torch.div(body + 1, width + 1, rounding_mode="floor"), (body + 1) % (width + 1) - 1
 
 
 class RollbackStaticCache(StaticCache):
@@ -73,6 +98,14 @@ class RollbackStaticCache(StaticCache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.cumulative_length.sub_(-tokens_to_remove)
+
+    def move(self, source: torch.Tensor, start: int) -> None:
+        """Copy the keys and values of slots ``source`` (a 1-D index) to slots ``start, start + 1, ...`` in
+        place (the tensors keep their addresses); every row the same."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for kv in (layer.keys, layer.values):
+                    kv[:, :, start : start + source.numel()] = kv.index_select(2, source)
 
 
 class CacheLayout:
@@ -164,10 +197,12 @@ class CacheLayout:
         state.twin_pos += q
         return tokens.repeat_interleave(2, dim=1), positions.flatten(1), self._shared_mask(state, 2 * q)
 
-    def start_rows(self, state: DecodeState) -> None:
+    def start_rows(self, state: DecodeState, width: int, lag: int) -> None:
         """After :meth:`start_image`: image tokens are appended by :meth:`body_inputs` from here on, at any
-        body index, and attention follows body (raster) order rather than slot order."""
+        body index, and attention follows body (raster) order rather than slot order, cut to the staircase
+        of a ``width``-code grid decoded with row lag ``lag`` (:func:`staircase`)."""
         state.slot_body = torch.full_like(state.mask, -1, dtype=torch.long)
+        state.row_width, state.row_lag = width, lag
         state.body_pos = state.next_pos.clone()
         if self.shared:
             state.twin_body_pos = state.twin_pos.clone()
@@ -197,6 +232,24 @@ class CacheLayout:
             self._shared_mask(state, end - start) if self.shared else self.attention_mask(state, end - start)
         )
         return ids, positions, mask
+
+    def keep(self, state: DecodeState, fed: int, kept: torch.Tensor) -> None:
+        """Of the newest ``fed`` image tokens of every row (appended by :meth:`body_inputs`), keep those at
+        ``kept`` (ascending indices into them, the same for every row) and forget the others: the kept
+        tokens' keys and values, slots' body indices and owners move down to the first slots of the block,
+        in order, and the rest is rolled back. What speculative row fronts keep of a forward
+        (:mod:`pure.decoding.fronts`): the accepted tokens of every row, scattered among the rejected."""
+        pair = 2 if self.shared else 1
+        start = state.length - pair * fed
+        slots = (kept[:, None] * pair + torch.arange(pair, device=kept.device)).flatten()  # a token's pair
+        if slots.numel():
+            source = start + slots
+            target = slice(start, start + slots.numel())
+            state.cache.move(source, start)
+            state.slot_body[:, target] = state.slot_body[:, source]
+            if self.shared:
+                state.owner[:, target] = state.owner[:, source]
+        self.rollback(state, fed - kept.numel())
 
     def rollback(self, state: DecodeState, tokens: int) -> None:
         """Forget the newest ``tokens`` image tokens of every row and twin (cache, mask, positions)."""
@@ -235,7 +288,8 @@ class CacheLayout:
         ``q`` filled slots: in slot order, or in body order once row-parallel decoding has started."""
         if state.slot_body is not None:
             body = state.slot_body[:, :slots]
-            return body[:, None, :] <= state.slot_body[:, state.length - q : state.length, None]
+            query = state.slot_body[:, state.length - q : state.length]
+            return staircase(body[:, None, :], query[:, :, None], state.row_width, state.row_lag)
         query_slot = torch.arange(state.length - q, state.length, device=state.mask.device)
         return torch.arange(slots, device=state.mask.device) <= query_slot[:, None]
 

@@ -10,7 +10,8 @@ Phases, in the order :meth:`RestorationDecoder.generate` runs them:
 3. image start: ``<boi> <grid h> <grid w>``; from here on each row's twin sees only its image block;
 4. image: every row generates the same grid in lock step, one token per forward, or several with
    speculative Jacobi decoding (:mod:`pure.decoding.jacobi`, lossless) or row-parallel decoding
-   (:mod:`pure.decoding.rows`, lossy, opt-in): variants the loop calls for this phase.
+   (:mod:`pure.decoding.rows`, lossy, opt-in; :mod:`pure.decoding.fronts` with speculative windows per row):
+   variants the loop calls for this phase.
 
 The per-token image step (forward, guidance, constraint, entropy top-k, temperature, sampling) is one
 function of tensors with no host synchronisation. It scores the image codes only (16,384 of PURE's 73,728
@@ -44,6 +45,7 @@ from pure.decoding.capture import (
     uses_cuda_graphs,
 )
 from pure.decoding.config import SamplingConfig, TextPrior
+from pure.decoding.fronts import RowFrontsDecoding
 from pure.decoding.jacobi import JacobiDecoding
 from pure.decoding.layout import GUIDANCE_LAYOUTS, CacheLayout, DecodeState, RollbackStaticCache
 from pure.decoding.rows import RowParallelDecoding
@@ -149,7 +151,9 @@ class RestorationDecoder:
             (:class:`~pure.decoding.jacobi.JacobiDecoding`: the same distribution, the same tokens under
             greedy decoding, fewer forwards); ``row_lag > 0`` by row-parallel decoding
             (:class:`~pure.decoding.rows.RowParallelDecoding`: several grid rows per forward, an
-            approximation; needs a :class:`~pure.model.PureForConditionalGeneration`).
+            approximation; needs a :class:`~pure.model.PureForConditionalGeneration`); both by row-parallel
+            decoding with speculative fronts (:class:`~pure.decoding.fronts.RowFrontsDecoding`: the same
+            approximation in fewer forwards).
         compile: capture the per-token image step. ``True``: ``torch.compile(mode="reduce-overhead")``
             (CUDA graphs) when the model is on CUDA; elsewhere a no-op (a CPU has no graphs to replay
             and compiling costs more than a tiny model's decode). A backend name (``"inductor"``,
@@ -184,10 +188,12 @@ class RestorationDecoder:
                 "attention does not take: load it with attn_implementation='sdpa' (the 'shared' guidance "
                 "layout's 4-D mask needs sdpa; a PureForConditionalGeneration decodes with any attention)"
             )
-        window = self.sampling.jacobi_window
-        self.speculative = JacobiDecoding(self, window) if window else None
-        lag = self.sampling.row_lag
-        self.row_parallel = RowParallelDecoding(self, lag) if lag else None
+        window, lag = self.sampling.jacobi_window, self.sampling.row_lag
+        self.speculative = JacobiDecoding(self, window) if window and not lag else None
+        self.row_parallel: RowParallelDecoding | RowFrontsDecoding | None = None
+        if lag:
+            fronts = RowFrontsDecoding(self, lag, window) if window else None
+            self.row_parallel = fronts or RowParallelDecoding(self, lag)
         self._compiled: dict[str, Callable] = {}
         # Made once per decoder and kept (static inputs of a CUDA graph): the image codes' LM-head rows
         # and the rotary tables; the cache capacity compiled steps are specialised on, and how often it grew.
