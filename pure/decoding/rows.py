@@ -122,7 +122,7 @@ class RowParallelDecoding:
         body = forced[None].repeat(batch, 1)  # (B, n_body + 1): the grammar's tokens now, codes as decided
         entropies = torch.zeros((batch, n_body + 1), device=device)
         body[:, 0], entropies[:, 0] = d._first_image_token(state, codes, constraint, keys)
-        d.layout.start_rows(state)
+        d.layout.start_rows(state, width, lag)
         rows_done = 0
         for t, first, last in schedule:
             fed = last - first + 1
