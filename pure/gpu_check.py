@@ -7,7 +7,8 @@ next one runs), all of them inside one time budget:
    are enabled and which of them run the decode's and the training's attention shapes.
 2. ``tiny``: the tiny model (the tests') on the GPU against a CPU reference: greedy tokens must be equal
    for the one-token loop and Jacobi decoding, eager and compiled (``compile=True``: CUDA graphs), in both
-   guidance layouts; sampled runs (temperature 0.9, compiled) must complete with well-formed images.
+   guidance layouts, and for row-parallel decoding with speculative fronts against the CPU's row-parallel
+   image; sampled runs (temperature 0.9, compiled) must complete with well-formed images.
 3. ``decode``: the 7B architecture with random weights (:func:`pure.bench.build_model`), sdpa, guidance
    0.8, temperature 0.9: eager, CUDA graphs and Jacobi compiled. Each mode decodes the first
    ``rows[0]`` and ``rows[1]`` image rows of a 512 px image; the difference of the two gives the cost
@@ -67,6 +68,7 @@ TIMEOUTS_S = {"env": 30, "tiny": 120, "decode": 200, "profile": 55, "lora": 55} 
 NEEDS_MODEL = ("decode", "profile", "lora")  # the stages that run --arch's model
 TINY_SIZE = 64  # px of the tiny stage's images: 8 x 8 codes
 TINY_TEXT_TOKENS = 24  # the tiny stage's text phase: the random model would write until max_text_tokens
+ROW_LAG = 2  # the tiny stage's row-parallel decoding with speculative fronts
 PROFILE_SKIP, PROFILE_STEPS = 10, 3  # compiled steps replayed before the trace, and traced
 PACKAGES = [  # the versions the env stage reports (None: not installed)
     *("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface_hub"),
@@ -279,6 +281,12 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
         "CUDA graphs" if device.type == "cuda" else "nothing (compile=True is a no-op on CPU)"
     )
     reference = RestorationDecoder(reference_model, fmt, greedy).generate(prompts, lat, lat).answer_ids
+    # row-parallel decoding's image (another model of the image: the staircase), which its speculative
+    # fronts must give too
+    rows_greedy = replace(greedy, row_lag=ROW_LAG)
+    rows_reference = (
+        RestorationDecoder(reference_model, fmt, rows_greedy).generate(prompts, lat, lat).answer_ids
+    )
 
     def decode(sampling: SamplingConfig, compiled: bool, layout: str, generators=None):
         decoder = RestorationDecoder(model, fmt, sampling, compile=compiled, guidance_layout=layout)
@@ -297,16 +305,21 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
         (w, True, "rows", 0.9),  # issue 14.2: Jacobi carried CUDA-graph outputs into the next replay
         *[(0, True, "shared", 0.0), (w, True, "shared", 0.0)],
         (0, True, "rows", 0.9),
+        # row-parallel decoding with speculative fronts (padded windows of every row, compacted cache)
+        *[(-w, False, "shared", 0.0), (-w, True, "shared", 0.0)],
     ]
     failures, greedy_results, sampled_results = [], {}, {}
     before = dynamo_counters()
     for window, compiled, layout, temperature in runs:
-        name = f"{'jacobi' if window else 'one-token'} {'compiled' if compiled else 'eager'} {layout}"
-        sampling = replace(greedy, jacobi_window=window, temperature=temperature)
+        kind = "fronts" if window < 0 else "jacobi" if window else "one-token"
+        name = f"{kind} {'compiled' if compiled else 'eager'} {layout}"
+        sampling = replace(greedy, jacobi_window=abs(window), temperature=temperature)
+        if window < 0:
+            sampling = replace(sampling, row_lag=ROW_LAG)
         try:
             if temperature == 0:  # greedy: the same tokens as the CPU
                 out, seconds = decode(sampling, compiled, layout)
-                diff = differing(out.answer_ids, reference)
+                diff = differing(out.answer_ids, rows_reference if window < 0 else reference)
                 equal = diff == [0] * len(diff)
                 greedy_results[name] = {
                     "equal": equal,

@@ -42,7 +42,8 @@ def test_cpu_mode_checks_the_tiny_model_and_skips_the_gpu_stages(tmp_path):
     assert stages["env"]["cuda"] is None and "flash_attn_import" in stages["env"]
     tiny = stages["tiny"]
     assert tiny["status"] == "ok" and tiny["device"] == "cpu"
-    assert len(tiny["greedy_vs_cpu"]) == 8  # one-token and Jacobi, eager and compiled, rows and shared
+    # one-token and Jacobi, eager and compiled, rows and shared; fronts eager and compiled
+    assert len(tiny["greedy_vs_cpu"]) == 10
     assert all(case["equal"] for case in tiny["greedy_vs_cpu"].values())
     assert [case["completed"] for case in tiny["sampled"].values()] == [True, True]
     for name in ("decode", "profile", "lora"):
