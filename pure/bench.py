@@ -487,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["tiny", "7b"], default="tiny", help="tiny (CPU, default) or 7b (GPU)")
     trained = p.add_argument_group(
         "a trained checkpoint instead (--model): forward passes per image of every decoding of the image "
-        "(one token, Jacobi: independent, coupled, coupled with LQ drafts; row-parallel at --lags), and the "
-        "lossy ones' hold-out fidelity against one token per forward (pure.bench_passes)"
+        "(one token, Jacobi: independent, coupled, coupled with LQ drafts; row-parallel at --lags, alone and "
+        "with speculative fronts), and the lossy ones' hold-out fidelity against one token per forward "
+        "(pure.bench_passes)"
     )
     trained.add_argument("--model", help="checkpoint folder, e.g. examples/pure-tiny")
     trained.add_argument(
