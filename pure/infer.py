@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "above has L codes, and the rows advance together: about 64 L + 64 forwards at 512 px instead of "
         "4,161. An approximation (each code misses the part of the rows above that is not written yet); "
         "L >= the grid's width gives the normal image. With --jacobi N, each row advances by speculative "
-        "windows of N: the same image as --row-lag alone, in fewer forwards",
+        "windows of N: what --row-lag alone gives (the same image when greedy, the same distribution when "
+        "sampling), in fewer forwards",
     )
     tiling = p.add_argument_group("any size and scale (tiled restoration, see pure.tiling)")
     tiling.add_argument(
