@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pure.decoding.jacobi import DRAFT_STREAM, input_guess, verify_drafts
-from pure.decoding.rows import effective_lag
+from pure.decoding.rows import check_row_decoding, effective_lag
 from pure.decoding.sampling import ImageGridConstraintLogitsProcessor, keyed_uniform, noise_keys
 
 if TYPE_CHECKING:
@@ -86,15 +86,9 @@ class RowFrontsDecoding:
     """
 
     def __init__(self, decoder: RestorationDecoder, lag: int, window: int):
-        if lag < 1:
-            raise ValueError(f"the row lag must be >= 1 code; got {lag}")
+        check_row_decoding(decoder, lag)
         if window < 2:
             raise ValueError(f"the Jacobi window must be >= 2 tokens; got {window}")
-        if not decoder._use_decode:
-            raise ValueError(
-                f"row-parallel decoding needs a PureForConditionalGeneration (4-D masks in raster order); "
-                f"got {type(decoder.model).__name__}"
-            )
         self.decoder = decoder
         self.lag = lag
         self.window = window

@@ -65,6 +65,18 @@ def fed_indices(t: int, first: int, last: int, width: int, lag: int) -> list[int
     return [r * (width + 1 - lag) + t - 1 for r in range(first, last + 1)]
 
 
+def check_row_decoding(decoder: RestorationDecoder, lag: int) -> None:
+    """What any row-parallel decoding needs (this module's, :mod:`pure.decoding.fronts`'): a lag of at least
+    one code and a model that takes 4-D masks."""
+    if lag < 1:
+        raise ValueError(f"the row lag must be >= 1 code; got {lag}")
+    if not decoder._use_decode:
+        raise ValueError(
+            f"row-parallel decoding needs a PureForConditionalGeneration (4-D masks in raster order); "
+            f"got {type(decoder.model).__name__}"
+        )
+
+
 class RowParallelDecoding:
     """Row-parallel decoding of a :class:`~pure.decoding.loop.RestorationDecoder`'s image phase (module
     docstring): the decoder calls :meth:`image_phase` instead of its one-token loop when its sampling
@@ -77,13 +89,7 @@ class RowParallelDecoding:
     """
 
     def __init__(self, decoder: RestorationDecoder, lag: int):
-        if lag < 1:
-            raise ValueError(f"the row lag must be >= 1 code; got {lag}")
-        if not decoder._use_decode:
-            raise ValueError(
-                f"row-parallel decoding needs a PureForConditionalGeneration (4-D masks in raster order); "
-                f"got {type(decoder.model).__name__}"
-            )
+        check_row_decoding(decoder, lag)
         self.decoder = decoder
         self.lag = lag
 
