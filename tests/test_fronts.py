@@ -194,3 +194,63 @@ def test_row_lag_with_jacobi_is_fronts(tiny_restorer, tiny_format):
     assert sampling_config(row_lag=2, jacobi_window=6).row_lag == 2
     args = build_parser().parse_args(["--input", "x.png", "--row-lag", "2", "--jacobi"])
     assert (args.row_lag, args.jacobi) == (2, 16)
+
+
+# -- what a forward feeds ------------------------------------------------------------------------------------
+
+
+def fed_per_forward(model, fmt, monkeypatch, compile, **sampling):
+    """Decode two images; per forward, the tokens its fronts feed and the tokens the forward holds."""
+    decoder = RestorationDecoder(
+        model, fmt, SamplingConfig(**sampling), compile=compile, guidance_layout="shared"
+    )
+    needed, held = [], []
+    body_inputs = decoder.layout.body_inputs
+
+    def spy_fronts(*args):
+        active = fronts(*args)
+        needed.append(sum(m for _, m in active))
+        return active
+
+    def spy_inputs(state, tokens, index):
+        held.append(index.numel())
+        return body_inputs(state, tokens, index)
+
+    monkeypatch.setattr(fronts_module, "fronts", spy_fronts)
+    monkeypatch.setattr(decoder.layout, "body_inputs", spy_inputs)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    result = decoder.generate_image(prompts_for(fmt, 2), H, W, generators=gens)
+    return needed, held, result, decoder
+
+
+def test_padding_is_to_a_power_of_two_and_at_most_a_window_per_row():
+    assert [fronts_module.padded(n) for n in (1, 16, 17, 32, 33, 1000)] == [16, 16, 32, 32, 64, 1024]
+    assert [fronts_module.padded_windows(t, 5) for t in (16, 32)] == [8, 8]
+    assert fronts_module.padded_windows(16, 64) == 16
+
+
+def test_an_eager_forward_feeds_its_fronts_tokens_and_nothing_else(tiny_restorer, tiny_format, monkeypatch):
+    needed, held, _, _ = fed_per_forward(
+        tiny_restorer.model, tiny_format, monkeypatch, False, temperature=0.9, row_lag=1, jacobi_window=5
+    )
+    assert held == needed
+    assert len(set(needed)) > 1  # fronts of several lengths: the test would see padding
+
+
+def test_a_compiled_forward_feeds_a_few_shapes_past_the_recompile_limit(
+    tiny_restorer, tiny_format, monkeypatch
+):
+    """Compiled, a forward holds its fronts' tokens padded to a power of two (here from 2 on: several shapes
+    for a 4 x 8 image), never twice what they need; dynamo compiles each shape, past a limit of one
+    compilation per step (fullgraph: an error), and the image is the eager one."""
+    torch._dynamo.reset()  # forget the compilations of other tests
+    monkeypatch.setattr(fronts_module, "MIN_FED", 2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    settings = {"temperature": 0.9, "row_lag": 1, "jacobi_window": 5}
+    needed, held, compiled, decoder = fed_per_forward(
+        tiny_restorer.model, tiny_format, monkeypatch, "eager", **settings
+    )
+    assert all(n <= h < 2 * n and h & (h - 1) == 0 for n, h in zip(needed, held, strict=True))
+    assert 1 < len(set(held)) <= decoder.row_parallel.shapes(H)
+    eager = decode(tiny_restorer.model, tiny_format, prompts_for(tiny_format, 2), seeds=(3, 4), **settings)
+    assert all(torch.equal(a, b) for a, b in zip(eager.answer_ids, compiled.answer_ids, strict=True))

@@ -32,6 +32,18 @@ def owning_outputs(step: Callable) -> Callable:
     return call
 
 
+def allowing_shapes(step: Callable, shapes: int) -> Callable:
+    """A compiled ``step`` that takes inputs of ``shapes`` shapes: dynamo keeps one compilation per shape (and
+    per cache capacity) and stops at ``torch._dynamo.config.recompile_limit`` (``fullgraph=True``: with an
+    error), so each call raises the limit ``shapes``-fold, the same allowance per shape as a step of one."""
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * shapes):
+            return step(*args)
+
+    return call
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a clock read after it measures the work (CUDA runs
     asynchronously; a CPU needs nothing)."""

@@ -19,24 +19,48 @@ Forwards: row-parallel decoding advances every row by one code per forward, so t
 ``(h - 1) L + w`` forwards. Here a front advances by its accepted drafts plus one, and the rows below keep
 up with it when their own drafts hold: with right drafts, the whole image in one forward.
 
-The cache: a forward appends every front's window (eager: padded to the longest front; compiled: to the
-window and to the most fronts a forward can hold); what a front decides from (its first token and the
-accepted drafts) moves down over the rest (:meth:`pure.decoding.layout.CacheLayout.keep`), and the rest is
-rolled back. One host sync per forward.
+The cache: a forward appends the fronts' tokens, packed (no padding between fronts); what a front decides
+from (its first token and the accepted drafts) moves down over the rest
+(:meth:`pure.decoding.layout.CacheLayout.keep`), and the rest is rolled back. One host sync per forward.
+
+Compiled, every forward of one shape would feed a window for every row (64 x 16 positions at 512 px), and a
+7B forward that long is compute-bound, several times the cost of the memory-bound forward a few fronts need.
+So a compiled forward pads its tokens to a power of two, at least :data:`MIN_FED` (:func:`padded`), and
+verifies that many windows at most: a handful of shapes, each forward at most twice what it feeds.
 """
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
 
+from pure.decoding.capture import allowing_shapes
 from pure.decoding.jacobi import DRAFT_STREAM, input_guess, verify_drafts
 from pure.decoding.rows import check_row_decoding, effective_lag
 from pure.decoding.sampling import ImageGridConstraintLogitsProcessor, keyed_uniform, noise_keys
 
 if TYPE_CHECKING:
     from pure.decoding.loop import RestorationDecoder
+
+MIN_FED = 16  # compiled forwards feed at least this many tokens (a 7B forward costs the same up to ~70)
+
+
+def padded(tokens: int) -> int:
+    """The tokens a compiled forward feeds to hold ``tokens``: the next power of two, at least
+    :data:`MIN_FED`. Its shape (with the windows it verifies, :func:`padded_windows`)."""
+    return max(MIN_FED, power_of_two(tokens))
+
+
+def padded_windows(tokens: int, height: int) -> int:
+    """The windows a compiled forward of ``tokens`` (:func:`padded`) verifies: one per token it feeds, at most
+    one per grid row (rounded up to a power of two)."""
+    return min(tokens, power_of_two(height))
+
+
+def power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def fronts(decided: list[int], width: int, lag: int, window: int) -> list[tuple[int, int]]:
@@ -93,30 +117,48 @@ class RowFrontsDecoding:
         self.lag = lag
         self.window = window
 
-    def most_fronts(self, height: int, width: int) -> int:
-        """The most fronts a forward holds: every row (with right drafts, all rows advance in the same
-        forward). A compiled step is padded to it."""
-        return height
-
     def ahead(self, height: int, width: int) -> int:
-        """Cache slots a forward writes past what it keeps."""
-        return self.most_fronts(height, width) * self.window
+        """Cache slots a forward writes past what it keeps: a window for every row (with right drafts, all
+        rows advance in the same forward), padded as a compiled forward pads it."""
+        return padded(height * self.window)
+
+    def shapes(self, height: int) -> int:
+        """The input shapes of a compiled forward for an image ``height`` rows high: one per power of two
+        from :data:`MIN_FED` tokens to a window for every row (:func:`padded`)."""
+        return (padded(height * self.window) // MIN_FED).bit_length()
 
     def front_step(
-        self, ids, positions, mask, cache, rotary, codes, forced, keys, iteration, slots, drafts, q, fixed
+        self,
+        ids,
+        positions,
+        mask,
+        cache,
+        rotary,
+        codes,
+        unpack,
+        lengths,
+        forced,
+        keys,
+        iteration,
+        slots,
+        drafts,
+        q,
+        fixed,
     ):
-        """Forward every front's window and verify each front's drafts. No host sync; fixed shapes for a
-        fixed number of fronts ``F`` (what ``compile`` captures). ``forced``, ``slots``: ``(B * F, W)`` the
-        grammar's token at each target (``-1``: a code) and noise counters; ``drafts``, ``fixed``:
+        """Forward the fronts' packed tokens and verify each front's drafts. No host sync; fixed shapes for
+        ``T`` tokens and ``F`` windows of ``W`` (what ``compile`` captures). ``unpack``: ``(F * W,)`` the fed
+        token at each window position (any, where a window is shorter); ``lengths``: ``(B * F,)`` the tokens
+        each window feeds; ``forced``, ``slots``: ``(B * F,
+        W)`` the grammar's token at each target (``-1``: a code) and noise counters; ``drafts``, ``fixed``:
         ``(B * F, W - 1)``; ``q``: ``(B * F, W - 1, K)`` or ``None``; the windows of a batch row's fronts are
         consecutive. Returns :func:`~pure.decoding.jacobi.verify_drafts`'s, per window."""
         d = self.decoder
         logits = d._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
-        guided = d.layout.guide(logits)  # (B, F * W, K)
+        guided = d.layout.guide(logits)[:, unpack]  # (B, F * W, K)
         windows, span = drafts.shape[0], drafts.shape[1] + 1
         guided = guided.reshape(windows, span, guided.shape[-1])
         keys = keys.repeat_interleave(windows // keys.shape[0], dim=0)
-        return verify_drafts(d, guided, codes, forced, keys, iteration, slots, drafts, q, fixed)
+        return verify_drafts(d, guided, codes, forced, keys, iteration, slots, drafts, q, fixed, lengths)
 
     def image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
         """REstore, by fronts of rows (module docstring)."""
@@ -131,7 +173,9 @@ class RowFrontsDecoding:
         code_ids, n_codes = codes.ids, codes.ids.numel()
         step = d._compiled_fn(self.front_step, device)
         lag = effective_lag(self.lag, width)
-        pad_to = self.most_fronts(height, width) if d._compiles(device) else 0
+        compiled = d._compiles(device)
+        if compiled:
+            step = allowing_shapes(step, self.shapes(height))
         guess = input_guess(d, state, height, width) if s.jacobi_drafts == "input" else None
         at = torch.arange(w_len, device=device)
 
@@ -151,9 +195,16 @@ class RowFrontsDecoding:
         iteration, rows_done = 0, 0
         while rows_done < height:
             active = fronts(decided, width, lag, w_len)
-            n_fronts = max(pad_to, len(active))
-            span = w_len if pad_to else max(2, *(m for _, m in active))  # eager: as long as the longest
+            n_fed = sum(m for _, m in active)
+            if compiled:  # a few shapes (module docstring)
+                n_tokens = padded(n_fed)
+                n_fronts, span = padded_windows(n_tokens, height), w_len
+            else:  # as long as the longest front
+                n_tokens, n_fronts, span = n_fed, len(active), max(2, *(m for _, m in active))
             index = torch.full((n_fronts, span), n_body, dtype=torch.long, device=device)  # padding
+            pack = torch.zeros(n_tokens, dtype=torch.long, device=device)  # the window position fed there
+            unpack = torch.zeros(n_fronts * span, dtype=torch.long, device=device)
+            offsets = list(accumulate((m for _, m in active), initial=0))  # a front's first token among them
             first_ids = code_ids[0].expand(batch, n_fronts).clone()  # padding: any code
             drafts = code_ids[0].expand(batch, n_fronts, span - 1).clone()
             fixed = torch.zeros((batch, n_fronts, span - 1), dtype=torch.bool, device=device)
@@ -165,6 +216,9 @@ class RowFrontsDecoding:
                     proposed, proposed_q, proposed_fixed, row, start, keys, iteration, guess, code_ids
                 )
                 index[f, :m] = start + at[:m]
+                o = offsets[f]
+                pack[o : o + m] = f * span + at[:m]
+                unpack[f * span : f * span + m] = o + at[:m]
                 first_ids[:, f] = body[:, start]
                 drafts[:, f] = proposed[row][:, : span - 1]
                 fixed[:, f] = proposed_fixed[row][:, : span - 1]
@@ -175,7 +229,8 @@ class RowFrontsDecoding:
             drafts = torch.where(forced[:, :-1] >= 0, forced[:, :-1], drafts)  # always accepted
             fixed |= forced[:, :-1] >= 0
             fed = torch.cat([first_ids[..., None], drafts], dim=2)  # (B, F, W)
-            ids, positions, mask = d.layout.body_inputs(state, fed.flatten(1), index.flatten())
+            packed = index.flatten()[pack].masked_fill(torch.arange(n_tokens, device=device) >= n_fed, n_body)
+            ids, positions, mask = d.layout.body_inputs(state, fed.flatten(1)[:, pack], packed)
             slots = (front_rows[:, None] * w_len + at[:span]).repeat(batch, 1)  # (B * F, span)
             out, accepted, probs, step_entropy, predicted = step(
                 ids,
@@ -184,6 +239,8 @@ class RowFrontsDecoding:
                 state.cache,
                 state.rotary,
                 codes,
+                unpack,
+                (index < n_body).sum(dim=1).repeat(batch),
                 forced.repeat(batch, 1),
                 keys,
                 counter,
@@ -222,12 +279,12 @@ class RowFrontsDecoding:
                 proposed_fixed[row] = torch.cat([fixed_left, proposed_fixed[row][:, m:]], dim=1)
                 if not greedy:
                     proposed_q[row] = torch.cat([probs[:, f, c:m], proposed_q[row][:, m:]], dim=1)
-                kept.append(f * span + at[:c])  # its first token and the accepted drafts
+                kept.append(offsets[f] + at[:c])  # its first token and the accepted drafts
                 above = decided[row] - 2
                 if decided[row] == row_tokens(row, height, width):
                     rows_done += 1
                     bar.update(1)
-            d.layout.keep(state, n_fronts * span, torch.cat(kept))
+            d.layout.keep(state, n_tokens, torch.cat(kept))
             iteration += 1
             counter += 1
         state.seq[:, state.block_start + 3 : state.block_start + 3 + n_body + 1] = body
