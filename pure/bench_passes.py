@@ -12,7 +12,9 @@ checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at the 
   decoding at that lag (the same distribution), so as lossy as it against one token per forward.
 
 Per decoding: image tokens per image forward (the ``<boi> <grid h> <grid w>`` forward included), image
-forwards per image, seconds per image on this machine, and the hold-out PSNR-Y / SSIM-Y / token-accuracy
+forwards per image, tokens fed per forward (what a forward computes, per image: a window, a token per active
+row, the fronts' tokens; a guidance twin's not counted; on a GPU a 7B forward costs about the same up to
+several tens), seconds per image on this machine, and the hold-out PSNR-Y / SSIM-Y / token-accuracy
 differences from one-token decoding, paired by crop and seed (mean and standard error; a difference beyond
 2 SE is marked ``*``). The lossless rows' differences are those of two samples of one distribution: they
 show the noise the lossy rows are judged against.
@@ -105,12 +107,13 @@ def pass_table(
         f"forward passes per image: {restorer.identity.get('model', 'checkpoint')}, {crop} px output "
         f"({grid}x{grid} codes, {tokens} image tokens), {pairs} hold-out pairs (crop x seed), default "
         f"sampling; differences: minus {reference}, paired by crop and seed, mean ± SE (* beyond 2 SE)",
-        f"{'decoding':<34} {'lossless':>8} {'tokens/fwd':>10} {'fwd/image':>9} {'s/image':>8} "
+        f"{'decoding':<34} {'lossless':>8} {'tokens/fwd':>10} {'fwd/image':>9} {'fed/fwd':>7} {'s/image':>8} "
         f"{'d PSNR-Y (dB)':>15} {'d SSIM-Y':>17} {'d token acc':>17}",
     ]
     for name, sampling in settings.items():
         mine = [r for r in rows if r["method"] == name]
         passes = float(np.mean([r["image_passes"] for r in mine]))
+        fed = float(np.mean([r["image_fed"] for r in mine]))
         seconds = float(np.mean([r["seconds"] for r in mine]))
         cells = []
         if name == reference:
@@ -126,7 +129,7 @@ def pass_table(
                 cells.append(f"{d['mean']:{fmt}} ± {d['se']:.{fmt[-2]}f}{mark}")
         lines.append(
             f"{name:<34} {'yes' if lossless(sampling) else 'no':>8} {tokens / passes:>10.2f} {passes:>9.0f} "
-            f"{seconds:>8.2f} {cells[0]:>15} {cells[1]:>17} {cells[2]:>17}"
+            f"{fed / passes:>7.1f} {seconds:>8.2f} {cells[0]:>15} {cells[1]:>17} {cells[2]:>17}"
         )
     lines.append(f"({time.perf_counter() - start:.0f} s in all)")
     return lines, results

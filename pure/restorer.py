@@ -457,6 +457,7 @@ class PureRestorer:
                 "total_s": time.perf_counter() - start,
                 "forward_passes": out.forward_passes,
                 "image_forward_passes": out.image_forward_passes,
+                "image_tokens_fed": out.image_tokens_fed,
                 "batch_size": n,
                 "cpu_threads": torch.get_num_threads(),
                 "cpu_threads_from": self.threads_from,

@@ -128,4 +128,7 @@ def test_pass_table_of_a_checkpoint(tiny_checkpoint, tiny_restorer):
     assert fronts[0] == "no" and int(fronts[2]) <= int(rows1[2])
     assert "±" in " ".join(rows1) and all(t[0] == "yes" for k, t in table.items() if k.startswith("Jacobi"))
     # a lag past the width is the one-token loop: the same images, so every paired difference is 0
-    assert " ".join(table["rows, lag 99"][4:]).count("+0.0") == 3
+    assert " ".join(table["rows, lag 99"][5:]).count("+0.0") == 3
+    # tokens fed per forward: the one-token loop feeds the header's 3, then one per forward
+    assert float(one[3]) == pytest.approx((3 + grid * (grid + 1)) / int(one[2]), abs=0.05)
+    assert float(rows1[3]) > 1 and float(fronts[3]) > 1

@@ -230,10 +230,11 @@ def test_padding_is_to_a_power_of_two_and_at_most_a_window_per_row():
 
 
 def test_an_eager_forward_feeds_its_fronts_tokens_and_nothing_else(tiny_restorer, tiny_format, monkeypatch):
-    needed, held, _, _ = fed_per_forward(
+    needed, held, result, _ = fed_per_forward(
         tiny_restorer.model, tiny_format, monkeypatch, False, temperature=0.9, row_lag=1, jacobi_window=5
     )
     assert held == needed
+    assert result.image_tokens_fed == 3 + sum(held)  # the header, then the fronts
     assert len(set(needed)) > 1  # fronts of several lengths: the test would see padding
 
 

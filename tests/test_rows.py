@@ -108,6 +108,9 @@ def test_a_lag_of_the_width_or_more_gives_the_one_token_image(
     assert torch.allclose(one.entropy, rows.entropy, atol=1e-5)
     assert one.image_forward_passes == H * (W + 1) + 1
     assert rows.image_forward_passes == (H - 1) * min(lag, W + 1) + W
+    # what they compute: the header, then one token per forward / per active row (every code once)
+    assert one.image_tokens_fed == 3 + H * (W + 1)
+    assert rows.image_tokens_fed == 3 + sum(last - first + 1 for _, first, last in row_schedule(H, W, lag))
 
 
 def test_a_short_lag_is_an_approximation_in_fewer_forwards(tiny_restorer, tiny_format):
@@ -212,3 +215,4 @@ def test_the_compiled_step_is_one_graph_with_padded_sets_of_rows(tiny_restorer, 
     assert all(torch.equal(a, b) for a, b in zip(eager.answer_ids, compiled.answer_ids, strict=True))
     assert compiled.image_forward_passes == eager.image_forward_passes
     assert decoder.row_parallel.ahead(H, W) == 4  # all four rows at once at lag 2 (8 codes wide)
+    assert compiled.image_tokens_fed == 3 + 4 * (compiled.image_forward_passes - 1) > eager.image_tokens_fed

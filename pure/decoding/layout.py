@@ -45,6 +45,7 @@ class DecodeState:
     length: int = 0  # cache slots in use
     logits: torch.Tensor | None = None  # (R, keep, V) fp32, from the last forward
     passes: int = 0
+    image_fed: int = 0  # image-block tokens fed per image (a twin's not counted), padding included
     block_start: int = 0  # index of <boi> in `seq`
     owner: torch.Tensor | None = None  # "shared" layout: (B, capacity) int8, 0 context, 1 row, 2 twin
     twin_pos: torch.Tensor | None = None  # "shared" layout: (B,) position of the twin's next token
@@ -184,6 +185,7 @@ class CacheLayout:
         ``(B, 2q)`` cond/twin-interleaved ids in the "shared" one.
         """
         q, device = tokens.shape[1], tokens.device
+        state.image_fed += q
         if not self.shared:
             positions, mask = self.append(state, q)
             return self.rows_of(tokens), positions, mask
@@ -213,6 +215,7 @@ class CacheLayout:
         body index is not above its own. Returns the forward's ``(ids, positions, attention mask)`` as
         :meth:`image_inputs` does."""
         q = index.numel()
+        state.image_fed += q
         start = state.length
         if self.shared:
             end = start + 2 * q

@@ -80,6 +80,7 @@ class DecodeOutput:
     forward_passes: int  # all of them: prompt, text, image
     seconds: dict[str, float] = field(default_factory=dict)
     image_forward_passes: int = 0  # those of the image block: <boi> <grid h> <grid w>, then the body
+    image_tokens_fed: int = 0  # by those forwards, per image: what they compute (padding included)
     text_cut: list[bool] = field(default_factory=list)  # per row: its text reached max_text_tokens
 
 
@@ -385,7 +386,8 @@ class RestorationDecoder:
             for i in range(batch)
         ]
         seconds = {"text": text_done - start, "image": image_done - text_done}
-        return DecodeOutput(answers, entropy.cpu(), state.passes, seconds, state.passes - passes_before_image)
+        image_passes = state.passes - passes_before_image
+        return DecodeOutput(answers, entropy.cpu(), state.passes, seconds, image_passes, state.image_fed)
 
     def _ahead(self, height: int, width: int) -> int:
         """Slots an image variant writes past what it keeps (a Jacobi window, a padded set of rows)."""

@@ -528,6 +528,7 @@ def measure_holdout(
                                 "entropy_mean": float(result.entropy.float().mean()),
                                 "token_acc": token_accuracy(result.codes, hq_codes),
                                 "image_passes": getattr(result, "timings", {}).get("image_forward_passes"),
+                                "image_fed": getattr(result, "timings", {}).get("image_tokens_fed"),
                             }
                             if method == picture_method:
                                 focus = result.entropy
