@@ -146,11 +146,12 @@ class RowFrontsDecoding:
         fixed,
     ):
         """Forward the fronts' packed tokens and verify each front's drafts. No host sync; fixed shapes for
-        ``T`` tokens and ``F`` windows of ``W`` (what ``compile`` captures). ``unpack``: ``(F * W,)`` the fed
-        token at each window position (any, where a window is shorter); ``lengths``: ``(B * F,)`` the tokens
-        each window feeds; ``forced``, ``slots``: ``(B * F,
-        W)`` the grammar's token at each target (``-1``: a code) and noise counters; ``drafts``, ``fixed``:
-        ``(B * F, W - 1)``; ``q``: ``(B * F, W - 1, K)`` or ``None``; the windows of a batch row's fronts are
+        ``T`` tokens and ``F`` windows of ``W`` (what ``compile`` captures).
+
+        ``unpack``: ``(F * W,)`` the fed token at each window position (any, where a window is shorter);
+        ``lengths``: ``(B * F,)`` the tokens each window feeds; ``forced``, ``slots``: ``(B * F, W)`` the
+        grammar's token at each target (``-1``: a code) and noise counters; ``drafts``, ``fixed``: ``(B * F,
+        W - 1)``; ``q``: ``(B * F, W - 1, K)`` or ``None``; the windows of a batch row's fronts are
         consecutive. Returns :func:`~pure.decoding.jacobi.verify_drafts`'s, per window."""
         d = self.decoder
         logits = d._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
@@ -199,7 +200,7 @@ class RowFrontsDecoding:
             if compiled:  # a few shapes (module docstring)
                 n_tokens = padded(n_fed)
                 n_fronts, span = padded_windows(n_tokens, height), w_len
-            else:  # as long as the longest front
+            else:  # the fronts' tokens; windows as long as the longest front
                 n_tokens, n_fronts, span = n_fed, len(active), max(2, *(m for _, m in active))
             index = torch.full((n_fronts, span), n_body, dtype=torch.long, device=device)  # padding
             pack = torch.zeros(n_tokens, dtype=torch.long, device=device)  # the window position fed there
