@@ -305,8 +305,8 @@ def stage_tiny(record: StageRecord, cfg: CheckConfig) -> None:
         (w, True, "rows", 0.9),  # issue 14.2: Jacobi carried CUDA-graph outputs into the next replay
         *[(0, True, "shared", 0.0), (w, True, "shared", 0.0)],
         (0, True, "rows", 0.9),
-        # row-parallel decoding with speculative fronts (padded windows of every row, compacted cache)
-        *[(-w, False, "shared", 0.0), (-w, True, "shared", 0.0)],
+        # row-parallel decoding with speculative fronts (packed, padded to a power of two, compacted cache)
+        *[(-w, False, "shared", 0.0), (-w, True, "shared", 0.0), (-w, True, "shared", 0.9)],
     ]
     failures, greedy_results, sampled_results = [], {}, {}
     before = dynamo_counters()
