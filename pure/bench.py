@@ -398,6 +398,36 @@ def traffic_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[st
     return [title, *("  " + line for line in traffic_table(rows, bandwidth))]
 
 
+FED = (1, 4, 16, 32, 64, 128, 256, 1024)
+
+
+def forward_cost_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
+    """Roofline milliseconds of one image forward against the tokens it feeds per image (a window, a token
+    per row, the fronts' tokens), for the default layout and compiled reads (:mod:`pure.decoding.traffic`):
+    how many tokens a forward takes before it costs more than one."""
+    from pure.decoding.traffic import H200_BF16_FLOPS, forward_cost, forward_cost_table, step_traffic
+    from pure.memory import default_layout
+
+    layout = default_layout()
+    costs = [
+        forward_cost(
+            config,
+            model,
+            shape,
+            step_traffic(config, model, shape, layout, fmt, PURE_CODEBOOK, "blocks", ANSWER_TOKENS),
+            PURE_CODEBOOK,
+        )
+        for fmt in ("bf16", "int8")
+    ]
+    title = (
+        f"ms per image forward against tokens fed per image (roofline: reading the step's bytes at "
+        f"{bandwidth / 1e12:g} TB/s or computing at {H200_BF16_FLOPS / 1e12:g} TFLOPS, an H200's bf16 peak, "
+        f"whichever is longer; '{layout}' layout, guidance on, compiled reads; 'free up to': tokens per "
+        "forward before computing outlasts reading, fewer at real kernels' efficiency)"
+    )
+    return [title, *("  " + line for line in forward_cost_table(costs, list(FED), bandwidth))]
+
+
 def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDOW) -> list[str]:
     """Analytic memory of the 7B model, guidance on, at ``size`` px (no GPU needed): the KV cache's sizes
     and, for each guidance layout and weight format, the predicted peak against issue 15's targets
@@ -467,6 +497,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
             e = estimate_peak(c, variant, default, fmt, PURE_CODEBOOK, vq_params, model)
             lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
     lines += ["", *traffic_estimate(c, model, DecodeShape(prompt, text, block, batch))]
+    lines += ["", *forward_cost_estimate(c, model, DecodeShape(prompt, text, block, batch))]
     for fmt, target in TARGET_GB.items():
         fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
         lines.append(

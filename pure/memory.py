@@ -67,7 +67,7 @@ class PeakEstimate:
         return None if self.target_gb is None else self.peak <= self.target_gb * 1e9
 
 
-def _decoder_linears(model) -> list[torch.nn.Linear]:
+def decoder_linears(model) -> list[torch.nn.Linear]:
     return [m for m in model.model.layers.modules() if type(m) is torch.nn.Linear]
 
 
@@ -75,7 +75,7 @@ def weight_bytes(model, weights_format: str) -> int:
     """Bytes of ``model``'s parameters (a meta-device model will do) with the decoder layers' linears in
     ``weights_format`` (``bf16``, ``int8``, ``int4``: what :func:`pure.quant.quantize_model` quantises) and
     everything else in bf16."""
-    linears = _decoder_linears(model)
+    linears = decoder_linears(model)
     linear_ids = {id(m.weight) for m in linears}
     other = sum(2 * p.numel() for p in model.parameters() if id(p) not in linear_ids)
     quantized = 0
@@ -146,7 +146,7 @@ def estimate_peak(
     prefill_rows = shape.prefill_rows(layout)
     dequantized = 0
     if weights_format != "bf16":
-        dequantized = max(2 * m.weight.numel() for m in _decoder_linears(model))
+        dequantized = max(2 * m.weight.numel() for m in decoder_linears(model))
     activations = prefill_rows * shape.prompt * (3 * hidden + 3 * inter) * 2
     # the prefill attends the live slots, the prompt's, compiled or not (pure.decoding.attention)
     mask = prefill_rows * shape.prompt * shape.prompt * MASK_BYTES

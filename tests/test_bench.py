@@ -88,6 +88,12 @@ def test_memory_estimate_of_7b_at_512():
     assert "weights                                  13.19 GiB" in lines
     assert "0.50 MiB" in lines  # per token slot and row: 32 layers x K,V x 4096 x 2 bytes
     assert "block 4164" in lines  # spec 1.4
+    # the roofline of a forward: flat while reading the weights and cache dominates, then linear in tokens
+    bf16 = next(
+        line.split() for line in lines.splitlines() if line.strip().startswith("bf16") and "free" not in line
+    )
+    ms = [float(x) for x in bf16[1:-1]]
+    assert ms[0] == ms[1] == ms[2] < ms[-1] and 64 < int(bf16[-1]) < 256
 
 
 @pytest.mark.gpu

@@ -376,6 +376,33 @@ def test_step_traffic_counts_the_slots_each_attention_reads():
     assert weights.weights == 8 * 8 * 2 and weights.head == 5 * 8 * 2  # the tables are not read
 
 
+def test_a_forward_costs_one_read_until_its_tokens_outlast_it():
+    """The roofline of a forward (pure.decoding.traffic.ForwardCost), hand-counted on the model above: per
+    fed token, 2 FLOPs per linear weight and image-code head row, 4 per attended key and channel, for the
+    token and its guidance twin."""
+    from types import SimpleNamespace
+
+    from pure.decoding.traffic import forward_cost, step_traffic
+    from pure.memory import DecodeShape
+
+    config = SimpleNamespace(hidden_size=8, num_hidden_layers=1, num_key_value_heads=1, num_attention_heads=1)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8, bias=False)])
+    model.model.embed_tokens = torch.nn.Embedding(10, 8)
+    model.lm_head = torch.nn.Linear(8, 10, bias=False)
+    shape = DecodeShape(prompt=90, text=20, block=4)
+    traffic = step_traffic(config, model, shape, "rows", "bf16", 5, "blocks", text=7)
+    cost = forward_cost(config, model, shape, traffic, 5)
+    attended = (90 + 7 + 3) + 1.5 + 3 + 1.5  # the row's context and its twin's, mean over the 4 steps
+    per_token = 2 * (2 * (8 * 8 + 5 * 8)) + 4 * 8 * attended
+    assert cost.linear_flops * 2 + cost.attention_flops * 2 == pytest.approx(per_token)
+    read = traffic.total  # bytes: one second at this bandwidth
+    assert cost.free_tokens(read, flops=10 * per_token) == 10
+    times = [cost.seconds(n, read, flops=10 * per_token) for n in (1, 10, 20, 40)]
+    assert times == pytest.approx([1, 1, 2, 4])
+
+
 def test_a_compiled_step_attends_through_one_block_mask_per_forward(tiny_restorer, tiny_format):
     """Inside torch.compile every layer runs flex attention over the live blocks, and the block mask is built
     once per forward (one sort of the blocks), not once per layer: read off the graphs dynamo captures."""

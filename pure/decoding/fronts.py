@@ -44,7 +44,7 @@ from pure.decoding.sampling import ImageGridConstraintLogitsProcessor, keyed_uni
 if TYPE_CHECKING:
     from pure.decoding.loop import RestorationDecoder
 
-MIN_FED = 16  # compiled forwards feed at least this many tokens (a 7B forward costs the same up to ~70)
+MIN_FED = 16  # compiled forwards feed at least this (a 7B forward on an H200 costs one read up to ~70-120)
 
 
 def padded(tokens: int) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pure.decoding.attention import KV_BLOCK
-from pure.memory import DecodeShape, weight_bytes
+from pure.memory import DecodeShape, decoder_linears, weight_bytes
 
 READS = ("capacity", "live", "blocks")
 
@@ -102,4 +102,56 @@ def traffic_table(rows: list[StepTraffic], bandwidth: float) -> list[str]:
             f"{r.kv / 1e9:>6.2f} {r.total / 1e9:>8.2f} {1e3 * r.total / bandwidth:>7.2f} "
             f"{r.total / r.ideal - 1:>+8.1%}"
         )
+    return lines
+
+
+H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H200 (torchao's int8 weights compute in bf16)
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Roofline time of one image forward that feeds ``fed`` tokens per image: reading the step's bytes
+    (:class:`StepTraffic`, the same whatever it feeds, up to the new tokens' keys and values) or computing,
+    whichever takes longer. Computing is 2 FLOPs per weight of the decoder's linears and image-code head rows,
+    and 4 per attended key and channel, for every query position (a guidance twin's too)."""
+
+    traffic: StepTraffic
+    linear_flops: float  # per query position: decoder linears and the image codes' head rows
+    attention_flops: float  # per query position, over the mean attended context
+    positions_per_token: int  # 2 with guidance: a token's twin is a query too
+    images: int = 1  # decoded together
+
+    def seconds(self, fed: int, bandwidth: float, flops: float = H200_BF16_FLOPS) -> float:
+        return max(self.traffic.total / bandwidth, fed * self._token_flops() / flops)
+
+    def free_tokens(self, bandwidth: float, flops: float = H200_BF16_FLOPS) -> int:
+        """The most tokens a forward feeds per image before computing outlasts reading (at peak FLOPs: real
+        kernels reach less, so fewer)."""
+        return int(self.traffic.total / bandwidth * flops / self._token_flops())
+
+    def _token_flops(self) -> float:  # a token fed to every image of the batch
+        return self.images * self.positions_per_token * (self.linear_flops + self.attention_flops)
+
+
+def forward_cost(config, model, shape: DecodeShape, traffic: StepTraffic, codebook: int) -> ForwardCost:
+    """:class:`ForwardCost` of ``model`` (meta will do) with ``config``, decoding ``shape``, whose step reads
+    ``traffic``."""
+    hidden = config.hidden_size
+    linears = sum(m.weight.numel() for m in decoder_linears(model)) + codebook * hidden
+    slot = (
+        config.num_hidden_layers * 2 * config.num_key_value_heads * (hidden // config.num_attention_heads) * 2
+    )
+    attended = traffic.ideal_kv / slot / shape.batch  # per image: its row's context and its twin's
+    positions = 2 if shape.guidance else 1
+    per_position = attended / positions * config.num_hidden_layers * hidden * 4
+    return ForwardCost(traffic, 2.0 * linears, per_position, positions, shape.batch)
+
+
+def forward_cost_table(costs: list[ForwardCost], fed: list[int], bandwidth: float) -> list[str]:
+    """Milliseconds per forward against tokens fed per image, one row per cost."""
+    header = f"{'format':<6} " + " ".join(f"{n:>7}" for n in fed) + f" {'free up to':>10}"
+    lines = [header, "-" * len(header)]
+    for c in costs:
+        cells = " ".join(f"{1e3 * c.seconds(n, bandwidth):>7.2f}" for n in fed)
+        lines.append(f"{c.traffic.weights_format:<6} {cells} {c.free_tokens(bandwidth):>10}")
     return lines
