@@ -401,16 +401,14 @@ def traffic_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[st
 FED = (1, 4, 16, 32, 64, 128, 256, 1024)
 
 
-def forward_cost_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
-    """Roofline milliseconds of one image forward against the tokens it feeds per image (a window, a token
-    per row, the fronts' tokens), for the default layout and compiled reads (:mod:`pure.decoding.traffic`):
-    how many tokens a forward takes before it costs more than one."""
-    from pure.decoding.traffic import H200_BF16_FLOPS, forward_cost, forward_cost_table, step_traffic
+def forward_costs(config, model, shape) -> dict:
+    """Weight format -> :class:`pure.decoding.traffic.ForwardCost` of the default layout, compiled reads."""
+    from pure.decoding.traffic import forward_cost, step_traffic
     from pure.memory import default_layout
 
     layout = default_layout()
-    costs = [
-        forward_cost(
+    return {
+        fmt: forward_cost(
             config,
             model,
             shape,
@@ -418,7 +416,74 @@ def forward_cost_estimate(config, model, shape, bandwidth: float = 4.8e12) -> li
             PURE_CODEBOOK,
         )
         for fmt in ("bf16", "int8")
-    ]
+    }
+
+
+PROJECTED = (  # (name, row lag, Jacobi window) of the projection's decodings
+    ("one token per forward", 0, 0),
+    ("Jacobi 16", 0, 16),
+    ("rows, lag 4 (lossy)", 4, 0),
+    ("rows, lag 4, Jacobi 4 (fronts)", 4, 4),
+    ("rows, lag 4, Jacobi 16 (fronts)", 4, 16),
+)
+
+
+def projected_forwards(lat: int, lag: int, window: int, p: float, seed: int = 0) -> list[int]:
+    """Tokens fed per image by each body forward of a ``lat`` x ``lat`` image (compiled: padded as the
+    decodings pad), were each draft accepted independently with probability ``p``."""
+    import random
+
+    from pure.decoding.fronts import padded, schedule
+    from pure.decoding.rows import row_schedule
+
+    rng = random.Random(seed)
+
+    def accepted(row: int, m: int) -> int:  # leading drafts accepted of a window of m
+        a = 0
+        while a < m - 1 and rng.random() < p:
+            a += 1
+        return a
+
+    n_body = lat * (lat + 1)
+    if lag and window:
+        return [padded(sum(m for _, m in active)) for active in schedule(lat, lat, lag, window, accepted)[0]]
+    if lag:
+        rows = list(row_schedule(lat, lat, lag))
+        return [max(last - first + 1 for _, first, last in rows)] * len(rows)  # compiled: the most rows
+    fed, done = [], 1  # the header's forward decided body index 0
+    while done <= n_body:  # the body and <eoi>
+        fed.append(window or 1)
+        done += accepted(0, window) + 1 if window else 1
+    return fed
+
+
+def speed_projection(costs: dict, lat: int, ps=(0.6, 0.8), bandwidth: float = 4.8e12) -> list[str]:
+    """Seconds of the image phase per image on an H200, projected (not measured): the roofline of each forward
+    (:func:`forward_costs`) over the forwards :func:`projected_forwards` counts."""
+    header = f"{'decoding':<32} {'p':>4} {'forwards':>8} {'fed/fwd':>7} " + " ".join(
+        f"{'s ' + fmt:>7}" for fmt in costs
+    )
+    lines = [header, "-" * len(header)]
+    for name, lag, window in PROJECTED:
+        for p in ps if window else (None,):
+            fed = [3, *projected_forwards(lat, lag, window, p or 0.0)]  # the header's forward first
+            seconds = [sum(c.seconds(n, bandwidth) for n in fed) for c in costs.values()]
+            lines.append(
+                f"{name:<32} {'-' if p is None else f'{p:.1f}':>4} {len(fed):>8} {sum(fed) / len(fed):>7.1f} "
+                + " ".join(f"{s:>7.2f}" for s in seconds)
+            )
+    return lines
+
+
+def forward_cost_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
+    """Roofline milliseconds of one image forward against the tokens it feeds per image (a window, a token
+    per row, the fronts' tokens), for the default layout and compiled reads (:mod:`pure.decoding.traffic`):
+    how many tokens a forward takes before it costs more than one."""
+    from pure.decoding.traffic import H200_BF16_FLOPS, forward_cost_table
+    from pure.memory import default_layout
+
+    layout = default_layout()
+    costs = list(forward_costs(config, model, shape).values())
     title = (
         f"ms per image forward against tokens fed per image (roofline: reading the step's bytes at "
         f"{bandwidth / 1e12:g} TB/s or computing at {H200_BF16_FLOPS / 1e12:g} TFLOPS, an H200's bf16 peak, "
@@ -498,6 +563,18 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
             lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
     lines += ["", *traffic_estimate(c, model, DecodeShape(prompt, text, block, batch))]
     lines += ["", *forward_cost_estimate(c, model, DecodeShape(prompt, text, block, batch))]
+    lines += [
+        "",
+        f"projected seconds of the image phase per image on an H200, {size}x{size}, batch {batch}, compiled "
+        "(not a measurement: the roofline above per forward, and drafts accepted independently with "
+        "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.82)",
+        *(
+            "  " + line
+            for line in speed_projection(
+                forward_costs(c, model, DecodeShape(prompt, text, block, batch)), lat
+            )
+        ),
+    ]
     for fmt, target in TARGET_GB.items():
         fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
         lines.append(

@@ -94,6 +94,21 @@ def test_memory_estimate_of_7b_at_512():
     )
     ms = [float(x) for x in bf16[1:-1]]
     assert ms[0] == ms[1] == ms[2] < ms[-1] and 64 < int(bf16[-1]) < 256
+    projected = {line[:38].strip(): line[38:].split() for line in lines.splitlines() if line.startswith("  ")}
+    assert projected["one token per forward"][1] == "4161"  # header + 64 x 65 body tokens
+    assert projected["rows, lag 4 (lossy)"][1] == "316"  # (h - 1) L + w
+
+
+def test_projected_forwards_count_what_each_decoding_feeds():
+    from pure.bench import projected_forwards
+
+    assert projected_forwards(4, 0, 0, 0.0) == [1] * 20  # the 4 x 5 body (the header's forward decided one)
+    assert projected_forwards(4, 0, 5, 0.0) == [5] * 20  # Jacobi, nothing accepted: a token per window
+    assert projected_forwards(4, 0, 5, 1.0) == [5] * 4  # everything accepted: 5 tokens per window
+    rows = projected_forwards(4, 2, 0, 0.0)  # compiled row-parallel decoding: padded to the most rows
+    assert len(rows) == 6 + 3 and set(rows) == {3}  # (h - 1) L + w - 1 forwards after the header
+    fronts = projected_forwards(8, 1, 4, 0.9)
+    assert len(fronts) < len(projected_forwards(8, 1, 0, 0.0)) and all(n >= 16 for n in fronts)  # padded
 
 
 @pytest.mark.gpu

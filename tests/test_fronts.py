@@ -13,7 +13,7 @@ import torch
 from test_jacobi import two_sample_p_values
 
 from pure.decoding import fronts as fronts_module
-from pure.decoding.fronts import fronts, valid
+from pure.decoding.fronts import fronts, schedule, valid
 from pure.decoding.layout import staircase
 from pure.decoding.loop import RestorationDecoder, SamplingConfig
 from pure.decoding.rows import fed_indices, row_schedule
@@ -93,18 +93,22 @@ def test_fronts_with_any_acceptance_finish_every_row(lag):
     height, width, window = 12, 8, 5
     gen, most = random.Random(lag), 0
     for _ in range(100):
-        decided = [1] + [0] * (height - 1)
-        while active := fronts(decided, width, lag, window):
-            most = max(most, len(active))
-            above, by_row = None, dict(active)
-            for row in range(height):
-                if row in by_row:
-                    m = by_row[row]
-                    held = m if above is None else valid(above, decided[row] - 1, m, width, lag)
-                    decided[row] += min(gen.randint(1, m), held)
-                above = decided[row] - 2
+        forwards, decided = schedule(height, width, lag, window, lambda row, m: gen.randint(0, m - 1))
         assert decided == [width + 1] * (height - 1) + [width]
+        most = max(most, *map(len, forwards))
     assert most > width // lag + 1  # more rows at once than row-parallel decoding ever has
+
+
+@pytest.mark.parametrize(("height", "width", "lag", "window"), [(4, 8, 1, 5), (12, 8, 3, 2), (64, 64, 4, 16)])
+def test_fronts_accepting_nothing_take_row_parallel_forwards_and_everything_far_fewer(
+    height, width, lag, window
+):
+    """The schedule without a model (what the 7B projection counts): with every draft rejected, a front
+    advances one code per forward, as row-parallel decoding does; with every draft accepted, a window."""
+    rejected, _ = schedule(height, width, lag, window, lambda row, m: 0)
+    assert len(rejected) == len(list(row_schedule(height, width, lag)))
+    accepted, _ = schedule(height, width, lag, window, lambda row, m: m - 1)
+    assert len(accepted) <= -(-(width + 1) // (window - 1)) + height
 
 
 # -- the claim ----------------------------------------------------------------------------------------------

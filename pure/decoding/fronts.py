@@ -31,6 +31,7 @@ verifies that many windows at most: a handful of shapes, each forward at most tw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,26 @@ def valid(above: int, first: int, m: int, width: int, lag: int) -> int:
     if above >= width - 1:
         return m
     return max(0, min(m, above - lag - first + 1))
+
+
+def schedule(
+    height: int, width: int, lag: int, window: int, accepted: Callable[[int, int], int]
+) -> tuple[list[list[tuple[int, int]]], list[int]]:
+    """The forwards of fronts without a model: each front of ``m`` tokens in row ``row`` has
+    ``accepted(row, m)`` of its drafts accepted (0 to ``m - 1``) and commits as
+    :meth:`RowFrontsDecoding.image_phase` commits. Returns each forward's fronts, and the tokens decided in
+    each row at the end (all of them). What ``python -m pure.bench --arch 7b`` projects from."""
+    decided, forwards = [1] + [0] * (height - 1), []
+    while active := fronts(decided, width, lag, window):
+        forwards.append(active)
+        above, by_row = None, dict(active)
+        for row in range(height):
+            if row in by_row:
+                m = by_row[row]
+                held = m if above is None else valid(above, decided[row] - 1, m, width, lag)
+                decided[row] += min(accepted(row, m) + 1, held)
+            above = decided[row] - 2
+    return forwards, decided
 
 
 def row_tokens(row: int, height: int, width: int) -> int:
