@@ -567,7 +567,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         "",
         f"projected seconds of the image phase per image on an H200, {size}x{size}, batch {batch}, compiled "
         "(not a measurement: the roofline above per forward, and drafts accepted independently with "
-        "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.82)",
+        "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.83)",
         *(
             "  " + line
             for line in speed_projection(
