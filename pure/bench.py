@@ -36,6 +36,7 @@ from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbe
 from pure.decoding.jacobi import DEFAULT_WINDOW
 from pure.decoding.loop import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig
 from pure.decoding.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
+from pure.memory import DecodeShape, default_layout
 from pure.model import PureForConditionalGeneration, default_attn_implementation
 from pure.quant import check_quantize
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
@@ -55,6 +56,7 @@ PURE_VOCAB = 73_728  # spec 1.5: Chameleon's 65,536 ids + 8,192 more image codes
 PURE_CODEBOOK = 16_384
 INSTRUCTION_TOKENS = 20  # PURE's instruction in Chameleon's BPE, about
 ANSWER_TOKENS = 60  # "Medium blur, small noise. The image features ..." (60-120 in practice)
+H200_BANDWIDTH = 4.8e12  # bytes/s, an H200's HBM3e
 MAX_GRID = 32  # grid-size tokens named in the synthetic vocabulary (1024 px)
 
 
@@ -314,7 +316,6 @@ def per_step_table(args, arch, model, prompts, h_out, lat, results, compile_flag
     lengths and the weights' format: the model a memory-bound GPU follows, :mod:`pure.decoding.traffic`),
     and kernels launched, eager and (when compiling) compiled, counted with the profiler."""
     from pure.decoding.traffic import step_traffic
-    from pure.memory import DecodeShape
 
     layout = args.guidance_layout
     shape = DecodeShape(prompts.shape[1], 0, SequenceFormat.image_block_length(h_out, lat), args.batch_size)
@@ -379,7 +380,7 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def traffic_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
+def traffic_estimate(config, model, shape, bandwidth: float = H200_BANDWIDTH) -> list[str]:
     """Bytes one image step reads, averaged over the image, for each layout, weight format and attention path
     (:mod:`pure.decoding.traffic`), with an answer text of :data:`ANSWER_TOKENS` tokens."""
     from pure.decoding.traffic import READS, step_traffic, traffic_table
@@ -401,10 +402,16 @@ def traffic_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[st
 FED = (1, 4, 16, 32, 64, 128, 256, 1024)
 
 
+def restoration_shape(lat: int, batch: int = 1) -> DecodeShape:
+    """The lengths a restoration of a ``lat`` x ``lat`` code image allocates for: a prompt of the instruction
+    and the LQ image's block, the default text reserve, the output's block."""
+    block = SequenceFormat.image_block_length(lat, lat)
+    return DecodeShape(1 + INSTRUCTION_TOKENS + block + 1, SamplingConfig().max_text_tokens, block, batch)
+
+
 def forward_costs(config, model, shape) -> dict:
     """Weight format -> :class:`pure.decoding.traffic.ForwardCost` of the default layout, compiled reads."""
     from pure.decoding.traffic import forward_cost, step_traffic
-    from pure.memory import default_layout
 
     layout = default_layout()
     return {
@@ -457,7 +464,7 @@ def projected_forwards(lat: int, lag: int, window: int, p: float, seed: int = 0)
     return fed
 
 
-def speed_projection(costs: dict, lat: int, ps=(0.6, 0.8), bandwidth: float = 4.8e12) -> list[str]:
+def speed_projection(costs: dict, lat: int, ps=(0.6, 0.8), bandwidth: float = H200_BANDWIDTH) -> list[str]:
     """Seconds of the image phase per image on an H200, projected (not measured): the roofline of each forward
     (:func:`forward_costs`) over the forwards :func:`projected_forwards` counts."""
     header = f"{'decoding':<32} {'p':>4} {'forwards':>8} {'fed/fwd':>7} " + " ".join(
@@ -475,12 +482,11 @@ def speed_projection(costs: dict, lat: int, ps=(0.6, 0.8), bandwidth: float = 4.
     return lines
 
 
-def forward_cost_estimate(config, model, shape, bandwidth: float = 4.8e12) -> list[str]:
+def forward_cost_estimate(config, model, shape, bandwidth: float = H200_BANDWIDTH) -> list[str]:
     """Roofline milliseconds of one image forward against the tokens it feeds per image (a window, a token
     per row, the fronts' tokens), for the default layout and compiled reads (:mod:`pure.decoding.traffic`):
     how many tokens a forward takes before it costs more than one."""
     from pure.decoding.traffic import H200_BF16_FLOPS, forward_cost_table
-    from pure.memory import default_layout
 
     layout = default_layout()
     costs = list(forward_costs(config, model, shape).values())
@@ -501,8 +507,6 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         LAYOUTS,
         TARGET_GB,
         WEIGHT_FORMATS,
-        DecodeShape,
-        default_layout,
         estimate_peak,
         peak_table,
     )
@@ -516,10 +520,8 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * 2
     lat = size // VQ_DOWNSAMPLE
-    block = SequenceFormat.image_block_length(lat, lat)
-    prompt = 1 + INSTRUCTION_TOKENS + block + 1
-    text = SamplingConfig().max_text_tokens
-    shape = DecodeShape(prompt, text, block, batch)
+    shape = restoration_shape(lat, batch)
+    prompt, text, block = shape.prompt, shape.text, shape.block
     slot = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
     rows, capacity = shape.cache("rows")
     kv = rows * capacity * slot
@@ -561,19 +563,14 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         for fmt in TARGET_GB:
             e = estimate_peak(c, variant, default, fmt, PURE_CODEBOOK, vq_params, model)
             lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
-    lines += ["", *traffic_estimate(c, model, DecodeShape(prompt, text, block, batch))]
-    lines += ["", *forward_cost_estimate(c, model, DecodeShape(prompt, text, block, batch))]
+    lines += ["", *traffic_estimate(c, model, shape)]
+    lines += ["", *forward_cost_estimate(c, model, shape)]
     lines += [
         "",
         f"projected seconds of the image phase per image on an H200, {size}x{size}, batch {batch}, compiled "
         "(not a measurement: the roofline above per forward, and drafts accepted independently with "
         "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.83)",
-        *(
-            "  " + line
-            for line in speed_projection(
-                forward_costs(c, model, DecodeShape(prompt, text, block, batch)), lat
-            )
-        ),
+        *("  " + line for line in speed_projection(forward_costs(c, model, shape), lat)),
     ]
     for fmt, target in TARGET_GB.items():
         fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]

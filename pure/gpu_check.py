@@ -492,7 +492,22 @@ def measure_decode(setup: DecodeSetup, cfg: CheckConfig, jacobi: bool, compiled:
     }
 
 
+def roofline_ms(model, lat: int) -> dict[str, dict[int, float]]:
+    """Weight format -> tokens fed per forward (one token, a Jacobi window) -> the roofline's milliseconds on
+    an H200 (:func:`pure.bench.forward_costs`) of ``model`` restoring ``lat`` x ``lat`` codes."""
+    from pure.bench import H200_BANDWIDTH, forward_costs, restoration_shape
+    from pure.decoding.jacobi import DEFAULT_WINDOW
+
+    costs = forward_costs(model.config, model, restoration_shape(lat))
+    return {
+        fmt: {fed: round(1e3 * c.seconds(fed, H200_BANDWIDTH), 2) for fed in (1, DEFAULT_WINDOW)}
+        for fmt, c in costs.items()
+    }
+
+
 def stage_decode(record: StageRecord, cfg: CheckConfig) -> None:
+    from pure.memory import default_layout
+
     setup = DecodeSetup.build(cfg)
     n_params = sum(p.numel() for p in setup.model.parameters())
     record["setup"] = {
@@ -505,8 +520,10 @@ def stage_decode(record: StageRecord, cfg: CheckConfig) -> None:
         "whole_image_tokens": setup.lat * (setup.lat + 1) + 1,
         "guidance": setup.sampling.cfg_scale,
         "temperature": setup.sampling.temperature,
-        "layout": "rows",
+        "layout": default_layout(),
     }
+    if cfg.arch == "7b":  # what the roofline predicts for the modes' forwards, to set the measures against
+        record["h200_roofline_ms_per_forward"] = roofline_ms(setup.model, setup.lat)
     modes, failures = {}, []
     for name, jacobi, compiled in DECODE_MODES:
         try:

@@ -141,3 +141,16 @@ def test_gpu_recipe_runs_the_check_with_the_machines_python():
 )
 def test_profile_sorts_kernels_into_attention_and_gemms(name, kind):
     assert gpu_check.classify_kernel(name) == kind
+
+
+def test_the_decode_stage_sets_the_roofline_beside_its_measures():
+    """On a GPU the 7B decode stage records what the roofline predicts per forward (here on a meta model)."""
+    from pure.bench import build_arch
+    from pure.gpu_check import roofline_ms
+    from pure.model import PureForConditionalGeneration
+
+    config = build_arch("7b").config
+    with torch.device("meta"):
+        model = PureForConditionalGeneration(config)
+    ms = roofline_ms(model, 64)
+    assert ms["bf16"][1] == ms["bf16"][16] == 3.65 and ms["int8"][1] == 2.31  # the README's table
