@@ -563,6 +563,12 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         for fmt in TARGET_GB:
             e = estimate_peak(c, variant, default, fmt, PURE_CODEBOOK, vq_params, model)
             lines.append(f"  {label}, '{default}' layout, {fmt}: peak {gib(e.peak)} = {e.peak / 1e9:.2f} GB")
+    for fmt, target in TARGET_GB.items():
+        fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
+        lines.append(
+            f"  {target} GB peak target ({fmt}): default layout '{default}' "
+            f"{'fits' if default in fit else 'does NOT fit'}; fitting layouts: {', '.join(fit) or 'none'}"
+        )
     lines += ["", *traffic_estimate(c, model, shape)]
     lines += ["", *forward_cost_estimate(c, model, shape)]
     lines += [
@@ -572,12 +578,6 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
         "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.83)",
         *("  " + line for line in speed_projection(forward_costs(c, model, shape), lat)),
     ]
-    for fmt, target in TARGET_GB.items():
-        fit = [e.layout for e in estimates if e.weights_format == fmt and e.fits]
-        lines.append(
-            f"  {target} GB peak target ({fmt}): default layout '{default}' "
-            f"{'fits' if default in fit else 'does NOT fit'}; fitting layouts: {', '.join(fit) or 'none'}"
-        )
     return lines
 
 
