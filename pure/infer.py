@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "4,161. An approximation (each code misses the part of the rows above that is not written yet); "
         "L >= the grid's width gives the normal image. With --jacobi N, each row advances by speculative "
         "windows of N: what --row-lag alone gives (the same image when greedy, the same distribution when "
-        "sampling), in fewer forwards",
+        "sampling), in fewer forwards (a 7B model on a GPU at 512 px: N = 4 keeps each forward as cheap as "
+        "one token's)",
     )
     tiling = p.add_argument_group("any size and scale (tiled restoration, see pure.tiling)")
     tiling.add_argument(
