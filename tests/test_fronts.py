@@ -200,6 +200,25 @@ def test_row_lag_with_jacobi_is_fronts(tiny_restorer, tiny_format):
     assert (args.row_lag, args.jacobi) == (2, 16)
 
 
+@pytest.mark.parametrize(("lag", "window"), [(1, 3), (1, 5), (2, 6)])
+def test_padding_changes_no_token(tiny_restorer, tiny_format, monkeypatch, lag, window):
+    """Sampled, four images: windows padded as a compiled forward pads them (to the window, more windows)
+    give the eager tokens. (They did not when eager windows were as long as the longest front: its last
+    position tested no draft, a longer window's did.)"""
+    settings = SamplingConfig(temperature=0.9, row_lag=lag, jacobi_window=window)
+    prompts = prompts_for(tiny_format, 4)
+
+    def run():
+        decoder = RestorationDecoder(tiny_restorer.model, tiny_format, settings, guidance_layout="shared")
+        gens = [torch.Generator().manual_seed(s) for s in range(3, 7)]
+        return decoder.generate_image(prompts, H, W, generators=gens).answer_ids
+
+    eager = run()
+    monkeypatch.setattr(RestorationDecoder, "_compiles", lambda self, device: True)  # padded, not compiled
+    monkeypatch.setattr(RestorationDecoder, "_compiled_fn", lambda self, fn, device: fn)
+    assert all(torch.equal(a, b) for a, b in zip(eager, run(), strict=True))
+
+
 # -- what a forward feeds ------------------------------------------------------------------------------------
 
 
@@ -250,11 +269,11 @@ def test_a_compiled_forward_feeds_a_few_shapes_past_the_recompile_limit(
     compilation per step (fullgraph: an error), and the image is the eager one."""
     torch._dynamo.reset()  # forget the compilations of other tests
     monkeypatch.setattr(fronts_module, "MIN_FED", 2)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     settings = {"temperature": 0.9, "row_lag": 1, "jacobi_window": 5}
-    needed, held, compiled, decoder = fed_per_forward(
-        tiny_restorer.model, tiny_format, monkeypatch, "eager", **settings
-    )
+    with torch._dynamo.config.patch(recompile_limit=1):
+        needed, held, compiled, decoder = fed_per_forward(
+            tiny_restorer.model, tiny_format, monkeypatch, "eager", **settings
+        )
     assert all(n <= h < 2 * n and h & (h - 1) == 0 for n, h in zip(needed, held, strict=True))
     assert 1 < len(set(held)) <= decoder.row_parallel.shapes(H)
     eager = decode(tiny_restorer.model, tiny_format, prompts_for(tiny_format, 2), seeds=(3, 4), **settings)

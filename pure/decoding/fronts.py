@@ -28,6 +28,10 @@ Compiled, every forward of one shape would feed a window for every row (64 x 16 
 So a compiled forward pads its tokens to a power of two, at least :data:`MIN_FED` (:func:`padded`), and
 verifies that many windows at most: a handful of shapes, each forward under twice what it feeds (or
 :data:`MIN_FED`, which costs a 7B forward nothing: ``python -m pure.bench --arch 7b`` prints the roofline).
+
+Windows are padded as well: to the window (compiled) or to one more than the longest front (eager). A front
+of ``m < W`` tokens then always verifies, at its last position, the draft after its last fed token (a fixed
+draft there, decided before, is kept), so padding changes no token.
 """
 
 from __future__ import annotations
@@ -158,7 +162,6 @@ class RowFrontsDecoding:
         rotary,
         codes,
         unpack,
-        lengths,
         forced,
         keys,
         iteration,
@@ -171,17 +174,17 @@ class RowFrontsDecoding:
         ``T`` tokens and ``F`` windows of ``W`` (what ``compile`` captures).
 
         ``unpack``: ``(F * W,)`` the fed token at each window position (any, where a window is shorter);
-        ``lengths``: ``(B * F,)`` the tokens each window feeds; ``forced``, ``slots``: ``(B * F, W)`` the
-        grammar's token at each target (``-1``: a code) and noise counters; ``drafts``, ``fixed``: ``(B * F,
-        W - 1)``; ``q``: ``(B * F, W - 1, K)`` or ``None``; the windows of a batch row's fronts are
-        consecutive. Returns :func:`~pure.decoding.jacobi.verify_drafts`'s, per window."""
+        ``forced``, ``slots``: ``(B * F, W)`` the grammar's token at each target (``-1``: a code) and noise
+        counters; ``drafts``, ``fixed``: ``(B * F, W - 1)``; ``q``: ``(B * F, W - 1, K)`` or ``None``; the
+        windows of a batch row's fronts are consecutive. Returns
+        :func:`~pure.decoding.jacobi.verify_drafts`'s, per window."""
         d = self.decoder
         logits = d._forward(ids, positions, mask, cache, ids.shape[1], rotary, codes)
         guided = d.layout.guide(logits)[:, unpack]  # (B, F * W, K)
         windows, span = drafts.shape[0], drafts.shape[1] + 1
         guided = guided.reshape(windows, span, guided.shape[-1])
         keys = keys.repeat_interleave(windows // keys.shape[0], dim=0)
-        return verify_drafts(d, guided, codes, forced, keys, iteration, slots, drafts, q, fixed, lengths)
+        return verify_drafts(d, guided, codes, forced, keys, iteration, slots, drafts, q, fixed)
 
     def image_phase(self, state, constraint: ImageGridConstraintLogitsProcessor, generators, entropy, bar):
         """REstore, by fronts of rows (module docstring)."""
@@ -222,8 +225,8 @@ class RowFrontsDecoding:
             if compiled:  # a few shapes (module docstring)
                 n_tokens = padded(n_fed)
                 n_fronts, span = padded_windows(n_tokens, height), w_len
-            else:  # the fronts' tokens; windows as long as the longest front
-                n_tokens, n_fronts, span = n_fed, len(active), max(2, *(m for _, m in active))
+            else:  # the fronts' tokens; windows one longer than the longest front (module docstring)
+                n_tokens, n_fronts, span = n_fed, len(active), min(w_len, 1 + max(m for _, m in active))
             index = torch.full((n_fronts, span), n_body, dtype=torch.long, device=device)  # padding
             pack = torch.zeros(n_tokens, dtype=torch.long, device=device)  # the window position fed there
             unpack = torch.zeros(n_fronts * span, dtype=torch.long, device=device)
@@ -263,7 +266,6 @@ class RowFrontsDecoding:
                 state.rotary,
                 codes,
                 unpack,
-                (index < n_body).sum(dim=1).repeat(batch),
                 forced.repeat(batch, 1),
                 keys,
                 counter,

@@ -208,9 +208,7 @@ class JacobiDecoding:
         entropy.copy_(codes)
 
 
-def verify_drafts(
-    d: RestorationDecoder, guided, codes, forced, keys, iteration, slots, drafts, q, fixed, lengths=None
-):
+def verify_drafts(d: RestorationDecoder, guided, codes, forced, keys, iteration, slots, drafts, q, fixed):
     """Verify windows of drafts against the targets of one forward (module docstring). No host sync.
 
     Args:
@@ -219,9 +217,7 @@ def verify_drafts(
             where a code is drawn. keys: ``(N, 2)`` noise keys. iteration: the noise counter of this
             forward. slots: ``(1 or N, W)`` noise counters of the window positions (distinct per window of a
             row). drafts: ``(N, W-1)`` ids. q: ``(N, W-1, K)`` their draft distributions (``None`` when
-            greedy). fixed: ``(N, W-1)`` drafts accepted without test. lengths: ``(N,)`` the tokens fed
-            in each window, or ``None``: all ``W``. A window of ``m`` ends at position ``m - 1`` (no draft
-            tested there, a fresh prediction) whatever it is padded to, so that padding changes no token.
+            greedy). fixed: ``(N, W-1)`` drafts accepted without test.
 
     Returns:
         ``tokens (N, W)`` ids: position ``i < accepted`` holds the accepted draft, ``accepted`` the corrected
@@ -238,12 +234,10 @@ def verify_drafts(
     def as_ids(index: torch.Tensor) -> torch.Tensor:  # (N, W) code indices -> ids, or the forced token
         return torch.where(forced >= 0, forced, codes.ids[index])
 
-    at = torch.arange(width, device=drafts.device)[None]
-    ends = at >= (width if lengths is None else lengths[:, None]) - 1  # (1 or N, W): past a window's drafts
     if s.temperature == 0:
         probs = None
         best = as_ids(scores.argmax(dim=-1))  # (N, W)
-        ok = (fixed | (drafts == best[:, :-1])) & ~ends[:, :-1]
+        ok = fixed | (drafts == best[:, :-1])
         predicted = corrected = best
     else:
         probs = (scores / s.temperature).softmax(dim=-1)  # (N, W, K)
@@ -251,23 +245,21 @@ def verify_drafts(
         p_x = probs[:, :-1].gather(-1, draft_codes)[..., 0]  # (N, W-1)
         q_x = q.gather(-1, draft_codes)[..., 0]
         coin = keyed_uniform(keys, (ACCEPT_STREAM, iteration, slots[:, :-1]), 1)[..., 0]
-        ok = (fixed | (coin * q_x < p_x)) & ~ends[:, :-1]  # probability min(1, p(x) / q(x))
+        ok = fixed | (coin * q_x < p_x)  # probability min(1, p(x) / q(x))
         residual = (probs[:, :-1] - q).clamp_min(0.0)  # (N, W-1, K)
         # p == q leaves nothing (and cannot reject, up to rounding): fall back to p
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, :-1])
         # A slot keeps at most one of its corrected and predicted tokens: they can share the noise.
         noise = -torch.log(keyed_uniform(keys, (SAMPLE_STREAM, iteration, slots), probs.shape[-1]))
-        fresh = (probs / noise).argmax(dim=-1)  # (N, W) exponential races
+        predicted = (probs / noise).argmax(dim=-1)  # (N, W) exponential races
         corrected = (residual / noise[:, :-1]).argmax(dim=-1)  # (N, W-1)
-        predicted = fresh
         if s.jacobi_coupled:  # the next draft of a slot: this one, coupled maximally (module docstring)
             kept = torch.where(ok, draft_codes[..., 0], corrected)
-            predicted = torch.where(ends, fresh, torch.cat([kept, fresh[:, -1:]], dim=1))
-        corrected = torch.where(
-            ends, fresh, torch.cat([corrected, fresh[:, -1:]], dim=1)
-        )  # the bonus at the end
+            predicted = torch.cat([kept, predicted[:, -1:]], dim=1)
+        corrected = torch.cat([corrected, predicted[:, -1:]], dim=1)  # the bonus at the last slot
         predicted, corrected = as_ids(predicted), as_ids(corrected)
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (N,) leading accepted drafts
+    at = torch.arange(width, device=drafts.device)[None]
     drafts_w = torch.cat([drafts, drafts[:, -1:]], dim=1)  # (N, W); the pad column is never chosen
     tokens = torch.where(
         at < accepted[:, None],
