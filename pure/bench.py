@@ -36,7 +36,8 @@ from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbe
 from pure.decoding.jacobi import DEFAULT_WINDOW
 from pure.decoding.loop import GUIDANCE_LAYOUTS, RestorationDecoder, SamplingConfig
 from pure.decoding.sampling import EntropyTopKLogitsWarper, ImageGridConstraintLogitsProcessor
-from pure.memory import DecodeShape, default_layout
+from pure.decoding.traffic import H200_BANDWIDTH
+from pure.memory import DecodeShape, default_layout, kv_slot_bytes
 from pure.model import PureForConditionalGeneration, default_attn_implementation
 from pure.quant import check_quantize
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
@@ -56,7 +57,6 @@ PURE_VOCAB = 73_728  # spec 1.5: Chameleon's 65,536 ids + 8,192 more image codes
 PURE_CODEBOOK = 16_384
 INSTRUCTION_TOKENS = 20  # PURE's instruction in Chameleon's BPE, about
 ANSWER_TOKENS = 60  # "Medium blur, small noise. The image features ..." (60-120 in practice)
-H200_BANDWIDTH = 4.8e12  # bytes/s, an H200's HBM3e
 MAX_GRID = 32  # grid-size tokens named in the synthetic vocabulary (1024 px)
 
 
@@ -482,21 +482,20 @@ def speed_projection(costs: dict, lat: int, ps=(0.6, 0.8), bandwidth: float = H2
     return lines
 
 
-def forward_cost_estimate(config, model, shape, bandwidth: float = H200_BANDWIDTH) -> list[str]:
+def forward_cost_estimate(costs: dict, bandwidth: float = H200_BANDWIDTH) -> list[str]:
     """Roofline milliseconds of one image forward against the tokens it feeds per image (a window, a token
-    per row, the fronts' tokens), for the default layout and compiled reads (:mod:`pure.decoding.traffic`):
+    per row, the fronts' tokens), for :func:`forward_costs`' ``costs`` (:mod:`pure.decoding.traffic`):
     how many tokens a forward takes before it costs more than one."""
     from pure.decoding.traffic import H200_BF16_FLOPS, forward_cost_table
 
     layout = default_layout()
-    costs = list(forward_costs(config, model, shape).values())
     title = (
         f"ms per image forward against tokens fed per image (roofline: reading the step's bytes at "
         f"{bandwidth / 1e12:g} TB/s or computing at {H200_BF16_FLOPS / 1e12:g} TFLOPS, an H200's bf16 peak, "
         f"whichever is longer; '{layout}' layout, guidance on, compiled reads; 'free up to': tokens per "
         "forward before computing outlasts reading, fewer at real kernels' efficiency)"
     )
-    return [title, *("  " + line for line in forward_cost_table(costs, list(FED), bandwidth))]
+    return [title, *("  " + line for line in forward_cost_table(list(costs.values()), list(FED), bandwidth))]
 
 
 def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDOW) -> list[str]:
@@ -522,7 +521,7 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
     lat = size // VQ_DOWNSAMPLE
     shape = restoration_shape(lat, batch)
     prompt, text, block = shape.prompt, shape.text, shape.block
-    slot = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    slot = kv_slot_bytes(c)
     rows, capacity = shape.cache("rows")
     kv = rows * capacity * slot
     kv_jacobi = rows * (capacity + window) * slot
@@ -569,14 +568,15 @@ def memory_estimate(size: int = 512, batch: int = 1, window: int = DEFAULT_WINDO
             f"  {target} GB peak target ({fmt}): default layout '{default}' "
             f"{'fits' if default in fit else 'does NOT fit'}; fitting layouts: {', '.join(fit) or 'none'}"
         )
+    costs = forward_costs(c, model, shape)
     lines += ["", *traffic_estimate(c, model, shape)]
-    lines += ["", *forward_cost_estimate(c, model, shape)]
+    lines += ["", *forward_cost_estimate(costs)]
     lines += [
         "",
         f"projected seconds of the image phase per image on an H200, {size}x{size}, batch {batch}, compiled "
         "(not a measurement: the roofline above per forward, and drafts accepted independently with "
         "probability p; PURE-tiny v2's coupled Jacobi 16 accepts as if p were about 0.83)",
-        *("  " + line for line in speed_projection(forward_costs(c, model, shape), lat)),
+        *("  " + line for line in speed_projection(costs, lat)),
     ]
     return lines
 

@@ -495,8 +495,9 @@ def measure_decode(setup: DecodeSetup, cfg: CheckConfig, jacobi: bool, compiled:
 def roofline_ms(model, lat: int) -> dict[str, dict[int, float]]:
     """Weight format -> tokens fed per forward (one token, a Jacobi window) -> the roofline's milliseconds on
     an H200 (:func:`pure.bench.forward_costs`) of ``model`` restoring ``lat`` x ``lat`` codes."""
-    from pure.bench import H200_BANDWIDTH, forward_costs, restoration_shape
+    from pure.bench import forward_costs, restoration_shape
     from pure.decoding.jacobi import DEFAULT_WINDOW
+    from pure.decoding.traffic import H200_BANDWIDTH
 
     costs = forward_costs(model.config, model, restoration_shape(lat))
     return {

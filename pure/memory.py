@@ -67,6 +67,12 @@ class PeakEstimate:
         return None if self.target_gb is None else self.peak <= self.target_gb * 1e9
 
 
+def kv_slot_bytes(config) -> int:
+    """Bytes of one token slot of one cache row: keys and values of every layer, bf16."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
+
+
 def decoder_linears(model) -> list[torch.nn.Linear]:
     return [m for m in model.model.layers.modules() if type(m) is torch.nn.Linear]
 
@@ -140,8 +146,7 @@ def estimate_peak(
         with torch.device("meta"):
             model = PureForConditionalGeneration(config)
     hidden, inter = config.hidden_size, config.intermediate_size
-    head_dim = hidden // config.num_attention_heads
-    slot = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2  # K and V, bf16
+    slot = kv_slot_bytes(config)
     rows, slots = shape.cache(layout)
     prefill_rows = shape.prefill_rows(layout)
     dequantized = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pure.decoding.attention import KV_BLOCK
-from pure.memory import DecodeShape, decoder_linears, weight_bytes
+from pure.memory import DecodeShape, decoder_linears, kv_slot_bytes, weight_bytes
 
 READS = ("capacity", "live", "blocks")
 
@@ -62,9 +62,7 @@ def step_traffic(
     if reads not in READS:
         raise ValueError(f"reads must be one of {', '.join(READS)}; got {reads!r}")
     hidden = config.hidden_size
-    slot = (
-        config.num_hidden_layers * 2 * config.num_key_value_heads * (hidden // config.num_attention_heads) * 2
-    )
+    slot = kv_slot_bytes(config)
     table = model.model.embed_tokens.weight.numel() * 2 + model.lm_head.weight.numel() * 2  # bf16, not read
     weights = weight_bytes(model, weights_format) - table
     head = codebook * hidden * 2
@@ -105,6 +103,7 @@ def traffic_table(rows: list[StepTraffic], bandwidth: float) -> list[str]:
     return lines
 
 
+H200_BANDWIDTH = 4.8e12  # bytes/s, an H200's HBM3e
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H200 (torchao's int8 weights compute in bf16)
 
 
@@ -138,9 +137,7 @@ def forward_cost(config, model, shape: DecodeShape, traffic: StepTraffic, codebo
     ``traffic``."""
     hidden = config.hidden_size
     linears = sum(m.weight.numel() for m in decoder_linears(model)) + codebook * hidden
-    slot = (
-        config.num_hidden_layers * 2 * config.num_key_value_heads * (hidden // config.num_attention_heads) * 2
-    )
+    slot = kv_slot_bytes(config)
     attended = traffic.ideal_kv / slot / shape.batch  # per image: its row's context and its twin's
     positions = 2 if shape.guidance else 1
     per_position = attended / positions * config.num_hidden_layers * hidden * 4
