@@ -36,7 +36,7 @@ draft there, decided before, is kept), so padding changes no token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -109,14 +109,24 @@ def schedule(
     decided, forwards = [1] + [0] * (height - 1), []
     while active := fronts(decided, width, lag, window):
         forwards.append(active)
-        above, by_row = None, dict(active)
-        for row in range(height):
-            if row in by_row:
-                m = by_row[row]
-                held = m if above is None else valid(above, decided[row] - 1, m, width, lag)
-                decided[row] += min(accepted(row, m) + 1, held)
-            above = decided[row] - 2
+        for _, row, m, held in committing(decided, active, width, lag):
+            decided[row] += min(accepted(row, m) + 1, held)
     return forwards, decided
+
+
+def committing(
+    decided: list[int], active: list[tuple[int, int]], width: int, lag: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """After a forward of the fronts ``active``, top down: ``(front, row, m, held)`` for each, where ``held``
+    of its ``m`` tokens lead with a view of the row above that held (:func:`valid`: it saw none of that row's
+    drafts left undecided). The caller adds the tokens the front decides, at most ``held``, to
+    ``decided[row]`` before taking the next."""
+    above, by_row = None, {row: (f, m) for f, (row, m) in enumerate(active)}
+    for row in range(len(decided)):
+        if row in by_row:
+            f, m = by_row[row]
+            yield f, row, m, m if above is None else valid(above, decided[row] - 1, m, width, lag)
+        above = decided[row] - 2  # the row's decided tokens but its last, which a forward feeds again
 
 
 def row_tokens(row: int, height: int, width: int) -> int:
@@ -283,15 +293,9 @@ class RowFrontsDecoding:
             # Per front, top down: its accepted drafts and one more token are decided, within the tokens it
             # was fed for and those whose context held (the row above's drafts it saw may be rejected)
             accepted_host = self._read(accepted)
-            kept, above = [], None
-            by_row = {row: (f, m) for f, (row, m) in enumerate(active)}
-            for row in range(height):
-                if row not in by_row:
-                    above = decided[row] - 2  # the cache's: all but its last decided token
-                    continue
-                f, m = by_row[row]
+            kept = []
+            for f, row, m, held in committing(decided, active, width, lag):
                 start = row * (width + 1) + decided[row] - 1  # body index of the row's first fed token
-                held = m if above is None else valid(above, decided[row] - 1, m, width, lag)
                 c = min(min(a[f] + 1, held) for a in accepted_host)  # every batch row commits alike ...
                 body[:, start + 1 : start + 1 + c] = out[:, f, :c]
                 entropies[:, start + 1 : start + 1 + c] = step_entropy[:, f, :c]
@@ -305,7 +309,6 @@ class RowFrontsDecoding:
                 if not greedy:
                     proposed_q[row] = torch.cat([probs[:, f, c:m], proposed_q[row][:, m:]], dim=1)
                 kept.append(offsets[f] + at[:c])  # its first token and the accepted drafts
-                above = decided[row] - 2
                 if decided[row] == row_tokens(row, height, width):
                     rows_done += 1
                     bar.update(1)
