@@ -96,12 +96,15 @@ def make_random_checkpoint(
     vq: str | Path | None = None,
     captions: str | Path | None = None,
     text_vocab_size: int = TEXT_VOCAB_SIZE,
+    tokenizer: str | Path | None = None,
     **model_size,
 ) -> Path:
     """Write a checkpoint folder with a random language model (atomically: complete or absent).
 
     ``vq``: a trained VQ folder to use (default: a random VQ of ``vq_config``). ``captions``: learn a BPE
     tokenizer of ``text_vocab_size`` text ids from these captions (default: the byte-level tokenizer).
+    ``tokenizer``: copy this one instead (a checkpoint folder or its ``tokenizer.json``), byte for byte, e.g.
+    the one shards were pretokenised with: a BPE learnt again from the same captions can differ.
     ``model_size``: :func:`tiny_config`'s ``hidden``, ``layers``, ``heads``, ``intermediate``, ``image_size``.
     """
     folder = Path(folder)
@@ -111,19 +114,37 @@ def make_random_checkpoint(
     trained_vq = VQModel.from_pretrained(vq) if vq is not None else None  # draws no random numbers
     if trained_vq is not None:
         vq_config = trained_vq.config
-    if captions is not None:
-        text = train_bpe_tokenizer(tokenizer_texts(captions), text_vocab_size, vq_config.codebook_size)
+    if tokenizer is not None:
+        if captions is not None:
+            raise ValueError("give a tokenizer to copy or captions to learn one from, not both")
+        given = Path(tokenizer)
+        tokenizer_file = given / "tokenizer.json" if given.is_dir() else given
+        text_tokenizer = (
+            PureTokenizer.from_checkpoint(given) if given.is_dir() else PureTokenizer.from_file(given)
+        )
+        if text_tokenizer.vocab.codebook_size != vq_config.codebook_size:
+            raise ValueError(
+                f"{tokenizer_file} names {text_tokenizer.vocab.codebook_size} image tokens but the VQ has "
+                f"{vq_config.codebook_size} codes"
+            )
     else:
-        text = build_byte_tokenizer(vq_config.codebook_size)
-    tokenizer = PureTokenizer(text, PureVocab.from_names(text.get_vocab(with_added_tokens=True)))
-    config = tiny_config(tokenizer, **model_size)
+        if captions is not None:
+            text = train_bpe_tokenizer(tokenizer_texts(captions), text_vocab_size, vq_config.codebook_size)
+        else:
+            text = build_byte_tokenizer(vq_config.codebook_size)
+        tokenizer_file = None
+        text_tokenizer = PureTokenizer(text, PureVocab.from_names(text.get_vocab(with_added_tokens=True)))
+    config = tiny_config(text_tokenizer, **model_size)
     model = PureForConditionalGeneration(config)
     image_tokenizer = trained_vq or VQModel(vq_config)  # after the LM: the same seed gives the same LM
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.tmp-") as tmp:
         staging = Path(tmp) / "checkpoint"
         model.save_pretrained(staging)
-        tokenizer.save(staging / "tokenizer.json")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        else:
+            text_tokenizer.save(staging / "tokenizer.json")
         image_tokenizer.save_pretrained(staging / "vq")
         (staging / "README.md").write_text(
             README.format(
@@ -154,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vq", help="a trained VQ folder (pure.train_vq's vq/) instead of a random tiny VQ")
     p.add_argument("--captions", help="JSONL of captions: learn a BPE text tokenizer (default: bytes)")
     p.add_argument(
+        "--tokenizer",
+        help="copy this text tokenizer instead (a checkpoint folder or tokenizer.json), e.g. the one shards "
+        "were pretokenised with: a BPE learnt again from the same captions can differ",
+    )
+    p.add_argument(
         "--text-vocab",
         type=int,
         default=TEXT_VOCAB_SIZE,
@@ -176,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             vq=args.vq,
             captions=args.captions,
             text_vocab_size=args.text_vocab,
+            tokenizer=args.tokenizer,
             hidden=args.hidden,
             layers=args.layers,
             heads=args.heads,

@@ -18,6 +18,7 @@ from pure.data.sample_images import (
     read_sources,
 )
 from pure.make_random_checkpoint import make_random_checkpoint, tokenizer_texts
+from pure.model import load_config
 from pure.restorer import PureRestorer
 from pure.sequence import INSTRUCTION, SequenceFormat
 from pure.tokenizer import PureTokenizer, train_bpe_tokenizer
@@ -143,3 +144,27 @@ def test_starting_checkpoint_carries_the_trained_vq_bpe_tokenizer_and_size(tmp_p
     fmt = SequenceFormat(restorer.tokenizer)
     assert fmt.encode_text("A red kite") == restorer.tokenizer.encode("A red kite")
     assert restorer.tokenizer.vocab.codebook_size == SMALL_VQ.codebook_size
+
+
+def test_a_new_model_copies_the_tokenizer_its_shards_were_made_with(tmp_path):
+    """Another size on the same shards: the tokenizer is copied byte for byte (the shards' manifest
+    records its hash), and with the same seed and size the weights are those of the first model."""
+    torch.manual_seed(1)
+    VQModel(SMALL_VQ).save_pretrained(tmp_path / "vq")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"file": "a.png", "caption": "A red kite over a beach."}) + "\n")
+    size = {"vq": tmp_path / "vq", "text_vocab_size": 300, "hidden": 64, "image_size": 128}
+    first = make_random_checkpoint(tmp_path / "first", captions=captions, **size)
+    again = make_random_checkpoint(tmp_path / "again", tokenizer=first, **size)
+    wider = make_random_checkpoint(
+        tmp_path / "wider", tokenizer=first / "tokenizer.json", **{**size, "hidden": 96}
+    )
+    for folder in (again, wider):
+        assert (folder / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    assert load_config(wider).hidden_size == 96
+    with pytest.raises(ValueError, match="not both"):
+        make_random_checkpoint(tmp_path / "both", tokenizer=first, captions=captions, **size)
+    with pytest.raises(ValueError, match="image tokens but the VQ has"):
+        make_random_checkpoint(tmp_path / "other_vq", tokenizer=first, hidden=64)  # the default tiny VQ
+    assert not (tmp_path / "both").exists() and not (tmp_path / "other_vq").exists()

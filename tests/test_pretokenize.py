@@ -20,10 +20,10 @@ pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.
 import pure.data.pretokenize as pretokenize_module
 from pure.data.captions import CaptionIndex
 from pure.data.pairs import PairSettings, make_pairs
-from pure.data.pretokenize import MANIFEST, Tokenizers, pretokenize, shard_name
+from pure.data.pretokenize import Tokenizers, pretokenize, shard_name
 from pure.data.records import IMAGE_PLACEHOLDER, build_records, read_records
 from pure.data.records import main as records_main
-from pure.data.shards import find_shards, load_data_config, load_shard_set, read_shard
+from pure.data.shards import PRETOKENIZE_MANIFEST, find_shards, load_data_config, load_shard_set, read_shard
 from pure.sequence import INSTRUCTION, SequenceFormat
 from pure.vocab import BOI_NAME
 from pure.vq import pil_to_pixels
@@ -115,11 +115,11 @@ def reference(dataset, tiny_checkpoint):
 
 
 def _rows(folder) -> list[dict]:
-    return [dict(row) for row in load_shard_set(folder)]
+    return load_shard_set(folder).to_pylist()
 
 
 def _shard_rows(folder) -> dict[str, list[dict]]:
-    return {p.name: [dict(r) for r in read_shard(p)] for p in find_shards(folder)}
+    return {p.name: read_shard(p).to_pylist() for p in find_shards(folder)}
 
 
 def _pixels(path: Path) -> torch.Tensor:
@@ -248,7 +248,7 @@ def test_failed_records_are_reported_and_stable(dataset, tiny_checkpoint, tmp_pa
 def test_other_settings_are_refused_and_the_data_config_reads_the_set(
     dataset, reference, tiny_checkpoint, tmp_path
 ):
-    manifest = json.loads((reference / MANIFEST).read_text())
+    manifest = json.loads((reference / PRETOKENIZE_MANIFEST).read_text())
     assert manifest["num_records"] == 9 and manifest["size"] == SIZE and manifest["codebook_size"] == 64
     with pytest.raises(ValueError, match="shard_size"):
         pretokenize(

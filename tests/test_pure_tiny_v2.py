@@ -179,7 +179,7 @@ def test_exposure_diagnosis_measures_forced_free_copy_and_attention(tiny_checkpo
     config = load_config(tiny_checkpoint)
     tokenizer = PureTokenizer.from_checkpoint(tiny_checkpoint)  # config.json read by the helper
     fmt = SequenceFormat(tokenizer)
-    rows = read_shard(find_shards(shards)[-1])
+    rows = read_shard(find_shards(shards)[-1]).to_pylist()
     for row, copy in zip(rows, d["copy"], strict=True):
         ids = torch.tensor(row["input_ids"])
         boi = (ids == fmt.vocab.boi).nonzero().flatten().tolist()

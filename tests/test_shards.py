@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("datasets", reason="needs the train extra: pip install -e '.[train]'")
+import pyarrow as pa
+from datasets import load_from_disk
 
 from pure.data.shards import (
+    PRETOKENIZE_MANIFEST,
     ShardError,
     ShardExample,
     ShardSet,
+    check_made_with,
+    file_sha256,
     find_shards,
     load_data_config,
     load_shard_set,
     read_shard,
     shard_features,
+    shard_schema,
     shard_set_summary,
     write_shard,
 )
@@ -37,9 +45,9 @@ def test_round_trip_keeps_ids_and_labels(tmp_path, tiny_format):
     examples = [ShardExample.from_training_example(f"ex/{i}", *_example(tiny_format, i)) for i in range(3)]
     folder = write_shard(examples, tmp_path / "shard-0")
     data = read_shard(folder)
-    assert data.features == shard_features()
-    assert len(data) == 3
-    for i, row in enumerate(data):
+    assert data.schema.equals(shard_schema()) and len(data) == 3
+    assert load_from_disk(str(folder)).features == shard_features()  # a datasets folder too
+    for i, row in enumerate(data.to_pylist()):
         ids, labels = _example(tiny_format, i)
         assert row["id"] == f"ex/{i}"
         assert row["input_ids"] == ids.tolist()
@@ -49,13 +57,13 @@ def test_round_trip_keeps_ids_and_labels(tmp_path, tiny_format):
         )
         assert torch.equal(restored, labels)
     # uint32 on disk: PURE's ids go up to 73,727, beyond uint16
-    assert str(data.features["input_ids"].feature.dtype) == "uint32"
+    assert data.schema.field("input_ids").type.value_type == pa.uint32()
 
 
 def test_writer_takes_mappings_and_numpy(tmp_path):
     ids = np.arange(70000, 70010, dtype=np.uint32)
     write_shard([{"id": "a", "input_ids": ids, "prompt_length": 4}], tmp_path / "s")
-    row = read_shard(tmp_path / "s")[0]
+    row = read_shard(tmp_path / "s").to_pylist()[0]
     assert row["input_ids"] == ids.tolist() and row["prompt_length"] == 4 and row["length"] == 10
 
 
@@ -105,7 +113,7 @@ def test_shard_set_reads_nested_shards_in_sorted_order(tmp_path):
         "a/shard-0",
         "b/shard-1",
     ]
-    assert load_shard_set(tmp_path / "set")["id"][:] == ["0", "100"]
+    assert load_shard_set(tmp_path / "set").column("id").to_pylist() == ["0", "100"]
 
 
 def test_data_config_resolves_relative_paths_and_rejects_unknown_keys(tmp_path):
@@ -122,3 +130,64 @@ def test_data_config_resolves_relative_paths_and_rejects_unknown_keys(tmp_path):
     config.write_text("sets:\n  - {path: lsdir, ratio: 0}\n")
     with pytest.raises(ShardError, match="ratio must be > 0"):
         load_data_config(config)
+
+
+def test_training_reads_shards_without_datasets(tmp_path, tiny_format, monkeypatch):
+    """The GPU machine has pyarrow but not datasets: the reader and the training set need only pyarrow,
+    also in a worker process (which maps the files again instead of receiving a copy)."""
+    import pickle
+
+    from pure.train.data import ShardDataset
+
+    examples = [ShardExample.from_training_example(f"ex/{i}", *_example(tiny_format, i)) for i in range(5)]
+    write_shard(examples[:3], tmp_path / "a" / "shard-0")
+    write_shard(examples[3:], tmp_path / "b" / "shard-0")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    sets = [ShardSet(str(tmp_path / "a")), ShardSet(str(tmp_path / "b"))]
+    for dataset in (ShardDataset(sets), pickle.loads(pickle.dumps(ShardDataset(sets)))):
+        assert len(dataset) == 5 and dataset.sizes == [3, 2]
+        assert dataset.lengths.tolist() == [e.input_ids.numel() for e in examples]
+        rows = dataset.__getitems__([4, 0, 2])
+        for row, e in zip(rows, [examples[4], examples[0], examples[2]], strict=True):
+            assert row["id"] == e.id and row["prompt_length"] == e.prompt_length
+            assert row["input_ids"].dtype == np.uint32 and row["input_ids"].tolist() == e.input_ids.tolist()
+    assert shard_set_summary(sets)[1]["examples"] == 2
+
+
+def test_reader_rejects_a_shard_of_other_columns(tmp_path):
+    folder = write_shard([ShardExample(id="x", input_ids=torch.arange(5), prompt_length=2)], tmp_path / "s")
+    (arrow,) = folder.glob("*.arrow")
+    table = pa.table({"input_ids": pa.array([[1, 2, 3]], pa.list_(pa.int64())), "id": ["x"]})
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(ShardError, match="has columns"):
+        read_shard(folder)
+
+
+def test_check_made_with_refuses_shards_of_another_tokenizer_or_vq(tmp_path):
+    """pretokenize's manifest names the tokenizer and VQ the ids came from; a model with another one would
+    train on ids that mean other tokens (a BPE learnt again from the same captions can differ)."""
+    model = tmp_path / "model"
+    (model / "vq").mkdir(parents=True)
+    (model / "tokenizer.json").write_text('{"model": "A"}')
+    (model / "vq" / "model.safetensors").write_bytes(b"codebook A")
+    ours = {"tokenizer_sha256": file_sha256(model / "tokenizer.json"), "vq_config": {"codebook_size": 8}}
+    ours["vq_sha256"] = file_sha256(model / "vq" / "model.safetensors")
+    manifests = {
+        "same": ours,
+        "other_text": {**ours, "tokenizer_sha256": "1" * 64},
+        "other_vq": {**ours, "vq_sha256": "2" * 64},
+        "pt_vq": {**ours, "vq_sha256": "3" * 64, "vq_config": None},  # a .pt file: not comparable
+    }
+    for name, manifest in manifests.items():
+        (tmp_path / name / "part").mkdir(parents=True)
+        (tmp_path / name / "part" / PRETOKENIZE_MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "unrecorded").mkdir()
+    sets = {name: ShardSet(str(tmp_path / name)) for name in [*manifests, "unrecorded"]}
+    check_made_with([sets["same"], sets["pt_vq"], sets["unrecorded"]], model)
+    check_made_with([sets["other_text"], sets["other_vq"]], tmp_path / "no_model")  # nothing to compare
+    with pytest.raises(ShardError, match="other_text was pretokenised with another text tokenizer"):
+        check_made_with([sets["same"], sets["other_text"]], model)
+    with pytest.raises(ShardError, match=r"other_vq was pretokenised with another VQ .*/model/vq/model"):
+        check_made_with([sets["other_vq"]], model)
+    assert file_sha256(model / "tokenizer.json") == hashlib.sha256(b'{"model": "A"}').hexdigest()

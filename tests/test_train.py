@@ -684,15 +684,16 @@ def test_zero3_run_exports_from_partitioned_checkpoints(runs, tiny_checkpoint):
     assert all(not torch.equal(p, base.state_dict()[n]) for n, p in tuned.named_parameters() if p.ndim == 2)
 
 
-# -- without DeepSpeed (the GPU machine has neither deepspeed nor kornia) --------------------------------
+# -- without DeepSpeed (the GPU machine has no deepspeed, kornia, datasets or tensorboard) --------------
 
 
 @pytest.fixture(scope="module")
 def plain_lora(runs):
-    """The LoRA run again where deepspeed and kornia do not import: halted after step 1, then resumed."""
+    """The LoRA run again where deepspeed, kornia, datasets and tensorboard do not import (as on the GPU
+    machine): halted after step 1, then resumed."""
     out = runs["root"] / "plain_lora"
-    lora = [*runs["lora"], f"output_dir={out}"]
-    blocked = ("deepspeed", "kornia")
+    lora = [*runs["lora"], f"output_dir={out}", "logging.tensorboard=false"]
+    blocked = ("deepspeed", "kornia", "datasets", "tensorboard")
     first = _train([*lora, "train.halt_at_step=1", "train.export_at_end=false"], blocked=blocked)
     _train(lora, "--resume", blocked=blocked)
     return {"run_dir": out, "log": first.stdout + first.stderr}
@@ -758,7 +759,7 @@ def test_plain_engine_trains_bf16_lora_adapters_in_fp32_and_steps_at_the_boundar
 @pytest.mark.parametrize(
     ("absent", "overrides", "message"),
     [
-        ("datasets", [], "datasets (reads the training shards)"),
+        ("pyarrow", [], "pyarrow (reads the training shards)"),
         ("deepspeed", ["train.engine=deepspeed"], "deepspeed (train.engine deepspeed"),
         ("peft", ["lora.enabled=true"], "peft (lora.enabled)"),
         ("tensorboard", [], "logging.tensorboard=false to do without"),
@@ -781,6 +782,25 @@ def test_a_missing_package_fails_in_one_line_before_the_model_loads(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert "pip install" in err or "train.precision fp32" in err
+
+
+def test_shards_of_another_tokenizer_fail_in_one_line_before_the_model_loads(
+    tiny_checkpoint, monkeypatch, capsys, tmp_path
+):
+    from pure.data.shards import PRETOKENIZE_MANIFEST
+    from pure.train.__main__ import main
+
+    shards = write_synthetic_shards(tiny_checkpoint, tmp_path / "shards", n=4, per_shard=4, latent=4)
+    (shards / PRETOKENIZE_MANIFEST).write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("pure.train.loop.load_training_model", lambda *a: pytest.fail("loaded the model"))
+    sets = f"data.sets=[{{path: {shards}}}]"
+    overrides = [f"model.init_from={tiny_checkpoint}", sets, "train.engine=plain"]
+    code = main([str(TINY_RECIPE), *(arg for o in overrides for arg in ("--set", o))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: shard set") and "another text tokenizer" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_stale_extension_build_lock_fails_in_one_line_before_the_model_loads(

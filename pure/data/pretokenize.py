@@ -32,7 +32,6 @@ model's weights are never loaded (nor downloaded).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -49,13 +48,20 @@ import torch
 from PIL import Image
 
 from pure.data.records import parse_record, read_records
-from pure.data.shards import ShardError, ShardExample, is_shard, read_shard, write_shard
+from pure.data.shards import (
+    PRETOKENIZE_MANIFEST,
+    ShardError,
+    ShardExample,
+    file_sha256,
+    is_shard,
+    read_shard,
+    write_shard,
+)
 from pure.imageio import load_image, save_json
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.vq import CONFIG_NAME, WEIGHTS_NAME, VQModel, pil_to_pixels, to_rgb
 
-MANIFEST = "pretokenize.json"
 FAILURES_DIR = "failures"
 DEFAULT_SIZE = 512
 _CHECKPOINT_FILES = ("config.json", "tokenizer.json", "vq/*")
@@ -101,8 +107,8 @@ class Tokenizers:
             )
         weights = vq_path / WEIGHTS_NAME if vq_path.is_dir() else vq_path
         identity = {
-            "tokenizer_sha256": _sha256(tokenizer_file),
-            "vq_sha256": _sha256(weights),
+            "tokenizer_sha256": file_sha256(tokenizer_file),
+            "vq_sha256": file_sha256(weights),
             "vq_config": json.loads((vq_path / CONFIG_NAME).read_text()) if vq_path.is_dir() else None,
             "codebook_size": image_tokenizer.config.codebook_size,
         }
@@ -128,14 +134,6 @@ def _checkpoint_folder(model: str | os.PathLike) -> Path:
             f"cannot get {name}: {why}. Download it on a machine with network "
             f"(`hf download {name} --local-dir DIR`) and pass --model DIR"
         ) from None
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +261,7 @@ def _devices(device: str | None, workers: int) -> list[str]:
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
-    path = out / MANIFEST
+    path = out / PRETOKENIZE_MANIFEST
     if path.is_file():
         stored = json.loads(path.read_text())
         keys = [k for k in manifest if k != "records_file"]
@@ -314,7 +312,7 @@ def pretokenize(
     num_shards = math.ceil(len(records) / shard_size)
     manifest = {
         "records_file": str(records_file.resolve()),
-        "records_sha256": _sha256(records_file),
+        "records_sha256": file_sha256(records_file),
         "num_records": len(records),
         "shard_size": shard_size,
         "num_shards": num_shards,
@@ -388,8 +386,8 @@ def verify_shard_set(out: Path, jobs: Sequence[ShardJob]) -> dict:
         got: list[str] = []
         if is_shard(folder):
             shard = read_shard(folder)
-            got = list(shard["id"])
-            tokens += int(sum(shard["length"]))
+            got = shard.column("id").to_pylist()
+            tokens += sum(shard.column("length").to_pylist())
         elif len(failed_ids) != len(expected):
             problems.append(f"{shard_name(job.index)} is missing")
             continue

@@ -9,6 +9,9 @@ conversation::
     length         int32          len(input_ids), so samplers can group by length without reading ids
     id             string         a stable name of the example (e.g. "lsdir/0001234")
 
+Writing a shard takes ``datasets``; reading one takes only ``pyarrow`` (:func:`read_shard`: a memory-mapped
+``pyarrow.Table``), so training runs where ``datasets`` is not installed (the project's GPU machine).
+
 Labels are not stored: they are :meth:`pure.sequence.SequenceFormat.labels_from_prompt_length` of the
 ids and the prompt length (everything after the prompt is supervised).
 
@@ -25,6 +28,7 @@ a set without replacement; a ratio above 1 repeats the set ``floor(ratio)`` time
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,24 +47,32 @@ SCHEMA_VERSION = 1
 SHARD_COLUMNS = ("input_ids", "prompt_length", "length", "id")
 _SCHEMA_FILE = "pure_shard.json"  # beside datasets' own files: marks a folder as a PURE shard
 _UINT32_MAX = 2**32 - 1
+PRETOKENIZE_MANIFEST = "pretokenize.json"  # what pure.data.pretokenize made a shard set from
 
 
 class ShardError(ValueError):
     """A shard, shard set or data config is missing or does not follow the schema."""
 
 
-def shard_features():
-    """The ``datasets.Features`` of a shard (see the module docstring)."""
-    from datasets import Features, List, Value
+def shard_schema():
+    """The Arrow schema of a shard (see the module docstring): what :func:`read_shard` checks."""
+    import pyarrow as pa
 
-    return Features(
-        {
-            "input_ids": List(Value("uint32")),
-            "prompt_length": Value("int32"),
-            "length": Value("int32"),
-            "id": Value("string"),
-        }
+    return pa.schema(
+        [
+            ("input_ids", pa.list_(pa.uint32())),
+            ("prompt_length", pa.int32()),
+            ("length", pa.int32()),
+            ("id", pa.string()),
+        ]
     )
+
+
+def shard_features():
+    """The ``datasets.Features`` that :func:`write_shard` writes: :func:`shard_schema`'s."""
+    from datasets import Features
+
+    return Features.from_arrow_schema(shard_schema())
 
 
 @dataclass
@@ -171,8 +183,9 @@ def is_shard(folder: str | os.PathLike) -> bool:
 
 
 def read_shard(folder: str | os.PathLike):
-    """Open one shard (memory-mapped ``datasets.Dataset``), checking its schema."""
-    from datasets import load_from_disk
+    """One shard as a memory-mapped ``pyarrow.Table`` (its schema checked): ``table.num_rows``,
+    ``table.column("id").to_pylist()``, ``table.take(indices)``. Needs pyarrow only, not ``datasets``."""
+    import pyarrow as pa
 
     folder = Path(folder)
     if not is_shard(folder):
@@ -180,10 +193,12 @@ def read_shard(folder: str | os.PathLike):
     version = json.loads((folder / _SCHEMA_FILE).read_text()).get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{folder} has shard schema version {version}; this code reads {SCHEMA_VERSION}")
-    dataset = load_from_disk(str(folder))
-    if dataset.features != shard_features():
-        raise ShardError(f"{folder} has columns {dataset.features}; expected {shard_features()}")
-    return dataset
+    state = json.loads((folder / "state.json").read_text())  # save_to_disk's list of its Arrow files
+    files = [folder / entry["filename"] for entry in state["_data_files"]]
+    table = pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files])
+    if not table.schema.equals(shard_schema()):  # metadata (datasets' features) aside
+        raise ShardError(f"{folder} has columns {table.schema}; expected {shard_schema()}")
+    return table
 
 
 def find_shards(path: str | os.PathLike) -> list[Path]:
@@ -205,11 +220,10 @@ def find_shards(path: str | os.PathLike) -> list[Path]:
 
 
 def load_shard_set(path: str | os.PathLike):
-    """All shards of a shard set as one ``datasets.Dataset`` (rows in shard order)."""
-    from datasets import concatenate_datasets
+    """All shards of a shard set as one memory-mapped ``pyarrow.Table`` (rows in shard order)."""
+    import pyarrow as pa
 
-    shards = [read_shard(p) for p in find_shards(path)]
-    return shards[0] if len(shards) == 1 else concatenate_datasets(shards)
+    return pa.concat_tables([read_shard(p) for p in find_shards(path)])
 
 
 @dataclass
@@ -251,6 +265,46 @@ def load_data_config(path: str | os.PathLike) -> list[ShardSet]:
     return sets
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_made_with(sets: list[ShardSet], checkpoint: str | os.PathLike) -> None:
+    """Refuse shard sets that :mod:`pure.data.pretokenize` made with another text tokenizer or another VQ
+    than ``checkpoint``'s (its ``tokenizer.json`` and ``vq/``): their ids would stand for other tokens or
+    other patches, and training would go on, learning nothing, without a word. What the manifest does not
+    record (sets written otherwise, a VQ given as a ``.pt`` file) or the checkpoint lacks is not checked."""
+    from pure.vq import WEIGHTS_NAME
+
+    checkpoint = Path(checkpoint)
+    files = {  # manifest key: (what it is, the checkpoint's file)
+        "tokenizer_sha256": ("text tokenizer", checkpoint / "tokenizer.json"),
+        "vq_sha256": ("VQ", checkpoint / "vq" / WEIGHTS_NAME),
+    }
+    hashes = {key: file_sha256(path) for key, (_, path) in files.items() if path.is_file()}
+    for shard_set in sets:
+        root = Path(shard_set.path)
+        for manifest in sorted(root.rglob(PRETOKENIZE_MANIFEST)):
+            if any(part.startswith(".") for part in manifest.relative_to(root).parts):
+                continue  # a write in progress
+            made = json.loads(manifest.read_text())
+            for key, want in hashes.items():
+                if key == "vq_sha256" and made.get("vq_config") is None:
+                    continue  # a .pt VQ: its hash is not comparable with a folder's weights
+                if made.get(key) and made[key] != want:
+                    what, path = files[key]
+                    raise ShardError(
+                        f"shard set {shard_set.path} was pretokenised with another {what} (sha256 "
+                        f"{made[key][:12]}) than the model's {path} ({want[:12]}): its ids would mean "
+                        "other tokens. Pretokenise it again with this model (python -m pure.data.pretokenize "
+                        "--model ...), or train from a checkpoint with the ones it was made with"
+                    )
+
+
 def shard_set_summary(sets: list[ShardSet]) -> list[dict]:
     """``[{path, ratio, name, examples}]`` for logs and model cards."""
-    return [{**asdict(s), "examples": sum(len(read_shard(p)) for p in find_shards(s.path))} for s in sets]
+    return [{**asdict(s), "examples": sum(read_shard(p).num_rows for p in find_shards(s.path))} for s in sets]

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pure.data.shards import ShardSet
+from pure.data.shards import ShardSet, load_data_config
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 T = TypeVar("T")
@@ -88,6 +88,10 @@ class DataConfig:
     teacher-forced pass without gradients (parallel scheduled sampling), labels kept
     (:meth:`pure.train.loss.SupervisedLMLoss.own_samples`): its mistakes as it makes them at inference.
     Applied before ``image_input_noise``; costs one more forward per micro-batch. PURE: 0."""
+
+    def shard_sets(self) -> list[ShardSet]:
+        """The shard sets: those of the data-config YAML ``config``, or else ``sets``."""
+        return load_data_config(self.config) if self.config else self.sets
 
 
 @dataclass

@@ -21,25 +21,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pure.data.shards import ShardError, ShardSet, load_data_config, load_shard_set
+from pure.data.shards import ShardError, ShardSet, load_shard_set
 from pure.sequence import IGNORE_INDEX, SequenceFormat
 
 
 class ShardDataset(Dataset):
-    """Every example of several shard sets, indexed globally (set 0 first)."""
+    """Every example of several shard sets, indexed globally (set 0 first): memory-mapped Arrow tables,
+    read with pyarrow alone (no ``datasets``)."""
 
     def __init__(self, sets: list[ShardSet]):
-        from datasets import concatenate_datasets
+        import pyarrow as pa
 
         if not sets:
             raise ShardError("no shard sets given (data.sets or data.config)")
         self.sets = sets
         parts = [load_shard_set(s.path) for s in sets]
-        self.sizes = [len(p) for p in parts]
+        self.sizes = [p.num_rows for p in parts]
         self.offsets = np.cumsum([0, *self.sizes])
-        data = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-        self.lengths = data.data.column("length").to_numpy().astype(np.int64)  # (N,)
-        self.data = data.with_format("numpy")
+        self.table = pa.concat_tables(parts)
+        self.lengths = self.table.column("length").to_numpy().astype(np.int64)  # (N,)
+
+    def __getstate__(self) -> dict:  # a worker process maps the files again rather than copying them
+        return {"sets": self.sets}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["sets"])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -48,10 +54,13 @@ class ShardDataset(Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.data[list(indices)]  # one Arrow read for the whole micro-batch
+        rows = self.table.take(list(indices))  # one Arrow read for the whole micro-batch
+        ids = rows.column("input_ids").combine_chunks()
+        sequences = np.split(ids.flatten().to_numpy(), np.cumsum(ids.value_lengths().to_numpy())[:-1])
+        prompt_lengths, names = rows.column("prompt_length").to_pylist(), rows.column("id").to_pylist()
         return [
-            {"input_ids": ids, "prompt_length": int(pl), "id": str(i)}
-            for ids, pl, i in zip(rows["input_ids"], rows["prompt_length"], rows["id"], strict=True)
+            {"input_ids": seq, "prompt_length": pl, "id": i}
+            for seq, pl, i in zip(sequences, prompt_lengths, names, strict=True)
         ]
 
 
@@ -221,7 +230,7 @@ class TrainingData:
         seed: int,
     ) -> TrainingData:
         """From the recipe's ``data`` section (:class:`pure.train.config.DataConfig`)."""
-        sets = load_data_config(data_cfg.config) if data_cfg.config else data_cfg.sets
+        sets = data_cfg.shard_sets()
         dataset = ShardDataset(sets)
         pools, skipped = [], 0
         for k in range(len(sets)):

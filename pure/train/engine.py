@@ -76,7 +76,7 @@ def require_packages(needs: dict[str, str]) -> None:
 
 def run_requirements(recipe: Recipe, engine: str) -> dict[str, str]:
     """The optional packages a training run of ``recipe`` imports, checked before the model loads."""
-    needs = {"datasets": "reads the training shards"}
+    needs = {"pyarrow": "reads the training shards"}
     if engine == "deepspeed":
         needs["deepspeed"] = (
             "train.engine deepspeed; --set train.engine=plain trains in one process without it"

@@ -88,10 +88,10 @@ def _hub_id(name: str) -> str | None:
 
 
 def _data_sets(recipe: Recipe) -> list[dict]:
-    from pure.data.shards import ShardError, load_data_config, shard_set_summary
+    from pure.data.shards import ShardError, shard_set_summary
 
     try:
-        sets = load_data_config(recipe.data.config) if recipe.data.config else recipe.data.sets
+        sets = recipe.data.shard_sets()
     except ShardError:
         return [{"name": recipe.data.config, "path": recipe.data.config, "ratio": "-", "examples": "?"}]
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pure.data.shards import check_made_with
 from pure.model import default_attn_implementation, load_model, resolve_checkpoint
 from pure.sequence import SequenceFormat
 from pure.tokenizer import PureTokenizer
@@ -84,6 +85,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
     info = run_info(dist, command, engine_kind)
 
     # -- model and data ---------------------------------------------------------------------------------
+    check_made_with(recipe.data.shard_sets(), resolve_checkpoint(recipe.model.init_from))
     module, fmt = load_training_model(recipe, dist.device.type)
     config = module.lm.config
     t = recipe.train

@@ -44,7 +44,7 @@ def diagnose(model_dir: str, shards: str, n: int, free: int) -> dict:
     lm = load_model(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     tokenizer = PureTokenizer.from_checkpoint(model_dir, lm.config)
     fmt = SequenceFormat(tokenizer)
-    rows = read_shard(find_shards(shards)[-1])
+    rows = read_shard(find_shards(shards)[-1]).to_pylist()
     out: dict[str, list] = {"teacher_forced": [], "free_running": [], "copy": [], "attention": []}
     for k in range(min(n, len(rows))):
         row = rows[k]
