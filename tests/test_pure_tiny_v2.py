@@ -4,8 +4,11 @@ curve step measures a tokenizer run and appends a point (on a tiny VQ; the real 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from pure.train.config import load_recipe
 from pure.train_vq import load_vq_recipe
 from pure.vq import VQConfig, VQModel
 
+REPO = Path(__file__).resolve().parents[1]
 RECIPES = Path("recipes/pure_tiny")
 
 
@@ -41,16 +45,39 @@ def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
     assert recipe.train.save_every > 0  # a run that spans sessions must be resumable
 
 
-def test_stage2_recipe_continues_the_committed_stage1_on_the_same_data_with_input_noise():
-    stage1, stage2 = load_recipe(RECIPES / "train_v2.yaml"), load_recipe(RECIPES / "train_v2_stage2.yaml")
-    assert (Path(stage2.model.init_from) / "config.json").is_file()  # committed: a fresh clone can continue
+def test_each_stage_continues_the_one_before_and_stage2_adds_input_noise():
+    stages = [load_recipe(RECIPES / f"train_v2{suffix}.yaml") for suffix in ("", "_stage2", "_stage3")]
+    stage1, stage2 = stages[:2]
+    for before, after in itertools.pairwise(stages):
+        assert after.model.init_from == f"{before.run_dir.as_posix()}/export"
+    stage4 = load_recipe(RECIPES / "train_v2_stage4.yaml")  # from the committed stage 3: a fresh clone can
+    assert (Path(stage4.model.init_from) / "config.json").is_file()  # run stage 4 alone
     assert stage1.data.image_input_noise == 0 < stage2.data.image_input_noise < 1
     assert stage2.data.sets == stage1.data.sets and stage2.run_dir != stage1.run_dir
 
 
-@pytest.mark.parametrize("script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh"])
+@pytest.mark.parametrize("script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh", "gpu_v2.sh"])
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True).returncode == 0
+
+
+def test_the_gpu_recipe_checks_for_cuda_and_the_carried_data_before_anything(tmp_path):
+    """gpu_v2.sh refuses a machine without CUDA, and reproduce_v2.sh with SHARDS=given refuses missing
+    shards, each in one line, before anything is made (the dry run on real shards is in the README)."""
+    env = {**os.environ, "PY": sys.executable, "RUN": str(tmp_path / "run"), "DATA": str(tmp_path / "data")}
+
+    def run(script: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
+        command = ["bash", str(RECIPES / script), *args]
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True)
+
+    if not torch.cuda.is_available():
+        no_cuda = run("gpu_v2.sh", str(tmp_path / "out"))
+        assert no_cuda.returncode == 2
+        assert no_cuda.stderr.strip() == "error: no CUDA device (CPU=1 runs it on the CPU anyway)"
+    given = run("reproduce_v2.sh", SHARDS="given")
+    assert given.returncode == 2
+    assert given.stderr.strip() == f"error: SHARDS=given but {tmp_path / 'data'}/shards_photos is missing"
+    assert list(tmp_path.iterdir()) == []
 
 
 def _load_curve():
@@ -220,3 +247,23 @@ def test_perceive_probe_fits_separable_labels_and_not_random_ones():
     random_labels = torch.randint(0, 3, (400,), generator=g)
     predicted = probe.fit_probe(x, random_labels, train, classes=3, l2=1e-4)
     assert (predicted == random_labels[~train]).float().mean() < 0.5
+
+
+# The GPU machine takes the tree (tracked files; a link as a link) and what a call carries, 64 MiB together;
+# gpu_v2.sh carries PURE-tiny's data in an 11 MB bundle. A 17 MB model or VQ copy more would stop it.
+TRAVEL_LIMIT_MIB, GPU_V2_CARRY_MIB = 64, 12
+
+
+def test_the_tree_leaves_room_on_the_way_to_the_gpu_machine_for_the_data_gpu_v2_carries():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    paths = [REPO / name for name in listed.stdout.decode().split("\0") if name]
+    tree_mib = sum(os.lstat(p).st_size for p in paths if os.path.lexists(p)) / 2**20
+    assert tree_mib < TRAVEL_LIMIT_MIB - GPU_V2_CARRY_MIB, (
+        f"the tracked tree is {tree_mib:.1f} MiB: with gpu_v2.sh's data it no longer travels to the GPU "
+        "machine; link copies of the same weights (examples/pure-tiny-v2/vq) or drop old models"
+    )
+    links = [p for p in paths if p.is_symlink()]
+    assert {p.relative_to(REPO).as_posix() for p in links} >= {"examples/pure-tiny-v2/vq/model.safetensors"}
+    assert all(p.resolve().is_file() and REPO in p.resolve().parents for p in links)  # inside the tree
