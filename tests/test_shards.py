@@ -101,6 +101,10 @@ def test_reader_rejects_folders_that_are_not_shards(tmp_path):
     (folder / "pure_shard.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(ShardError, match="schema version 99"):
         read_shard(folder)
+    (folder / "pure_shard.json").write_text(json.dumps({"schema_version": 1}))
+    (folder / "state.json").unlink()  # a copy that lost datasets' own files
+    with pytest.raises(ShardError, match=r"no readable state\.json"):
+        read_shard(folder)
 
 
 def test_shard_set_reads_nested_shards_in_sorted_order(tmp_path):

@@ -193,8 +193,11 @@ def read_shard(folder: str | os.PathLike):
     version = json.loads((folder / _SCHEMA_FILE).read_text()).get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(f"{folder} has shard schema version {version}; this code reads {SCHEMA_VERSION}")
-    state = json.loads((folder / "state.json").read_text())  # save_to_disk's list of its Arrow files
-    files = [folder / entry["filename"] for entry in state["_data_files"]]
+    try:  # save_to_disk's list of its Arrow files
+        state = json.loads((folder / "state.json").read_text())
+        files = [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ShardError(f"{folder}: no readable state.json listing its Arrow files ({err})") from None
     table = pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files])
     if not table.schema.equals(shard_schema()):  # metadata (datasets' features) aside
         raise ShardError(f"{folder} has columns {table.schema}; expected {shard_schema()}")
