@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from pure.data.degradations import (
     NoiseParams,
     ResizeParams,
     StageParams,
+    _luma,
     apply_degradation,
     available_presets,
     degrade,
@@ -444,3 +446,19 @@ def test_paired_random_crop_rejects_inconsistent_sizes():
         paired_random_crop(torch.rand(3, 64, 64), torch.rand(3, 16, 16), 30, 4, g)
     with pytest.raises(ValueError, match="between 4 and the HQ size 64"):
         paired_random_crop(torch.rand(3, 64, 64), torch.rand(3, 16, 16), 128, 4, g)
+
+
+def test_the_cpu_path_needs_no_kornia_and_greys_as_kornia_does(monkeypatch):
+    """The GPU machine has OpenCV but not kornia: grey Poisson noise on the CPU no longer imports it, and
+    gives the same bits as kornia's rgb_to_grayscale did."""
+    x = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    kornia = pytest.importorskip("kornia")
+    assert torch.equal(_luma(x), kornia.color.rgb_to_grayscale(x))
+    config = DegradationConfig.from_yaml("realesrgan")
+    hq = torch.stack([_image(seed=i) for i in range(12)])
+    expected, params = degrade(hq, config, torch.Generator().manual_seed(5))
+    grey_poisson = [s.noise for p in params for s in (p.stage1, p.stage2)]
+    assert any(n.kind == "poisson" and n.gray for n in grey_poisson)  # the case that needed kornia
+    monkeypatch.setitem(sys.modules, "kornia", None)  # as if not installed
+    got, _ = degrade(hq, config, torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)

@@ -15,10 +15,11 @@ and is deterministic given the record alone (the noise is seeded by `params.nois
 record of a pair replays it exactly. `degrade` does both for a batch.
 
 Libraries: OpenCV's `filter2D` (CPU; ~10x faster than a torch convolution for 7-21 px kernels) or
-kornia's `filter2d` (GPU) for the blur, kornia's grey conversion, `torch.nn.functional.interpolate` for
-resizing (the calls Real-ESRGAN makes), OpenCV's real JPEG codec. Only the kernel families (Gaussian,
-generalised Gaussian, plateau, circular sinc) are written here. kornia and OpenCV come with the `data`
-extra (`pip install 'pure[data]'`) and are imported when first needed. On one CPU core a 512 px HQ
+kornia's `filter2d` (GPU) for the blur, `torch.nn.functional.interpolate` for resizing (the calls
+Real-ESRGAN makes), OpenCV's real JPEG codec. Only the kernel families (Gaussian, generalised Gaussian,
+plateau, circular sinc) and the BT.601 grey of grey Poisson noise (kornia's arithmetic) are written here.
+kornia and OpenCV come with the `data` extra (`pip install 'pure[data]'`) and are imported when first
+needed; on the CPU kornia is not needed. On one CPU core a 512 px HQ
 image takes about 50-100 ms (a few hundred ms at worst, for a 1.5x stage-1 up-resize with Poisson noise).
 
 Deviations from Real-ESRGAN, on purpose:
@@ -582,6 +583,15 @@ def _resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
+def _luma(x: Tensor) -> Tensor:
+    """(1, 3, h, w) RGB -> (1, 1, h, w) grey, BT.601 weights, as kornia's ``rgb_to_grayscale`` computes it
+    (the same operations, so the same bits), without kornia: the CPU path needs only OpenCV, which the GPU
+    machine has (kornia it has not)."""
+    r, g, b = x.unbind(dim=-3)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype)
+    return torch.addcmul(torch.addcmul(r * weights[0], g, weights[1]), b, weights[2]).unsqueeze(-3)
+
+
 def _add_noise(x: Tensor, noise: NoiseParams, generator: torch.Generator) -> Tensor:
     """Add BasicSR-style noise to (1, 3, h, w) and clip to [0, 1]."""
     _, _, h, w = x.shape
@@ -590,7 +600,7 @@ def _add_noise(x: Tensor, noise: NoiseParams, generator: torch.Generator) -> Ten
         n = torch.randn((1, channels, h, w), generator=generator, device=x.device, dtype=x.dtype)
         n = n * (noise.level / 255.0)
     elif noise.kind == "poisson":
-        source = _import("kornia").color.rgb_to_grayscale(x) if noise.gray else x
+        source = _luma(x) if noise.gray else x
         levels = (source.clamp(0, 1) * 255.0).round()
         # Photon count per unit intensity: the number of distinct 8-bit values, rounded up to a power of 2.
         distinct = int(torch.bincount(levels.flatten().long(), minlength=256).count_nonzero())
