@@ -143,6 +143,8 @@ def test_settings_switch_off_one_thing_each():
     assert SETTINGS["pure-no-entropy"].min_k == SETTINGS["pure-no-entropy"].max_k  # fixed k
     assert SETTINGS["pure-no-cfg"].cfg_scale == 1.0
     assert SETTINGS["pure-greedy"].temperature == 0.0
+    both = SETTINGS["pure-greedy-no-cfg"]
+    assert (both.temperature, both.cfg_scale) == (0.0, 1.0) and both.min_k == default.min_k
     assert default.min_k < default.max_k and default.cfg_scale != 1.0
 
 

@@ -108,7 +108,9 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 # PURE's sampling settings under test. "no-entropy" fixes k at the entropy rule's upper bound, i.e. plain
-# top-k sampling; "no-cfg" uses the conditional logits alone (guidance scale 1); "greedy" is temperature 0.
+# top-k sampling; "no-cfg" uses the conditional logits alone (guidance scale 1); "greedy" is temperature 0;
+# "greedy-no-cfg" both (the most likely code of the conditional logits: what the model predicts, unpulled by
+# guidance's unconditional branch, which a model never trained without its conditions has not learnt).
 _DEFAULT = SamplingConfig()
 NO_ENTROPY_TOP_K = _DEFAULT.max_k
 NO_GUIDANCE = 1.0
@@ -118,12 +120,14 @@ SETTINGS: dict[str, SamplingConfig] = {
     "pure-no-entropy": SamplingConfig(min_k=NO_ENTROPY_TOP_K, max_k=NO_ENTROPY_TOP_K),
     "pure-no-cfg": SamplingConfig(cfg_scale=NO_GUIDANCE),
     "pure-greedy": SamplingConfig(temperature=GREEDY_TEMPERATURE),
+    "pure-greedy-no-cfg": SamplingConfig(temperature=GREEDY_TEMPERATURE, cfg_scale=NO_GUIDANCE),
 }
 SETTING_NOTES: dict[str, str] = {
     "pure": "SamplingConfig defaults: entropy top-k (k from min_k to max_k), guidance cfg_scale",
     "pure-no-entropy": f"fixed top-k = {NO_ENTROPY_TOP_K} (min_k = max_k: no entropy-based k)",
     "pure-no-cfg": "cfg_scale = 1: the conditional logits alone, no guidance",
     "pure-greedy": "temperature 0: the most likely code at every step",
+    "pure-greedy-no-cfg": "temperature 0 and cfg_scale = 1: the most likely code of the conditional logits",
 }
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
