@@ -52,6 +52,9 @@ def test_each_stage_continues_the_one_before_and_stage2_adds_input_noise():
         assert after.model.init_from == f"{before.run_dir.as_posix()}/export"
     stage4 = load_recipe(RECIPES / "train_v2_stage4.yaml")  # from the committed stage 3: a fresh clone can
     assert (Path(stage4.model.init_from) / "config.json").is_file()  # run stage 4 alone
+    stage5 = load_recipe(RECIPES / "train_v2_stage5.yaml")  # the experiment: guidance's context trained too
+    assert stage5.model.init_from == "examples/pure-tiny" and 0 < stage5.data.unconditional < 1
+    assert stage5.data.sets == stage4.data.sets and stage5.run_dir != stage4.run_dir
     assert stage1.data.image_input_noise == 0 < stage2.data.image_input_noise < 1
     assert stage2.data.sets == stage1.data.sets and stage2.run_dir != stage1.run_dir
 

@@ -32,11 +32,13 @@ from pure.model import load_model
 from pure.sequence import IGNORE_INDEX, SequenceFormat
 from pure.train.config import ConfigError, Recipe, apply_override, load_recipe, recipe_to_yaml
 from pure.train.data import (
+    UNCONDITIONAL_STREAM,
     PaddingCollator,
     TrainingData,
     epoch_plan,
     input_noise_generator,
     replace_image_inputs,
+    unconditional_rows,
 )
 from pure.train.engine import (
     DistInfo,
@@ -241,7 +243,36 @@ def test_image_input_noise_replaces_only_answer_codes_with_batch_codes(tiny_form
     assert torch.equal(batch["labels"], _batch(tiny_format, n=4)["labels"])  # labels are not inputs
 
 
-@pytest.mark.parametrize("key", ["image_input_noise", "image_input_own"])
+def test_unconditional_rows_are_the_answers_image_block_alone_as_guidance_feeds_it(tiny_format):
+    batch = _batch(tiny_format, n=6)
+    ids, labels, image = batch["input_ids"], batch["labels"], batch["image_mask"]
+    vocab = tiny_format.vocab
+    args = (vocab.boi, vocab.pad)
+    assert unconditional_rows(ids, labels, image, *args, 0.0, input_noise_generator(0, 0, 0, 0))[0] is ids
+    new_ids, new_labels, new_image = unconditional_rows(
+        ids, labels, image, *args, 0.5, input_noise_generator(0, 3, 1, 0, UNCONDITIONAL_STREAM)
+    )
+    changed = [b for b in range(6) if not torch.equal(new_ids[b], ids[b])]
+    assert 0 < len(changed) < 6
+    for b in range(6):
+        if b not in changed:
+            assert torch.equal(new_labels[b], labels[b]) and torch.equal(new_image[b], image[b])
+            continue
+        start = int((ids[b] == vocab.boi).nonzero().max())
+        codes = tiny_format.parse_image_block(ids[b, start:])
+        block = tiny_format.image_block(codes)  # what the twin is fed: <boi> <h> <w>, codes, from position 0
+        assert block[:3].tolist() == tiny_format.grid_tokens(*codes.shape)  # the head decoding starts it with
+        n = len(ids[b]) - start
+        assert torch.equal(new_ids[b, : len(block)], block) and torch.equal(new_ids[b, :n], ids[b, start:])
+        assert torch.all(new_ids[b, n:] == vocab.pad) and torch.all(new_labels[b, n:] == IGNORE_INDEX)
+        assert torch.equal(new_labels[b, :n], labels[b, start:])  # supervised as the answer was
+        assert torch.equal(new_image[b, :n], image[b, start:]) and not new_image[b, n:].any()
+    again = unconditional_rows(ids, labels, image, *args, 0.5, input_noise_generator(0, 3, 1, 0, 2))
+    assert all(torch.equal(x, y) for x, y in zip(again, (new_ids, new_labels, new_image), strict=True))
+    assert torch.equal(ids, _batch(tiny_format, n=6)["input_ids"])  # the batch itself is not changed
+
+
+@pytest.mark.parametrize("key", ["image_input_noise", "image_input_own", "unconditional"])
 def test_image_input_replacements_are_validated(key):
     recipe = Recipe()
     recipe.data.sets = [ShardSet("x")]
@@ -509,6 +540,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
         "logging.peak_tflops=0.001",  # a made-up peak, so that the MFU estimate is logged on a CPU
         "data.image_input_noise=0.2",  # drawn per step and micro-batch: the resumed run must match anyway
         "data.image_input_own=0.2",  # the model's own samples: so must they (and under LoRA and ZeRO-3)
+        "data.unconditional=0.3",  # image blocks alone (guidance's unconditional context), drawn alike
     ]
     _train([*common, f"output_dir={root / 'full'}"])
     _train([*common, f"output_dir={root / 'resumed'}", "train.halt_at_step=2", "train.export_at_end=false"])

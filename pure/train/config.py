@@ -88,6 +88,11 @@ class DataConfig:
     teacher-forced pass without gradients (parallel scheduled sampling), labels kept
     (:meth:`pure.train.loss.SupervisedLMLoss.own_samples`): its mistakes as it makes them at inference.
     Applied before ``image_input_noise``; costs one more forward per micro-batch. PURE: 0."""
+    unconditional: float = 0.0
+    """Fraction of the examples replaced by their answer's image block alone, from position 0: the context
+    of guidance's unconditional branch, which a model trained from scratch never sees otherwise
+    (:func:`pure.train.data.unconditional_rows`). Applied first. PURE: 0 (its 7B model learnt it in
+    pretraining)."""
 
     def shard_sets(self) -> list[ShardSet]:
         """The shard sets: those of the data-config YAML ``config``, or else ``sets``."""
@@ -191,6 +196,7 @@ class Recipe:
             (d.max_length > 0 and d.length_window > 0, "data.max_length and data.length_window must be > 0"),
             (0 <= d.image_input_noise < 1, "data.image_input_noise must be in [0, 1)"),
             (0 <= d.image_input_own < 1, "data.image_input_own must be in [0, 1)"),
+            (0 <= d.unconditional < 1, "data.unconditional must be in [0, 1)"),
             (
                 not self.lora.enabled or (self.lora.r > 0 and self.lora.target_modules),
                 "lora: r > 0 and targets",

@@ -151,7 +151,37 @@ def replace_image_inputs(
     return ids
 
 
-NOISE_STREAM, OWN_SAMPLES_STREAM = 0, 1  # the two draws of a micro-batch, each from its own generator
+def unconditional_rows(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    image_mask: torch.Tensor,
+    boi: int,
+    pad: int,
+    fraction: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of a ``(B, T)`` batch in which each row, with probability ``fraction``, is replaced by its
+    answer's image block alone, from column 0 (so from position 0), the rest padding: the context of
+    classifier-free guidance's unconditional branch (:mod:`pure.decoding.layout`'s twin: ``<boi>``, the grid
+    tokens and the codes, without BOS, instruction, LQ or text), supervised as the answer was. A model that
+    never saw that context (PURE-tiny, trained from scratch; PURE's 7B learnt it in its pretraining) gives
+    guidance an untrained prior to pull towards. Not in PURE. ``fraction`` 0 returns the batch as it is."""
+    if fraction <= 0:
+        return input_ids, labels, image_mask
+    chosen = (torch.rand(input_ids.shape[0], generator=generator) < fraction).nonzero().flatten().tolist()
+    if not chosen:
+        return input_ids, labels, image_mask
+    input_ids, labels, image_mask = input_ids.clone(), labels.clone(), image_mask.clone()
+    for row in chosen:
+        start = int((input_ids[row] == boi).nonzero().max())  # the answer's block is the row's last
+        n = input_ids.shape[1] - start
+        for tensor, fill in ((input_ids, pad), (labels, IGNORE_INDEX), (image_mask, False)):
+            tensor[row, :n] = tensor[row, start:].clone()
+            tensor[row, n:] = fill
+    return input_ids, labels, image_mask
+
+
+NOISE_STREAM, OWN_SAMPLES_STREAM, UNCONDITIONAL_STREAM = 0, 1, 2  # a micro-batch's draws, a generator each
 
 
 def input_noise_generator(

@@ -20,7 +20,14 @@ from pure.model import default_attn_implementation, load_model, resolve_checkpoi
 from pure.sequence import SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.train.config import ConfigError, Recipe, load_recipe, recipe_to_dict
-from pure.train.data import OWN_SAMPLES_STREAM, TrainingData, input_noise_generator, replace_image_inputs
+from pure.train.data import (
+    OWN_SAMPLES_STREAM,
+    UNCONDITIONAL_STREAM,
+    TrainingData,
+    input_noise_generator,
+    replace_image_inputs,
+    unconditional_rows,
+)
 from pure.train.engine import (
     PlainEngine,
     barrier,
@@ -145,9 +152,15 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
         started = time.perf_counter()
         for micro in range(data.accumulation):
             batch = next(batches)
-            input_ids = batch["input_ids"]
+            input_ids, labels, image_mask = batch["input_ids"], batch["labels"], batch["image_mask"]
+            if recipe.data.unconditional:
+                uncond = input_noise_generator(recipe.seed, step, micro, dist.rank, UNCONDITIONAL_STREAM)
+                vocab, fraction = fmt.vocab, recipe.data.unconditional
+                input_ids, labels, image_mask = unconditional_rows(
+                    input_ids, labels, image_mask, vocab.boi, vocab.pad, fraction, uncond
+                )
             if recipe.data.image_input_own or recipe.data.image_input_noise:
-                codes = batch["image_mask"] & is_code[input_ids]  # the answer's image codes
+                codes = image_mask & is_code[input_ids]  # the answer's image codes
             if recipe.data.image_input_own:
                 own = input_noise_generator(recipe.seed, step, micro, dist.rank, OWN_SAMPLES_STREAM)
                 hit = codes & (torch.rand(input_ids.shape, generator=own) < recipe.data.image_input_own)
@@ -157,11 +170,7 @@ def train(recipe: Recipe, resume: str | None = None, command: list[str] | None =
             if recipe.data.image_input_noise:
                 noise = input_noise_generator(recipe.seed, step, micro, dist.rank)
                 input_ids = replace_image_inputs(input_ids, codes, recipe.data.image_input_noise, noise)
-            out = engine(
-                input_ids.to(dist.device),
-                batch["labels"].to(dist.device),
-                batch["image_mask"].to(dist.device),
-            )
+            out = engine(input_ids.to(dist.device), labels.to(dist.device), image_mask.to(dist.device))
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimiser at the accumulation boundary only
             stats.add(out, batch)
