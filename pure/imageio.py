@@ -42,6 +42,7 @@ call, so a `max_pixels` above PIL's limit does not lift PIL's limit.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -258,6 +259,15 @@ def _stretch(v: np.ndarray) -> np.ndarray:
     lo, hi = float(v.min()), float(v.max())
     span = hi - lo if hi > lo else 1.0  # a constant image becomes black rather than dividing by zero
     return np.rint((v - lo) * (255.0 / span)).astype(np.uint8)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (a caption's cache key; what made a shard set)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(

@@ -20,7 +20,6 @@ from pure.data.shards import (
     ShardExample,
     ShardSet,
     check_made_with,
-    file_sha256,
     find_shards,
     load_data_config,
     load_shard_set,
@@ -30,6 +29,7 @@ from pure.data.shards import (
     shard_set_summary,
     write_shard,
 )
+from pure.imageio import file_sha256
 from pure.sequence import IGNORE_INDEX, SequenceFormat
 
 

@@ -29,7 +29,6 @@ with ``HF_HUB_OFFLINE=1`` and no local copy the load fails at once with one line
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -42,7 +41,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from pure.imageio import ImageLoadError, atomic_write, list_images, load_image
+from pure.imageio import ImageLoadError, atomic_write, file_sha256, list_images, load_image
 from pure.vq import to_rgb
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-13b-hf"
@@ -63,15 +62,6 @@ class Captioner(Protocol):
     """Anything that captions a batch: ``caption(images)`` takes RGB PIL images, returns one text each."""
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (the cache key of its caption)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------

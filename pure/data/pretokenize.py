@@ -52,12 +52,11 @@ from pure.data.shards import (
     PRETOKENIZE_MANIFEST,
     ShardError,
     ShardExample,
-    file_sha256,
     is_shard,
     read_shard,
     write_shard,
 )
-from pure.imageio import load_image, save_json
+from pure.imageio import file_sha256, load_image, save_json
 from pure.sequence import LATENT_PER_GRID, SequenceFormat
 from pure.tokenizer import PureTokenizer
 from pure.vq import CONFIG_NAME, WEIGHTS_NAME, VQModel, pil_to_pixels, to_rgb

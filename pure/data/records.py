@@ -32,9 +32,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from pure.data.captions import CaptionIndex, file_sha256, load_caption_index
+from pure.data.captions import CaptionIndex, load_caption_index
 from pure.data.pairs import PARAMS_DIR
-from pure.imageio import atomic_write
+from pure.imageio import atomic_write, file_sha256
 from pure.sequence import INSTRUCTION, SequenceFormat
 
 IMAGE_PLACEHOLDER = "<|image|>"

@@ -28,7 +28,6 @@ a set without replacement; a ratio above 1 repeats the set ``floor(ratio)`` time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pure.imageio import file_sha256
 from pure.sequence import IGNORE_INDEX
 
 SCHEMA_VERSION = 1
@@ -266,14 +266,6 @@ def load_data_config(path: str | os.PathLike) -> list[ShardSet]:
             entry["path"] = str((path.parent / entry["path"]).resolve())
         sets.append(ShardSet(**entry))
     return sets
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_made_with(sets: list[ShardSet], checkpoint: str | os.PathLike) -> None:

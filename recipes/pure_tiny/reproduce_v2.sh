@@ -34,9 +34,6 @@ if [ "${SHARDS:-}" = given ]; then
         $DATA/sources/captions.jsonl; do
         [ -e "$need" ] || { echo "error: SHARDS=given but $need is missing" >&2; exit 2; }
     done
-fi
-
-if [ "${SHARDS:-}" = given ]; then
     step "1/8 images: given (SHARDS=given)"
 else
     step "1/8 images: v1's photos and hold-out, 2000 + 6000 procedural training scenes, 16 hold-out scenes"
