@@ -80,8 +80,8 @@ def restore_for_demo(
     trained at).
 
     Empty ``caption``/``degradation`` let the model write its own; ``cfg_scale``/``temperature`` of ``None``
-    keep the :class:`~pure.decoding.loop.SamplingConfig`
-    defaults. Raises ``ValueError`` with a message for the user.
+    keep the restorer's (its checkpoint's ``sampling.json``, else PURE's defaults). Raises ``ValueError``
+    with a message for the user.
     """
     from pure.imageio import NOTICE_KEY
     from pure.viz import HEAT_MIN_SIDE, entropy_map
@@ -139,11 +139,10 @@ def build_demo(restorer: PureRestorer, size: int | None = None) -> gr.Blocks:
     """
     import gradio as gr
 
-    from pure.decoding.loop import SamplingConfig
     from pure.imageio import ImageLoadError, load_image
     from pure.restorer import native_input_sides
 
-    defaults = SamplingConfig()
+    defaults = restorer.sampling  # the checkpoint's (its sampling.json), else PURE's
     size = restorer.image_size if size is None else size
     natives = ", ".join(str(side) for side in native_input_sides(size))
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ try:
     from tqdm.auto import tqdm
 
     from pure import distributed, viz
-    from pure.decoding.loop import SamplingConfig
+    from pure.decoding.config import SAMPLING_FILE, SamplingConfig
     from pure.imageio import ImageLoadError, check_writable, find_images, load_image, save_image, save_json
     from pure.model import HUB_MODEL_ID, ModelLoadError
     from pure.quant import QUANTIZE_MODES
@@ -109,23 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
         'pip install -e ".[quant]"): int8 halves the weights (the 7B model fits a 16 GB card), int4 quarters '
         "them on CUDA",
     )
-    sampling = p.add_argument_group("sampling")
+    sampling = p.add_argument_group(
+        "sampling",
+        f"Each setting not given is the checkpoint's, from its {SAMPLING_FILE} (PURE-tiny's: greedy, no "
+        "guidance), else PURE's default named below. The sidecar records every setting used.",
+    )
+    default = SamplingConfig()
     sampling.add_argument(
-        "--cfg", type=float, default=0.8, help="classifier-free guidance scale (default 0.8)"
+        "--cfg", type=float, help=f"classifier-free guidance scale; 1 = none (PURE: {default.cfg_scale})"
     )
     sampling.add_argument(
-        "--temperature", type=float, default=0.9, help="image-token temperature (default 0.9)"
+        "--temperature", type=float, help=f"image-token temperature; 0 = greedy (PURE: {default.temperature})"
     )
-    sampling.add_argument(
-        "--text-top-k", type=int, default=1, help="top-k for text tokens; 1 = greedy (default)"
-    )
+    sampling.add_argument("--text-top-k", type=int, help="top-k for text tokens; 1 = greedy (PURE: 1)")
     sampling.add_argument(
         "--max-text-tokens",
         type=int,
-        default=SamplingConfig.max_text_tokens,
         metavar="N",
         help="the model's answer text (degradation sentence and caption) is cut after N tokens and the image "
-        f"starts (default {SamplingConfig.max_text_tokens}); a cut text is marked in the sidecar (text_cut)",
+        f"starts (PURE: {default.max_text_tokens}); a cut text is marked in the sidecar (text_cut)",
     )
     sampling.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same output"
@@ -143,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="?",
         const=16,
-        default=0,
         metavar="N",
         help="speculative Jacobi decoding of the image, N tokens per forward (N default 16): fewer "
         "forward passes, same output distribution (same image when greedy)",
@@ -151,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--row-lag",
         type=int,
-        default=0,
         metavar="L",
         help="row-parallel decoding of the image (lossy, off by default): a grid row starts once the row "
         "above has L codes, and the rows advance together: about 64 L + 64 forwards at 512 px instead of "
@@ -217,6 +218,12 @@ SAMPLING_OPTIONS = {
     "jacobi_window": "--jacobi",
     "row_lag": "--row-lag",
 }
+
+
+def given_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The `SamplingConfig` fields the command line set (the options not given are ``None``)."""
+    given = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SAMPLING_OPTIONS.items()}
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def sampling_config(**fields: Any) -> SamplingConfig:
@@ -286,14 +293,7 @@ def run(args: argparse.Namespace) -> int:
     from pure.restorer import GRID_PX
 
     try:
-        sampling = sampling_config(
-            cfg_scale=args.cfg,
-            temperature=args.temperature,
-            text_top_k=args.text_top_k,
-            max_text_tokens=args.max_text_tokens,
-            jacobi_window=args.jacobi,
-            row_lag=args.row_lag,
-        )
+        sampling_config(**given_sampling(args))  # the values typed, checked before any work
     except ValueError as err:
         raise CliError(err) from None
     if args.batch_size < 1:
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     for line in not_files:
         print(f"error: {line}", file=sys.stderr)
     if args.describe_only:
-        return max(describe(args, ranks.shard(inputs), sampling), 1 if not_files else 0)
+        return max(describe(args, ranks.shard(inputs)), 1 if not_files else 0)
     jobs = plan_outputs(inputs, args.output, single)
     mine = ranks.shard(jobs)  # of the whole list, before anything is written: the same split on every rank
     todo = [(src, dst) for src, dst in mine if args.overwrite or not dst.exists()]
@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
 
     restorer = load_restorer(args)
     resolve_sizes(args, native=restorer.image_size)
+    sampling = checkpoint_sampling(restorer, args)
 
     failed: list[str] = list(not_files)
     done = 0
@@ -595,12 +596,21 @@ def load_restorer(args: argparse.Namespace, error: type[Exception] = CliError):
         raise error(str(err)) from None
 
 
-def describe(args: argparse.Namespace, inputs: list[Path], sampling) -> int:
+def checkpoint_sampling(restorer, args: argparse.Namespace) -> SamplingConfig:
+    """The checkpoint's decoding defaults (``restorer.sampling``) with the options the user gave over them."""
+    try:
+        return sampling_config(**{**asdict(restorer.sampling), **given_sampling(args)})
+    except ValueError as err:  # a combination the two make together, e.g. a lag with the file's window
+        raise CliError(err) from None
+
+
+def describe(args: argparse.Namespace, inputs: list[Path]) -> int:
     """``--describe-only``: one line per image, ``file: degradation | caption``; nothing is written."""
     from pure.restorer import text_notices
 
     restorer = load_restorer(args)
     resolve_sizes(args, native=restorer.image_size)
+    sampling = checkpoint_sampling(restorer, args)
     failed = 0
     for src in inputs:
         try:

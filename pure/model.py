@@ -33,7 +33,15 @@ from pure.decoding.attention import decoding_attention, layer_kwargs
 HUB_MODEL_ID = "nonwhy/PURE"
 _QK_NORM_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_norm\.(weight|bias)$")
 _IGNORED_KEYS = re.compile(r"model\.vqmodel\.|.*rotary_emb\.inv_freq$")
-_WEIGHT_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "vq/*"]
+# what a Hub checkpoint is downloaded with: weights, tokenizers and the decoding defaults (sampling.json)
+_WEIGHT_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "sampling.json",
+    "vq/*",
+]
 
 
 class ModelLoadError(RuntimeError):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pure.colorfix import wavelet_color_fix
+from pure.decoding.config import read_sampling
 from pure.decoding.loop import (
     RestorationDecoder,
     SamplingConfig,
@@ -165,12 +166,14 @@ class PureRestorer:
         identity: dict | None = None,
         image_size: int | None = None,
         compile: bool | str = False,
+        sampling: SamplingConfig | None = None,
     ):
         """``image_size``: the native output side; default the model config's :data:`IMAGE_SIZE_KEY`
-        (512 when absent). ``compile``: capture the per-token image step (``compile`` of
-        :class:`pure.decoding.loop.RestorationDecoder`: ``True`` for CUDA graphs on CUDA, or a
-        ``torch.compile`` backend such as ``"inductor"`` on any device); the first image of each sampling
-        setting pays for it, the next ones reuse it (:meth:`decoder`)."""
+        (512 when absent). ``sampling``: the decoding settings of every call that passes none (default
+        PURE's; :meth:`from_pretrained` reads the checkpoint's ``sampling.json``). ``compile``: capture the
+        per-token image step (``compile`` of :class:`pure.decoding.loop.RestorationDecoder`: ``True`` for
+        CUDA graphs on CUDA, or a ``torch.compile`` backend such as ``"inductor"`` on any device); the first
+        image of each sampling setting pays for it, the next ones reuse it (:meth:`decoder`)."""
         if tokenizer.vocab.codebook_size != vq.config.codebook_size:
             raise ValueError(
                 f"the tokenizer names {tokenizer.vocab.codebook_size} image tokens but the VQ has "
@@ -187,6 +190,7 @@ class PureRestorer:
         self._check_size(self.image_size)
         check_compile(compile)
         self.compile = compile
+        self.sampling = sampling or SamplingConfig()
         self.threads_from = "as found"  # why torch has its CPU threads (from_pretrained may set them)
         self._decoders: OrderedDict[tuple, RestorationDecoder] = OrderedDict()
 
@@ -227,6 +231,8 @@ class PureRestorer:
             vq: the LlamaGen VQ (``vq_ds8_c2i.pt``, or a folder saved by :meth:`VQModel.save_pretrained`);
                 defaults to the checkpoint's ``vq/`` folder.
             tokenizer: a tokenizer file overriding the checkpoint's ``tokenizer.json``.
+            The checkpoint's decoding defaults, its ``sampling.json`` (PURE's where absent or silent:
+            :func:`pure.decoding.config.read_sampling`), become :attr:`sampling`.
             device: default CUDA when available, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
             compile: capture the per-token image step (see :class:`PureRestorer`).
             quantize: ``"int8"`` or ``"int4"``: weight-only quantisation of the decoder's linear layers
@@ -250,6 +256,10 @@ class PureRestorer:
                 f"no VQ tokenizer: {folder} has no vq/ folder; pass --vq vq_ds8_c2i.pt "
                 "(LlamaGen's VQ-8, from the FoundationVision/LlamaGen Hub repo)"
             )
+        try:
+            sampling = read_sampling(folder)  # before the weights: a bad file fails in a second
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
         lm = load_model(
             folder, device=device, dtype=dtype, attn_implementation=attn_implementation, quantize=quantize
         )
@@ -266,7 +276,7 @@ class PureRestorer:
         }
         if quantize is not None:  # absent otherwise: records of unquantised runs keep their identity
             identity["quantize"] = quantize
-        restorer = cls(lm, text, image_tokenizer, identity, compile=compile)
+        restorer = cls(lm, text, image_tokenizer, identity, compile=compile, sampling=sampling)
         if threads is not None:
             requested = None if threads == "auto" else threads
             count, why = choose_cpu_threads(sum(p.numel() for p in lm.parameters()), requested)
@@ -362,7 +372,7 @@ class PureRestorer:
         seeds = [0] * len(images) if seeds is None else seeds
         _, _, prompts = self._prompts(images, size)
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.sampling
         texts = self.decoder(sampling).describe(prompts, generators=generators)
         # nothing is forced here, so a text is cut exactly when it is as long as the limit (engine._TextRow)
         return [
@@ -388,7 +398,8 @@ class PureRestorer:
 
         Args:
             images: PIL images (any mode PIL opens; see :func:`pure.imageio.load_image`).
-            sampling: decoding settings; keyword ``overrides`` (e.g. ``cfg_scale=1.0``) replace fields.
+            sampling: decoding settings (default :attr:`sampling`, the checkpoint's); keyword ``overrides``
+                (e.g. ``cfg_scale=1.0``) replace fields.
             seeds: one seed per image (default 0 for all); the same seed gives the same output.
             captions, degradations: per-image text to force instead of the model's (steering). A caption
                 alone still lets the model write its own degradation sentence first.
@@ -403,7 +414,7 @@ class PureRestorer:
         """
         size = self.image_size if size is None else size
         self._check_size(size)
-        sampling = SamplingConfig(**{**asdict(sampling or SamplingConfig()), **overrides})
+        sampling = SamplingConfig(**{**asdict(sampling or self.sampling), **overrides})
         n = len(images)
         if n == 0:
             return []

@@ -43,7 +43,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pure.decoding.loop import SamplingConfig
 from pure.restorer import GRID_PX, LATENT_PX, NATIVE_SCALES, text_notices
 from pure.sequence import SequenceFormat
 from pure.vq import to_rgb
@@ -257,8 +256,10 @@ def restore_tiled(
     """Restore ``image`` of any size at ``x scale`` (1, 2, 4) or ``x outscale`` (any factor) by tiles.
 
     Args:
-        restorer: a :class:`~pure.restorer.PureRestorer` (or anything with its ``image_size``, ``describe``
-            and ``restore_batch``).
+        restorer: a :class:`~pure.restorer.PureRestorer` (or anything with its ``image_size``, ``sampling``,
+            ``describe_answers`` and ``restore_batch``).
+        sampling: decoding settings of the description and every tile (default ``restorer.sampling``, the
+            checkpoint's).
         image: RGB or RGBA PIL image (EXIF orientation already applied, as by ``load_image``).
         tile: tile side in px, a multiple of 32; default the restorer's native ``image_size`` (the crops
             it was trained on). overlap: px shared by neighbours; default :func:`default_overlap`.
@@ -297,7 +298,7 @@ def restore_tiled(
         caption = answer.caption if caption is None else caption
     else:
         text_cut = False
-    sampling = sampling or SamplingConfig()
+    sampling = sampling or restorer.sampling
     notices += text_notices(text_cut, sampling)
     described = time.perf_counter()
     has_text = any(t and t.strip() for t in (degradation, caption))

@@ -569,6 +569,33 @@ def test_benchmark_flags_reach_the_restorer_as_in_pure_infer(tmp_path, monkeypat
     assert restorer.calls[0]["sampling"].max_text_tokens == SamplingConfig().max_text_tokens
 
 
+def test_benchmark_settings_not_given_are_the_checkpoints_sampling_file(tmp_path, monkeypatch):
+    from pure.decoding.config import SAMPLING_FILE
+    from pure.restorer import PureRestorer
+
+    restorer = _FakeRestorer()
+    monkeypatch.setattr(PureRestorer, "from_pretrained", staticmethod(lambda model, **kwargs: restorer))
+    model = tmp_path / "ckpt"  # only its sampling.json is read: the loading is faked
+    model.mkdir()
+    (model / SAMPLING_FILE).write_text('{"cfg_scale": 1.0, "temperature": 0.0, "text_top_k": 2}')
+    _write(tmp_path / "lq", "0001.png", 50, size=(8, 8))
+    argv = ["--model", str(model), "--lq", str(tmp_path / "lq"), "--out", str(tmp_path / "o")]
+    argv += ["--metrics", "niqe", "--size", "16", "--device", "cpu", "--no-pictures", "--overwrite"]
+
+    assert eval_main([*argv, "--pred", str(tmp_path / "a")], backend=FakeBackend()) == 0
+    assert (
+        eval_main([*argv, "--pred", str(tmp_path / "b"), "--temperature", "0.5"], backend=FakeBackend()) == 0
+    )
+    own, given = (call["sampling"] for call in restorer.calls)
+    assert (own.cfg_scale, own.temperature, own.text_top_k) == (1.0, 0.0, 2)
+    assert (given.cfg_scale, given.temperature, given.text_top_k) == (1.0, 0.5, 2)
+    restoration = json.loads((tmp_path / "o" / "summary.json").read_text())["restoration"]
+    assert (restoration["cfg_scale"], restoration["temperature"]) == (1.0, 0.5)  # recorded as numbers
+
+    (model / SAMPLING_FILE).write_text('{"cfg": 1.0}')
+    assert eval_main([*argv, "--pred", str(tmp_path / "c")], backend=FakeBackend()) == 2
+
+
 def _fake_benchmark(tmp_path, monkeypatch, restorer):
     """argv of a benchmark run of two 8 px LQ images restored by `restorer` (no model is loaded)."""
     from pure.restorer import PureRestorer

@@ -390,6 +390,35 @@ def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer):
     assert "GMS-Y" in render_markdown(results) and "pure minus each baseline" in render_markdown(results)
 
 
+def test_the_checkpoints_default_decoding_is_the_row_the_report_is_about(tiny_restorer):
+    copier = _PerfectCopier(tiny_restorer.vq)
+    images = {"astronaut.png": astronaut()}
+    assert holdout.default_settings(copier) == SETTINGS  # no defaults of its own: PURE's rows
+
+    copier.sampling = SETTINGS["pure-greedy-no-cfg"]  # one of the rows: no extra one
+    assert holdout.default_settings(copier) == SETTINGS
+    results = measure_holdout(
+        copier, images, crop=CROP, seeds=[0], methods=["bicubic", "copy", "pure", "pure-greedy-no-cfg"]
+    )
+    assert results["subject"] == "pure-greedy-no-cfg"
+    markdown = render_markdown(results)
+    assert (
+        "pure-greedy-no-cfg minus each baseline" in markdown and "checkpoint's default decoding" in markdown
+    )
+    assert "cfg_scale 1.0" in markdown and "temperature 0.0" in markdown
+    assert results["verdict"].startswith("pure-greedy-no-cfg ")
+
+    copier.sampling = SamplingConfig(temperature=0.5)  # none of the rows: its own, first
+    settings = holdout.default_settings(copier)
+    assert (
+        next(iter(settings)) == holdout.CHECKPOINT_METHOD
+        and settings[holdout.CHECKPOINT_METHOD] == copier.sampling
+    )
+    results = measure_holdout(copier, images, crop=CROP, seeds=[0], methods=["copy", "pure", "checkpoint"])
+    assert results["subject"] == "checkpoint" and set(results["paired"]) == {"copy"}
+    assert results["settings"]["checkpoint"]["sampling"]["temperature"] == 0.5
+
+
 def test_paired_differences_resolve_a_steady_gain_and_not_jitter():
     def rows(method, values):
         return [

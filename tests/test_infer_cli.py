@@ -591,6 +591,34 @@ def test_tiled_sidecar_has_every_sampling_setting_and_the_text_cut(cli, tmp_path
     assert sidecar["timings"]["cpu_threads"] == 1 and "cpu_threads_from" in sidecar["timings"]
 
 
+def test_settings_not_given_are_the_checkpoints_own_from_its_sampling_file(cli, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from pure.decoding.config import SAMPLING_FILE
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (folder / SAMPLING_FILE).write_text('{"cfg_scale": 1.0, "temperature": 0.0, "text_top_k": 3}')
+    image = save_astronaut(tmp_path / "lq.png", 16)
+
+    own = cli("--model", str(folder), "--input", str(image), "--output", str(tmp_path / "own.png"))
+    given = cli(
+        "--model", str(folder), "--input", str(image), "--output", str(tmp_path / "given.png"), "--cfg", "2"
+    )
+    pures = cli("--input", str(image), "--output", str(tmp_path / "pure.png"))  # no file: PURE's
+
+    assert own.returncode == given.returncode == pures.returncode == 0, own.stderr + given.stderr
+    settings = {name: read_sidecar(tmp_path / f"{name}.png")["settings"] for name in ("own", "given", "pure")}
+    assert [settings["own"][k] for k in ("cfg_scale", "temperature", "text_top_k")] == [1.0, 0.0, 3]
+    assert [settings["given"][k] for k in ("cfg_scale", "temperature", "text_top_k")] == [2.0, 0.0, 3]
+    default = SamplingConfig()
+    assert [settings["pure"][k] for k in ("cfg_scale", "temperature", "text_top_k")] == [
+        default.cfg_scale,
+        default.temperature,
+        default.text_top_k,
+    ]
+    assert SAMPLING_FILE in cli("--help").stdout
+
+
 # ---------------------------------------------------------------- checks before any work
 
 UNWRITABLE = Path("/proc")  # a folder no one, root included, can create a file in

@@ -17,6 +17,7 @@ from native_checkpoint import NATIVE_SIZE, native_size_checkpoint
 from PIL import Image
 from skimage import data
 
+from pure.decoding.config import SAMPLING_FILE, read_sampling
 from pure.decoding.loop import SamplingConfig
 from pure.model import ModelLoadError
 from pure.restorer import DEFAULT_IMAGE_SIZE, IMAGE_SIZE_KEY, PureRestorer, RestoreResult
@@ -403,3 +404,60 @@ def test_from_pretrained_sets_cpu_threads_only_when_asked(tiny_checkpoint, monke
     assert chosen == 1 and auto.threads_from.startswith("auto: one for a model under")
     result = auto.restore(astronaut(32), size=32, max_text_tokens=4)
     assert result.timings["cpu_threads"] == 1 and result.timings["cpu_threads_from"] == auto.threads_from
+
+
+# ---------------------------------------------------------------- the checkpoint's decoding defaults
+
+
+def with_sampling_file(tiny_checkpoint, folder, text: str):
+    """A copy of the tiny checkpoint with ``text`` as its sampling.json."""
+    copy = shutil.copytree(tiny_checkpoint, folder)
+    (copy / SAMPLING_FILE).write_text(text)
+    return copy
+
+
+def test_read_sampling_takes_the_files_fields_over_pures(tmp_path):
+    assert read_sampling(tmp_path) == SamplingConfig()  # no file: PURE's defaults
+    (tmp_path / SAMPLING_FILE).write_text('{"cfg_scale": 1.0, "temperature": 0.0}')
+    assert read_sampling(tmp_path) == SamplingConfig(cfg_scale=1.0, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"cfg": 1.0}', "unknown field"),  # the command-line name, not the field's
+        ('{"temperature": -1}', "temperature must be >= 0"),
+        ('{"row_lag": true}', "row_lag"),
+        ('{"cfg_scale": "high"}', "cfg_scale"),
+        ("[1.0]", "JSON object"),
+        ("{cfg_scale: 1}", "not readable JSON"),
+    ],
+)
+def test_a_bad_sampling_file_is_an_error_naming_it_before_the_weights_load(
+    tiny_checkpoint, tmp_path, text, message
+):
+    with pytest.raises(ValueError, match=message) as excinfo:
+        read_sampling(with_sampling_file(tiny_checkpoint, tmp_path / "ckpt", text))
+    assert SAMPLING_FILE in str(excinfo.value)
+    with pytest.raises(ModelLoadError, match=message):
+        PureRestorer.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
+def test_a_restoration_without_settings_uses_the_checkpoints_own(tiny_checkpoint, tiny_restorer, tmp_path):
+    folder = with_sampling_file(tiny_checkpoint, tmp_path / "ckpt", '{"cfg_scale": 1.0, "temperature": 0.0}')
+    restorer = PureRestorer.from_pretrained(folder, device="cpu")
+    own = SamplingConfig(cfg_scale=1.0, temperature=0.0, max_text_tokens=8)
+    assert restorer.sampling == SamplingConfig(cfg_scale=1.0, temperature=0.0)
+    assert tiny_restorer.sampling == SamplingConfig()  # no file: PURE's
+
+    lq = coffee(16)
+    by_default = restorer.restore(
+        lq, seed=1, size=64, max_text_tokens=8
+    )  # an override keeps the file's other fields
+    assert (by_default.settings["cfg_scale"], by_default.settings["temperature"]) == (1.0, 0.0)
+    assert torch.equal(by_default.codes, tiny_restorer.restore(lq, seed=1, size=64, sampling=own).codes)
+    pures = restorer.restore(
+        lq, seed=1, size=64, sampling=SamplingConfig(max_text_tokens=8)
+    )  # given: it wins
+    assert torch.equal(pures.codes, tiny_restorer.restore(lq, seed=1, size=64, max_text_tokens=8).codes)
+    assert not torch.equal(pures.codes, by_default.codes)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pure.decoding.config import SamplingConfig
 from pure.restorer import TextAnswer
 from pure.tiling import (
     blend_window,
@@ -48,6 +49,7 @@ class OffsetRestorer:
     """Stand-in restorer: every tile comes back as given, plus a per-tile constant brightness offset."""
 
     image_size = TILE  # its "checkpoint's" native size: the default tile
+    sampling = SamplingConfig()  # its "checkpoint's" decoding defaults
 
     def __init__(self, seed: int = 0, amplitude: float = 20.0, described: tuple = DESCRIBED):
         self.rng = np.random.default_rng(seed)
@@ -413,6 +415,7 @@ class RecordingRestorer:
     def __init__(self, restorer):
         self.restorer = restorer
         self.image_size = restorer.image_size
+        self.sampling = restorer.sampling
         self.tiles: list = []
 
     def describe_answers(self, *args, **kwargs):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pure.decoding.sampling import EntropyTopKLogitsWarper, TopKLogitsWarper
 
@@ -63,3 +67,39 @@ class TextPrior:
 
     degradation: str | None = None
     caption: str | None = None
+
+
+# A checkpoint's own decoding defaults: `SamplingConfig` fields in the checkpoint folder, as a Hugging Face
+# model carries its generation_config.json. PURE's defaults (spec 4.1) hold where the file is absent or
+# silent; what a user passes (a command-line option, a ``sampling`` argument) overrides either.
+SAMPLING_FILE = "sampling.json"
+
+
+def read_sampling(folder: str | os.PathLike) -> SamplingConfig:
+    """The decoding defaults of a checkpoint folder: its :data:`SAMPLING_FILE`'s fields over PURE's.
+
+    Raises ``ValueError`` naming the file for anything but a JSON object of valid `SamplingConfig` fields,
+    so that a typo in it is an error at load time, never a silently different restoration.
+    """
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return SamplingConfig()
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: must be a JSON object of SamplingConfig fields")
+    known = {f.name for f in dataclasses.fields(SamplingConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for name, value in fields.items():
+        kind = type(getattr(SamplingConfig, name))  # the default's: bool, int, float or str
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not fits and not (kind is float and type(value) is int):
+            raise ValueError(f"{path}: {name} must be a JSON {kind.__name__}; got {value!r}")
+    try:
+        return SamplingConfig(**fields)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of every image (default 0)")
     bench.add_argument("--size", type=int, default=512, help="output side in px (default 512)")
     bench.add_argument("--batch-size", type=int, default=1, help="images restored together (default 1)")
-    bench.add_argument("--cfg", type=float, default=0.8, help="guidance scale (default 0.8)")
-    bench.add_argument("--temperature", type=float, default=0.9, help="image temperature (default 0.9)")
+    bench.add_argument(
+        "--cfg", type=float, help="guidance scale (default: the checkpoint's sampling.json, else PURE's 0.8)"
+    )
+    bench.add_argument(
+        "--temperature", type=float, help="image temperature (default: the checkpoint's, else PURE's 0.9)"
+    )
     bench.add_argument(
         "--max-text-tokens",
         type=int,
-        help="budget of the degradation/caption text (default: pure.infer's, SamplingConfig.max_text_tokens)",
+        help="budget of the degradation/caption text (default: the checkpoint's, else PURE's 768)",
     )
     bench.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     bench.add_argument(
@@ -111,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="?",
         const=JACOBI_DEFAULT_WINDOW,
-        default=0,
         metavar="N",
         help=f"speculative Jacobi decoding of the image, N tokens per forward (N default "
         f"{JACOBI_DEFAULT_WINDOW}): fewer forward passes, same output distribution",
@@ -119,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--row-lag",
         type=int,
-        default=0,
         metavar="L",
         help="row-parallel decoding of the image (lossy; as python -m pure.infer --row-lag): a row starts "
         "once the row above has L codes",
@@ -155,7 +158,7 @@ def _path_or_id(value: str | None) -> str | None:
 def _restore(args: argparse.Namespace) -> dict | None:
     """Benchmark mode: restore what is missing in --pred; returns the settings for the summary (those
     the restorations in --pred were made with, from its record; see `_recorded_restoration`)."""
-    from pure.decoding.config import SamplingConfig
+    from pure.decoding.config import SamplingConfig, read_sampling
     from pure.distributed import Ranks
     from pure.eval.benchmark import (
         check_identity,
@@ -166,17 +169,34 @@ def _restore(args: argparse.Namespace) -> dict | None:
         write_record,
     )
     from pure.infer import load_restorer, sampling_config
+    from pure.model import ModelLoadError, resolve_checkpoint
 
     if not args.lq:
         raise EvalError("--model needs --lq, the folder of LQ inputs to restore")
-    if args.max_text_tokens is None:  # the decoder's default, recorded as a number in the settings
-        args.max_text_tokens = SamplingConfig.max_text_tokens
+    try:  # the checkpoint's decoding defaults (sampling.json) for what is not given, recorded as numbers
+        defaults = read_sampling(resolve_checkpoint(args.model))
+    except ModelLoadError:  # no such checkpoint: loading it, below, says so where there is work to do
+        defaults = SamplingConfig()
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    for option, field in (
+        ("cfg", "cfg_scale"),
+        ("temperature", "temperature"),
+        ("max_text_tokens", "max_text_tokens"),
+        ("jacobi", "jacobi_window"),
+        ("row_lag", "row_lag"),
+    ):
+        if getattr(args, option) is None:
+            setattr(args, option, getattr(defaults, field))
     sampling = sampling_config(
-        cfg_scale=args.cfg,
-        temperature=args.temperature,
-        max_text_tokens=args.max_text_tokens,
-        jacobi_window=args.jacobi,
-        row_lag=args.row_lag,
+        **{
+            **asdict(defaults),  # the file's other fields too (e.g. text_top_k)
+            "cfg_scale": args.cfg,
+            "temperature": args.temperature,
+            "max_text_tokens": args.max_text_tokens,
+            "jacobi_window": args.jacobi,
+            "row_lag": args.row_lag,
+        }
     )
     # everything that changes the restored pixels (not --batch-size, --device or --no-pictures)
     settings = {

@@ -9,7 +9,10 @@ with the degradations it was trained on, against the two numbers that bound what
 - ``copy``: the VQ round trip of the bicubic-upsampled LQ, i.e. of exactly what the model is shown: what a
   model that only copies its input tokens would give. A model that restores must beat it, not only bicubic;
 - ``pure`` and its ablations (`SETTINGS`): the restorations under several sampling settings, so that the
-  effect of the entropy-based top-k and of classifier-free guidance is measured, not assumed.
+  effect of the entropy-based top-k and of classifier-free guidance is measured, not assumed; and
+  ``checkpoint``, the checkpoint's own decoding defaults (its ``sampling.json``), where they are none of
+  those. The row of the checkpoint's defaults (`subject_method`) is the one the verdict, the paired
+  differences and the pictures are of: what a user of the checkpoint gets.
 
 Beside PSNR-Y and SSIM-Y every output gets ``gms_y``, the mean gradient-magnitude similarity (`gms_y`: the
 GMSD paper's similarity map averaged, 1 = the HQ's edges exactly), which rewards sharp edges in the right
@@ -65,6 +68,7 @@ from pure.vq import pil_to_pixels, pixels_to_pil, to_rgb
 
 __all__ = [
     "BASELINES",
+    "CHECKPOINT_METHOD",
     "SETTINGS",
     "HoldoutError",
     "VQOnly",
@@ -129,6 +133,9 @@ SETTING_NOTES: dict[str, str] = {
     "pure-greedy": "temperature 0: the most likely code at every step",
     "pure-greedy-no-cfg": "temperature 0 and cfg_scale = 1: the most likely code of the conditional logits",
 }
+# the checkpoint's own defaults (restorer.sampling, from its sampling.json), where they are none of SETTINGS
+CHECKPOINT_METHOD = "checkpoint"
+SETTING_NOTES[CHECKPOINT_METHOD] = "the checkpoint's own decoding defaults (its sampling.json)"
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
     "vq": "the VQ tokenizer's encode -> decode of the HQ crop: the ceiling of any PURE output",
@@ -284,6 +291,25 @@ def crop_boxes(width: int, height: int, crop: int, count: int) -> list[tuple[int
     return list(dict.fromkeys((top, left) for top in tops for left in lefts))[:count]
 
 
+def default_settings(restorer: Any) -> dict[str, SamplingConfig]:
+    """`SETTINGS`, plus `CHECKPOINT_METHOD` (``restorer.sampling``, its checkpoint's defaults) where those
+    are none of them: every measurement then has a row of what the checkpoint gives by default."""
+    own = getattr(restorer, "sampling", None)
+    if own is None or own in SETTINGS.values():
+        return dict(SETTINGS)
+    return {CHECKPOINT_METHOD: own, **SETTINGS}
+
+
+def subject_method(
+    restorer: Any, methods: Sequence[str], settings: Mapping[str, SamplingConfig]
+) -> str | None:
+    """The PURE method the report is about: the first of ``methods`` whose settings are the checkpoint's
+    defaults (``restorer.sampling``), else the first PURE method measured (None: none was)."""
+    own = getattr(restorer, "sampling", SamplingConfig())
+    pure_methods = [m for m in methods if m in settings]
+    return next((m for m in pure_methods if settings[m] == own), next(iter(pure_methods), None))
+
+
 def native_size(restorer: Any) -> int:
     """The output side a checkpoint was trained at: ``restorer.image_size`` if the restorer has one, else
     the model config's ``pure_image_size``, else PURE's 512."""
@@ -410,7 +436,8 @@ def measure_holdout(
         crops_per_image: crops per image, on the fixed grid of `crop_boxes`.
         seeds: degradation seeds; each gives another LQ of every crop and is the restoration seed.
         methods: which of ``bicubic``, ``vq`` and the ``settings`` names to run (default all).
-        settings: name -> `SamplingConfig` of the PURE methods (default `SETTINGS`).
+        settings: name -> `SamplingConfig` of the PURE methods (default `SETTINGS`, and
+            `CHECKPOINT_METHOD` where ``restorer.sampling`` is none of them: `default_settings`).
         pictures_dir: where to write ``NAME_seedS.png`` comparisons for the first seed (None: none).
         checkpoint: identity of the checkpoint to record (default ``restorer.identity``).
         captions: image key (as in the rows' ``image``) -> true caption; generated captions (whose
@@ -424,14 +451,15 @@ def measure_holdout(
         ``token_acc`` and ``seconds``, over all crops x seeds), ``rows`` (one per crop, seed and method),
         ``paired`` (`paired_differences`), ``perceive`` and ``understand`` (per PURE setting), ``settings``,
         ``protocol`` (crop, scale, border, preset, seeds, colour fix), ``checkpoint``, ``skipped`` images,
-        ``timing`` and ``verdict`` (the sentence of `verdict`).
+        ``timing``, ``subject`` (`subject_method`: the row of the checkpoint's defaults, which ``verdict``,
+        ``paired`` and the pictures are of) and ``verdict`` (the sentence of `verdict`).
 
     Raises:
         HoldoutError: no usable image, bad crop, seeds or method names.
     """
     from tqdm import tqdm
 
-    settings = dict(SETTINGS if settings is None else settings)
+    settings = default_settings(restorer) if settings is None else dict(settings)
     known = [*BASELINES, *settings]
     methods = list(known if methods is None else methods)
     unknown = [m for m in methods if m not in known]
@@ -452,7 +480,7 @@ def measure_holdout(
     degradation = DegradationConfig.from_yaml(PRESET)
     color_fix = _default_color_fix(restorer)
     pictures = Path(pictures_dir) if pictures_dir is not None else None
-    picture_method = next((m for m in methods if m in settings), None)
+    picture_method = subject_method(restorer, methods, settings)
 
     # load every image once up front: bad files and too-small images are known before any restoration
     plan: list[tuple[_Source, Image.Image, list[tuple[int, int]]]] = []
@@ -575,11 +603,13 @@ def measure_holdout(
     summary = summarise(rows, methods)
     pure_methods = [m for m in methods if m in settings]
     truth = {str(k): v for k, v in (captions or {}).items()}
+    subject = picture_method or "pure"  # without a PURE row: the sentence says pure was not run
     results = {
         "methods": summary,
+        "subject": subject,
         "per_image": per_image(rows),
-        "verdict": verdict(summary),
-        "paired": paired_differences(rows),
+        "verdict": verdict(summary, subject),
+        "paired": paired_differences(rows, subject),
         "perceive": {m: perceive_summary(rows, m) for m in pure_methods},
         "understand": {m: understand_summary(rows, m, truth) for m in pure_methods},
         "measures": {
@@ -902,6 +932,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"- PSNR/SSIM on the BT.601 Y channel, {BORDER} px border cut; mean ± std over crops x seeds",
         f"- colour fix: {protocol['color_fix']} on the PURE rows; bicubic and vq are shown as they are",
         "- s/image: wall time per crop and seed (PURE: one `restore` call, text + image; vq: once per crop)",
+        *_subject_lines(results),
         "",
         "| method | PSNR-Y (dB) | SSIM-Y | GMS-Y | token acc | s/image |",
         "|---|---|---|---|---|---|",
@@ -915,7 +946,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f"{'-' if seconds is None else f'{seconds:.3g}'} |"
         )
     lines += ["", results["verdict"], ""]
-    lines += _paired_lines(results.get("paired") or {})
+    lines += _paired_lines(results.get("paired") or {}, results.get("subject", "pure"))
     lines += _text_lines(results.get("perceive") or {}, results.get("understand") or {})
     return "\n".join(lines)
 
@@ -923,11 +954,25 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 _METRIC_NAMES = {"psnr_y": "PSNR-Y", "ssim_y": "SSIM-Y", "gms_y": "GMS-Y", "token_acc": "token acc"}
 
 
-def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+def _subject_lines(results: Mapping[str, Any]) -> list[str]:
+    """Which row is the checkpoint's default decoding, where that is not PURE's (``pure``)."""
+    subject = results.get("subject", "pure")
+    if subject == "pure" or subject not in results.get("settings", {}):
+        return []
+    fields = results["settings"][subject].get("sampling", {})
+    differ = {k: v for k, v in fields.items() if getattr(_DEFAULT, k, v) != v}
+    what = ", ".join(f"{k} {v}" for k, v in differ.items()) or "PURE's"
+    return [
+        f"- the checkpoint's default decoding (its sampling.json: {what}) is `{subject}`: the verdict, the "
+        "paired differences and the pictures are of it; `pure` is PURE's defaults"
+    ]
+
+
+def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]], subject: str = "pure") -> list[str]:
     if not paired:
         return []
     lines = [
-        f"pure minus each baseline, paired by crop and seed (mean ± standard error; resolved beyond "
+        f"{subject} minus each baseline, paired by crop and seed (mean ± standard error; resolved beyond "
         f"{PAIRED_Z:g} SE):",
         "",
         "| vs | " + " | ".join(_METRIC_NAMES.values()) + " |",
@@ -1044,8 +1089,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--methods",
-        default=",".join([*BASELINES, *SETTINGS]),
-        help=f"comma-separated subset of {', '.join([*BASELINES, *SETTINGS])} (default all)",
+        help=f"comma-separated subset of {', '.join([*BASELINES, *SETTINGS, CHECKPOINT_METHOD])} (default "
+        f"all; {CHECKPOINT_METHOD}, the checkpoint's sampling.json, where it is none of the others)",
     )
     parser.add_argument(
         "--captions",
@@ -1088,13 +1133,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.model is None:
             raise HoldoutError("--quantize needs --model: it quantises the model, not the tokenizer")
         check_quantize(args.quantize)  # torchao there, before any weight loads
-    default_methods = ",".join([*BASELINES, *SETTINGS])
-    if args.model is None and args.methods == default_methods:
-        args.methods = ",".join(BASELINES)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = [*BASELINES, *SETTINGS] if args.model is not None else [*BASELINES]
-    if not methods or any(m not in known for m in methods):
-        raise HoldoutError(f"--methods must name some of {', '.join(known)}; got {args.methods!r}")
+    known = [*BASELINES, *SETTINGS, CHECKPOINT_METHOD] if args.model is not None else [*BASELINES]
+    methods = None  # all: the baselines and default_settings(restorer), or the baselines of --vq alone
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods or any(m not in known for m in methods):
+            raise HoldoutError(f"--methods must name some of {', '.join(known)}; got {args.methods!r}")
+    elif args.model is None:
+        methods = list(BASELINES)
     out = Path(args.out)
     if (out / RESULTS_JSON).exists() and not args.overwrite:
         raise HoldoutError(f"{out / RESULTS_JSON} exists; pass --overwrite to replace it")
@@ -1115,6 +1161,9 @@ def _run(args: argparse.Namespace) -> int:
             args.model, vq=args.vq, device=args.device, quantize=args.quantize
         )
         identity = checkpoint_identity(args.model, restorer.identity)
+    settings = default_settings(restorer)
+    if CHECKPOINT_METHOD in (methods or ()):  # asked for by name: its row, even where it repeats another
+        settings[CHECKPOINT_METHOD] = restorer.sampling
     results = measure_holdout(
         restorer,
         paths,
@@ -1122,6 +1171,7 @@ def _run(args: argparse.Namespace) -> int:
         crops_per_image=args.crops_per_image,
         seeds=seeds,
         methods=methods,
+        settings=settings,
         pictures_dir=out / PICTURES_DIR,
         checkpoint=identity,
         progress=not args.quiet,
