@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from pure.data.sample_images import load_source, read_sources
-from pure.eval.holdout import measure_holdout
+from pure.eval.holdout import SETTINGS, measure_holdout
 from pure.restorer import PureRestorer
 
 SHIPPED = Path("examples/pure-tiny")
 SOURCES = "recipes/pure_tiny/sources.yaml"
 PINNED_IMAGES = ("astronaut", "camera")  # hold-out images re-measured here (the card measures all five)
-PINNED_METHODS = ("bicubic", "vq", "pure")
+PINNED_METHODS = ("bicubic", "vq", "pure", "pure-greedy-no-cfg")  # PURE's defaults and the checkpoint's
 PSNR_TOLERANCE_DB = 0.05  # same machine, same seeds: anything above float noise is a changed pipeline
 SSIM_TOLERANCE = 2e-3
 
@@ -47,12 +47,17 @@ def test_shipped_checkpoint_is_small_and_native_128(restorer):
 def test_restores_a_holdout_image_deterministically_under_a_seed(restorer, holdout_images):
     hq = holdout_images["astronaut.png"].crop((192, 64, 320, 192))
     lq = hq.resize((32, 32))
-    a, b = (restorer.restore(lq, seed=3) for _ in range(2))
-    c = restorer.restore(lq, seed=4)
+    pures = SETTINGS["pure"]  # PURE's sampling: the seed picks the sample
+    a, b = (restorer.restore(lq, seed=3, sampling=pures) for _ in range(2))
+    c = restorer.restore(lq, seed=4, sampling=pures)
     assert a.image.size == (128, 128)
     assert torch.equal(a.codes, b.codes) and a.image.tobytes() == b.image.tobytes() and a.text == b.text
     assert not torch.equal(a.codes, c.codes)
     assert a.degradation is not None  # a trained model writes its Perceive sentence
+    # its own defaults (sampling.json, chosen on validation scenes: README) are greedy without guidance
+    assert restorer.sampling == SETTINGS["pure-greedy-no-cfg"]
+    greedy = [restorer.restore(lq, seed=seed) for seed in (3, 4)]
+    assert torch.equal(greedy[0].codes, greedy[1].codes) and not torch.equal(greedy[0].codes, a.codes)
 
 
 def test_holdout_scores_match_the_model_card(restorer, holdout_images):

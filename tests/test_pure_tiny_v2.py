@@ -270,3 +270,31 @@ def test_the_tree_leaves_room_on_the_way_to_the_gpu_machine_for_the_data_gpu_v2_
     links = [p for p in paths if p.is_symlink()]
     assert {p.relative_to(REPO).as_posix() for p in links} >= {"examples/pure-tiny-v2/vq/model.safetensors"}
     assert all(p.resolve().is_file() and REPO in p.resolve().parents for p in links)  # inside the tree
+
+
+def test_choose_sampling_pairs_every_setting_with_copy_and_bicubic():
+    spec = importlib.util.spec_from_file_location("choose_sampling", RECIPES / "choose_sampling.py")
+    choose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choose)
+
+    def row(method, crop, psnr, acc=None):
+        extra = {} if acc is None else {"token_acc": acc}
+        return {
+            "method": method,
+            "crop": crop,
+            "seed": 0,
+            "psnr_y": psnr,
+            "ssim_y": 0.5,
+            "gms_y": 0.5,
+            **extra,
+        }
+
+    rows = [row("bicubic", c, 20.0) for c in "abcd"] + [row("copy", c, 19.0, 0.2) for c in "abcd"]
+    rows += [row("pure-greedy", c, 19.0 + d, 0.3) for c, d in zip("abcd", (1.0, 1.2, 0.9, 1.1), strict=True)]
+    text = choose.table({"methods": {"bicubic": {}, "copy": {}, "pure-greedy": {}}, "rows": rows})
+
+    lines = text.splitlines()
+    assert len(lines) == 2 + 2  # header, rule, the setting minus copy and minus bicubic
+    assert lines[2].startswith("| pure-greedy | copy | +1.05 ± 0.065 (better) | +0 ± 0 |")
+    assert lines[2].endswith("| +0.1 ± 0 (better) |")
+    assert lines[3].startswith("| pure-greedy | bicubic | +0.05 ± 0.065 |") and lines[3].endswith("| - |")

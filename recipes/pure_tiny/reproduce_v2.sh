@@ -107,7 +107,9 @@ train train3 recipes/pure_tiny/train_v2_stage3.yaml --set model.init_from=$OUT/t
 step "6d/8 stage 4: on from stage 3's export, on 6000 fresh scenes, its own samples as part of its inputs (resumable)"
 train train4 recipes/pure_tiny/train_v2_stage4.yaml --set model.init_from=$OUT/train3/export
 
-step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (default, no entropy, no guidance, greedy, both)"
+step "7/8 hold-out measurement: bicubic, copy, VQ ceiling, PURE-tiny (PURE's defaults, no entropy, no guidance, greedy, both)"
+# the model's decoding defaults, chosen on validation scenes (recipes/pure_tiny/choose_sampling.py; README)
+cp recipes/pure_tiny/sampling.json $OUT/train4/export/sampling.json
 read -r -a HOLDOUT_ARGS <<< "${HOLDOUT_ARGS:-}"  # e.g. "--limit 1" for a dry run
 [ "${WHOLE_PICTURES:-1}" = 1 ] && HOLDOUT_ARGS+=(--whole-pictures)  # each photo restored whole, by tiles
 $PY -m pure.eval.holdout --model $OUT/train4/export --holdout $DATA/sources/holdout --seeds 0 \

@@ -28,6 +28,7 @@ CHECKPOINT_FILES = (
     "vq/config.json",
     "vq/model.safetensors",
 )
+OPTIONAL_FILES = ("sampling.json",)  # the checkpoint's decoding defaults, where the run chose some
 
 
 def _json(path: Path) -> dict:
@@ -127,7 +128,7 @@ def ship(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         staging = Path(tmp) / "ship"
-        for name in CHECKPOINT_FILES:
+        for name in (*CHECKPOINT_FILES, *(n for n in OPTIONAL_FILES if (export / n).is_file())):
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(export / name, staging / name)
         shutil.copy2(run / "holdout" / "results.json", staging / "holdout_results.json")
