@@ -55,11 +55,19 @@ def test_each_stage_continues_the_one_before_and_stage2_adds_input_noise():
     stage5 = load_recipe(RECIPES / "train_v2_stage5.yaml")  # the experiment: guidance's context trained too
     assert stage5.model.init_from == "examples/pure-tiny" and 0 < stage5.data.unconditional < 1
     assert stage5.data.sets == stage4.data.sets and stage5.run_dir != stage4.run_dir
+    stage6 = load_recipe(RECIPES / "train_v2_stage6.yaml")  # the experiment: more fresh scenes
+    assert stage6.model.init_from == "examples/pure-tiny" and stage6.run_dir not in {
+        s.run_dir for s in stages
+    }
+    fresh = {s.path for s in stage6.data.sets} - {s.path for s in [*stage4.data.sets, *stage1.data.sets]}
+    assert fresh == {"data/pure_tiny_v2/shards_scenes3"} and sum(s.ratio for s in stage6.data.sets) == 1.0
     assert stage1.data.image_input_noise == 0 < stage2.data.image_input_noise < 1
     assert stage2.data.sets == stage1.data.sets and stage2.run_dir != stage1.run_dir
 
 
-@pytest.mark.parametrize("script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh", "gpu_v2.sh"])
+@pytest.mark.parametrize(
+    "script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh", "gpu_v2.sh", "stage6.sh"]
+)
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True).returncode == 0
 
