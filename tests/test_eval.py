@@ -591,6 +591,7 @@ def test_benchmark_settings_not_given_are_the_checkpoints_sampling_file(tmp_path
     assert (given.cfg_scale, given.temperature, given.text_top_k) == (1.0, 0.5, 2)
     restoration = json.loads((tmp_path / "o" / "summary.json").read_text())["restoration"]
     assert (restoration["cfg_scale"], restoration["temperature"]) == (1.0, 0.5)  # recorded as numbers
+    assert restoration["text_top_k"] == 2  # the file's other fields too, where they are not PURE's
 
     (model / SAMPLING_FILE).write_text('{"cfg": 1.0}')
     assert eval_main([*argv, "--pred", str(tmp_path / "c")], backend=FakeBackend()) == 2

@@ -215,6 +215,10 @@ def _restore(args: argparse.Namespace) -> dict | None:
     }
     if args.row_lag:  # only when set, as quantize: earlier records keep their settings
         settings["row_lag"] = args.row_lag
+    pures = SamplingConfig()
+    for field in ("text_top_k", "min_k", "max_k", "jacobi_drafts", "jacobi_coupled"):  # a sampling.json's
+        if getattr(sampling, field) != getattr(pures, field):  # only where not PURE's, as row_lag
+            settings[field] = getattr(sampling, field)
     if args.quantize:  # only when set: the records of unquantised runs keep their settings
         settings["quantize"] = args.quantize
     pred_dir = Path(args.pred)
