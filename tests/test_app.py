@@ -195,3 +195,25 @@ def test_demo_page_in_headless_chromium(tiny_restorer, tmp_path):
         demo.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000  # kept in pytest's tmp_path to look at
     assert set(requested_hosts) <= LOOPBACK, "the page must work offline"
+
+
+def test_the_page_starts_from_the_checkpoints_decoding_defaults(tiny_restorer):
+    import copy
+
+    pytest.importorskip("gradio")
+    from pure.decoding.config import SamplingConfig
+
+    restorer = copy.copy(tiny_restorer)  # the same model, another checkpoint's sampling.json
+    restorer.sampling = SamplingConfig(cfg_scale=1.0, temperature=0.0)
+    values = {
+        block.elem_id: block.value
+        for block in app.build_demo(restorer, size=64).blocks.values()
+        if getattr(block, "elem_id", None) in ("guidance", "temperature")
+    }
+    assert values == {"guidance": 1.0, "temperature": 0.0}
+    pures = {
+        block.elem_id: block.value
+        for block in app.build_demo(tiny_restorer, size=64).blocks.values()
+        if getattr(block, "elem_id", None) in ("guidance", "temperature")
+    }
+    assert pures == {"guidance": SamplingConfig().cfg_scale, "temperature": SamplingConfig().temperature}
