@@ -421,7 +421,8 @@ def test_restorer_and_cli_take_a_jacobi_window(tiny_restorer):
     fast = tiny_restorer.restore(image, jacobi_window=4, **kwargs)
     assert torch.equal(plain.codes, fast.codes) and fast.settings["jacobi_window"] == 4
     assert fast.timings["forward_passes"] < plain.timings["forward_passes"]
-    assert build_parser().parse_args(["--input", "x.png"]).jacobi == 0
+    assert build_parser().parse_args(["--input", "x.png"]).jacobi is None  # not given: the checkpoint's (0)
+    assert tiny_restorer.sampling.jacobi_window == 0
     assert build_parser().parse_args(["--input", "x.png", "--jacobi"]).jacobi == 16
     assert build_parser().parse_args(["--jacobi", "4", "--input", "x.png"]).jacobi == 4
 
