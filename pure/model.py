@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.chameleon.modeling_chameleon import ChameleonRotaryEmbedding
 
 from pure.decoding.attention import decoding_attention, layer_kwargs
+from pure.decoding.config import SAMPLING_FILE
 
 HUB_MODEL_ID = "nonwhy/PURE"
 _QK_NORM_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_norm\.(weight|bias)$")
@@ -39,7 +40,7 @@ _WEIGHT_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
     "tokenizer.json",
-    "sampling.json",
+    SAMPLING_FILE,
     "vq/*",
 ]
 

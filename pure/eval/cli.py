@@ -179,25 +179,14 @@ def _restore(args: argparse.Namespace) -> dict | None:
         defaults = SamplingConfig()
     except ValueError as err:
         raise EvalError(str(err)) from None
-    for option, field in (
-        ("cfg", "cfg_scale"),
-        ("temperature", "temperature"),
-        ("max_text_tokens", "max_text_tokens"),
-        ("jacobi", "jacobi_window"),
-        ("row_lag", "row_lag"),
-    ):
-        if getattr(args, option) is None:
-            setattr(args, option, getattr(defaults, field))
-    sampling = sampling_config(
-        **{
-            **asdict(defaults),  # the file's other fields too (e.g. text_top_k)
-            "cfg_scale": args.cfg,
-            "temperature": args.temperature,
-            "max_text_tokens": args.max_text_tokens,
-            "jacobi_window": args.jacobi,
-            "row_lag": args.row_lag,
-        }
-    )
+    given = {
+        "cfg_scale": args.cfg,
+        "temperature": args.temperature,
+        "max_text_tokens": args.max_text_tokens,
+        "jacobi_window": args.jacobi,
+        "row_lag": args.row_lag,
+    }
+    sampling = sampling_config(**{**asdict(defaults), **{k: v for k, v in given.items() if v is not None}})
     # everything that changes the restored pixels (not --batch-size, --device or --no-pictures)
     settings = {
         "model": _path_or_id(args.model),
@@ -207,18 +196,13 @@ def _restore(args: argparse.Namespace) -> dict | None:
         "lq_dir": _path_or_id(args.lq),
         "seed": args.seed,
         "size": args.size,
-        "cfg_scale": args.cfg,
-        "temperature": args.temperature,
-        "max_text_tokens": args.max_text_tokens,
-        "jacobi_window": args.jacobi,
         "color_fix": not args.no_color_fix,
     }
-    if args.row_lag:  # only when set, as quantize: earlier records keep their settings
-        settings["row_lag"] = args.row_lag
+    # the sampling settings as numbers: these four always, the others (row_lag, a sampling.json's
+    # text_top_k...) only where they are not PURE's, so that earlier records keep their settings
     pures = SamplingConfig()
-    for field in ("text_top_k", "min_k", "max_k", "jacobi_drafts", "jacobi_coupled"):  # a sampling.json's
-        if getattr(sampling, field) != getattr(pures, field):  # only where not PURE's, as row_lag
-            settings[field] = getattr(sampling, field)
+    always = ("cfg_scale", "temperature", "max_text_tokens", "jacobi_window")
+    settings.update({k: v for k, v in asdict(sampling).items() if k in always or v != getattr(pures, k)})
     if args.quantize:  # only when set: the records of unquantised runs keep their settings
         settings["quantize"] = args.quantize
     pred_dir = Path(args.pred)

@@ -126,16 +126,16 @@ SETTINGS: dict[str, SamplingConfig] = {
     "pure-greedy": SamplingConfig(temperature=GREEDY_TEMPERATURE),
     "pure-greedy-no-cfg": SamplingConfig(temperature=GREEDY_TEMPERATURE, cfg_scale=NO_GUIDANCE),
 }
+# the checkpoint's own defaults (restorer.sampling, from its sampling.json), where they are none of SETTINGS
+CHECKPOINT_METHOD = "checkpoint"
 SETTING_NOTES: dict[str, str] = {
     "pure": "SamplingConfig defaults: entropy top-k (k from min_k to max_k), guidance cfg_scale",
     "pure-no-entropy": f"fixed top-k = {NO_ENTROPY_TOP_K} (min_k = max_k: no entropy-based k)",
     "pure-no-cfg": "cfg_scale = 1: the conditional logits alone, no guidance",
     "pure-greedy": "temperature 0: the most likely code at every step",
     "pure-greedy-no-cfg": "temperature 0 and cfg_scale = 1: the most likely code of the conditional logits",
+    CHECKPOINT_METHOD: "the checkpoint's own decoding defaults (its sampling.json)",
 }
-# the checkpoint's own defaults (restorer.sampling, from its sampling.json), where they are none of SETTINGS
-CHECKPOINT_METHOD = "checkpoint"
-SETTING_NOTES[CHECKPOINT_METHOD] = "the checkpoint's own decoding defaults (its sampling.json)"
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
     "vq": "the VQ tokenizer's encode -> decode of the HQ crop: the ceiling of any PURE output",

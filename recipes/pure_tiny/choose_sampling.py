@@ -7,7 +7,7 @@ apart from training's 100000-107999 and the hold-out's 0-15), measures every sam
 ``python -m pure.eval.holdout`` on them (one crop each, degradation seed 0), and prints each setting minus
 the copy baseline and minus bicubic, paired by crop (mean ± standard error; beyond 2 SE = resolved). The
 hold-out then reports the setting chosen here without having chosen it (PURE-tiny's choice and its figures:
-the README). Takes about 15 min for 32 scenes on a CPU thread.
+the README). Takes about 6 min for 32 scenes on an idle CPU thread.
 """
 
 from __future__ import annotations
