@@ -2,7 +2,8 @@
 way of saving them costs in fidelity.
 
 Each decoding of the image block restores the same held-out LQ images (Real-ESRGAN x4 of HQ crops at the
-checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at the default sampling:
+checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at one sampling (``--cfg``, ``--temperature``; PURE's
+by default, whatever the checkpoint's sampling.json says: sampled drafts are the hard case for acceptance):
 
 * one token per forward (the reference);
 * speculative Jacobi decoding, window ``W``: independent drafts, coupled drafts (MC-SJD, the default), coupled
@@ -61,6 +62,15 @@ def lossless(sampling: SamplingConfig) -> bool:
     return sampling.row_lag == 0
 
 
+def sampling_words(sampling: SamplingConfig) -> str:
+    """The sampling every decoding of the table shares, e.g. ``guidance 0.8, temperature 0.9 (PURE's)``."""
+    guidance = "no guidance" if sampling.cfg_scale == 1 else f"guidance {sampling.cfg_scale:g}"
+    temperature = "greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature:g}"
+    pure = SamplingConfig()
+    same = (sampling.cfg_scale, sampling.temperature) == (pure.cfg_scale, pure.temperature)
+    return f"{guidance}, {temperature}" + (" (PURE's)" if same else "")
+
+
 def builtin_images() -> dict[str, Image.Image]:
     """Four scikit-image photos and four generated scenes (offline, no files needed)."""
     from skimage import data
@@ -105,8 +115,9 @@ def pass_table(
     pairs = len({(r["crop"], r["seed"]) for r in rows})
     lines = [
         f"forward passes per image: {restorer.identity.get('model', 'checkpoint')}, {crop} px output "
-        f"({grid}x{grid} codes, {tokens} image tokens), {pairs} hold-out pairs (crop x seed), default "
-        f"sampling; differences: minus {reference}, paired by crop and seed, mean ± SE (* beyond 2 SE)",
+        f"({grid}x{grid} codes, {tokens} image tokens), {pairs} hold-out pairs (crop x seed), "
+        f"{sampling_words(settings[reference])}; differences: minus {reference}, paired by crop and seed, "
+        "mean ± SE (* beyond 2 SE)",
         f"{'decoding':<34} {'lossless':>8} {'tokens/fwd':>10} {'fwd/image':>9} {'fed/fwd':>7} {'s/image':>8} "
         f"{'d PSNR-Y (dB)':>15} {'d SSIM-Y':>17} {'d token acc':>17}",
     ]

@@ -156,3 +156,12 @@ def test_pass_table_of_a_checkpoint(tiny_checkpoint, tiny_restorer):
     # tokens fed per forward: the one-token loop feeds the header's 3, then one per forward
     assert float(one[3]) == pytest.approx((3 + grid * (grid + 1)) / int(one[2]), abs=0.05)
     assert float(rows1[3]) > 1 and float(fronts[3]) > 1
+    assert "guidance 0.8, temperature 0.9 (PURE's);" in lines[0]  # the sampling every row shares
+
+
+def test_pass_table_names_its_sampling():
+    from pure.bench_passes import sampling_words
+
+    assert sampling_words(SamplingConfig()) == "guidance 0.8, temperature 0.9 (PURE's)"
+    assert sampling_words(SamplingConfig(cfg_scale=1.0, temperature=0.0)) == "no guidance, greedy"
+    assert sampling_words(SamplingConfig(cfg_scale=3, temperature=1)) == "guidance 3, temperature 1"
