@@ -2,8 +2,9 @@
 way of saving them costs in fidelity.
 
 Each decoding of the image block restores the same held-out LQ images (Real-ESRGAN x4 of HQ crops at the
-checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at one sampling (``--cfg``, ``--temperature``; PURE's
-by default, whatever the checkpoint's sampling.json says: sampled drafts are the hard case for acceptance):
+checkpoint's size, :func:`pure.eval.holdout.measure_holdout`'s protocol) at one sampling (``--cfg``,
+``--temperature``; PURE's by default, whatever the checkpoint's sampling.json says: sampled drafts are the
+hard case for acceptance):
 
 * one token per forward (the reference);
 * speculative Jacobi decoding, window ``W``: independent drafts, coupled drafts (MC-SJD, the default), coupled

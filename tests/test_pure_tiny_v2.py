@@ -61,12 +61,15 @@ def test_each_stage_continues_the_one_before_and_stage2_adds_input_noise():
     }
     fresh = {s.path for s in stage6.data.sets} - {s.path for s in [*stage4.data.sets, *stage1.data.sets]}
     assert fresh == {"data/pure_tiny_v2/shards_scenes3"} and sum(s.ratio for s in stage6.data.sets) == 1.0
+    stage7 = load_recipe(RECIPES / "train_v2_stage7.yaml")  # stage 6 with two more layers, nothing else
+    assert stage7.model.init_from == "outputs/pure_tiny_v2/grown8" and stage7.run_dir != stage6.run_dir
+    assert (stage7.data, stage7.train, stage7.seed) == (stage6.data, stage6.train, stage6.seed)
     assert stage1.data.image_input_noise == 0 < stage2.data.image_input_noise < 1
     assert stage2.data.sets == stage1.data.sets and stage2.run_dir != stage1.run_dir
 
 
 @pytest.mark.parametrize(
-    "script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh", "gpu_v2.sh", "stage6.sh"]
+    "script", ["data_v2.sh", "vq_v2_curve.sh", "reproduce_v2.sh", "gpu_v2.sh", "stage6.sh", "stage7.sh"]
 )
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(RECIPES / script)], capture_output=True).returncode == 0
@@ -306,3 +309,27 @@ def test_choose_sampling_pairs_every_setting_with_copy_and_bicubic():
     assert lines[2].startswith("| pure-greedy | copy | +1.05 ± 0.065 (better) | +0 ± 0 |")
     assert lines[2].endswith("| +0.1 ± 0 (better) |")
     assert lines[3].startswith("| pure-greedy | bicubic | +0.05 ± 0.065 |") and lines[3].endswith("| - |")
+
+
+def test_grow_adds_layers_that_change_nothing_until_trained(tiny_checkpoint, tmp_path):
+    """stage 7's deeper model starts as the shipped one: every logit the same, two more layers to train."""
+    from pure.model import load_config, load_model
+
+    spec = importlib.util.spec_from_file_location("grow", RECIPES / "grow.py")
+    grow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grow)
+    layers = load_config(tiny_checkpoint).num_hidden_layers
+    out = tmp_path / "grown"
+    assert grow.main(["--model", str(tiny_checkpoint), "--after", f"0,{layers - 1}", "--out", str(out)]) == 0
+    before, after = (load_model(p).eval() for p in (tiny_checkpoint, out))
+    assert after.config.num_hidden_layers == layers + 2
+    ids = torch.randint(0, before.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(after(input_ids=ids).logits, before(input_ids=ids).logits)
+    new = after.model.layers[1]  # the copy of layer 0: its inputs' weights kept, its outputs' zero
+    assert not new.mlp.down_proj.weight.any() and not new.self_attn.o_proj.weight.any()
+    torch.testing.assert_close(new.mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+    assert (out / "vq").is_dir() and not (out / "README.md").exists()  # the card is the original's
+    assert grow.main(["--model", str(tiny_checkpoint), "--after", "0", "--out", str(out)]) == 2  # exists
+    past = ["--model", str(tiny_checkpoint), "--after", str(layers), "--out", str(tmp_path / "x")]
+    assert grow.main(past) == 2 and not (tmp_path / "x").exists()  # no such layer: nothing written

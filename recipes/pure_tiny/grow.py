@@ -1,0 +1,85 @@
+"""Deepen a trained checkpoint without changing what it computes: each new decoder layer is a copy of the
+layer before it with its two output projections (attention's ``o_proj``, the MLP's ``down_proj``) zeroed, so
+it adds nothing to the residual stream until training moves them: the grown model's logits are the original's.
+
+    python recipes/pure_tiny/grow.py --model examples/pure-tiny --after 2,5 --out outputs/pure_tiny_v2/grown
+
+``--after 2,5`` puts a new layer after layers 2 and 5 (0-based): 6 layers become 8. Everything else in the
+folder (tokenizer, VQ, sampling.json) is copied as it is, so shards made with the original pass the trainer's
+made-with check. Used by ``recipes/pure_tiny/stage7.sh``: does PURE-tiny v2 gain from more capacity?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+# the weights are rewritten; the card, its pictures and results describe the original
+NOT_COPIED = (WEIGHTS, "README.md", "pictures", "holdout_results.json")
+
+
+def grow_state(state: dict[str, torch.Tensor], layers: int, after: list[int]) -> dict[str, torch.Tensor]:
+    """``state`` with a zero-output copy of layer ``i`` inserted after each ``i`` in ``after``."""
+    if not after or any(not 0 <= i < layers for i in after) or len(set(after)) != len(after):
+        raise ValueError(f"--after needs distinct layer indices in 0..{layers - 1}; got {after}")
+    order: list[tuple[int, bool]] = []  # (source layer, is a new copy), in the grown model's order
+    for i in range(layers):
+        order.append((i, False))
+        if i in after:
+            order.append((i, True))
+    grown = {k: v for k, v in state.items() if not LAYER.match(k)}
+    for new, (source, copy) in enumerate(order):
+        for key, value in state.items():
+            m = LAYER.match(key)
+            if m and int(m.group(1)) == source:
+                name = m.group(2)
+                zero = copy and name in ZEROED
+                grown[f"model.layers.{new}.{name}"] = torch.zeros_like(value) if zero else value.clone()
+    return grown
+
+
+def grow(model: Path, out: Path, after: list[int]) -> int:
+    """Write the grown checkpoint folder; returns its number of layers."""
+    config = json.loads((model / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    state = grow_state(load_file(model / WEIGHTS), layers, after)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp, symlinks=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    config["num_hidden_layers"] = layers + len(after)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    tmp.rename(out)
+    return config["num_hidden_layers"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="checkpoint folder to deepen")
+    p.add_argument("--after", required=True, help="comma-separated 0-based layers to insert a new one after")
+    p.add_argument("--out", required=True, type=Path, help="new checkpoint folder (must not exist)")
+    args = p.parse_args(argv)
+    try:
+        after = [int(x) for x in args.after.split(",") if x.strip()]
+        layers = grow(args.model, args.out, after)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {layers} layers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
