@@ -329,7 +329,9 @@ def test_grow_adds_layers_that_change_nothing_until_trained(tiny_checkpoint, tmp
     new = after.model.layers[1]  # the copy of layer 0: its inputs' weights kept, its outputs' zero
     assert not new.mlp.down_proj.weight.any() and not new.self_attn.o_proj.weight.any()
     torch.testing.assert_close(new.mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
-    assert (out / "vq").is_dir() and not (out / "README.md").exists()  # the card is the original's
+    vq = sorted(p.relative_to(tiny_checkpoint) for p in (tiny_checkpoint / "vq").rglob("*"))
+    assert vq and vq == sorted(p.relative_to(out) for p in (out / "vq").rglob("*"))  # its weights too
+    assert not (out / "README.md").exists()  # the card is the original's
     assert grow.main(["--model", str(tiny_checkpoint), "--after", "0", "--out", str(out)]) == 2  # exists
     past = ["--model", str(tiny_checkpoint), "--after", str(layers), "--out", str(tmp_path / "x")]
     assert grow.main(past) == 2 and not (tmp_path / "x").exists()  # no such layer: nothing written

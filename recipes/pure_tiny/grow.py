@@ -57,7 +57,10 @@ def grow(model: Path, out: Path, after: list[int]) -> int:
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp, symlinks=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    top = model.resolve()  # only its own files are left out: vq/ keeps its model.safetensors
+    shutil.copytree(
+        model, tmp, symlinks=True, ignore=lambda d, names: NOT_COPIED if Path(d).resolve() == top else ()
+    )
     config["num_hidden_layers"] = layers + len(after)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
