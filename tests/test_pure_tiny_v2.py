@@ -333,5 +333,10 @@ def test_grow_adds_layers_that_change_nothing_until_trained(tiny_checkpoint, tmp
     assert vq and vq == sorted(p.relative_to(out) for p in (out / "vq").rglob("*"))  # its weights too
     assert not (out / "README.md").exists()  # the card is the original's
     assert grow.main(["--model", str(tiny_checkpoint), "--after", "0", "--out", str(out)]) == 2  # exists
+    halves = grow.grow_state(before.state_dict(), layers, [0], share=0.5)  # the split: full-size copies
+    for name in grow.OUTPUTS:
+        a, b = halves[f"model.layers.0.{name}"], halves[f"model.layers.1.{name}"]
+        torch.testing.assert_close(a + b, before.state_dict()[f"model.layers.0.{name}"])
+        torch.testing.assert_close(a, b)
     past = ["--model", str(tiny_checkpoint), "--after", str(layers), "--out", str(tmp_path / "x")]
     assert grow.main(past) == 2 and not (tmp_path / "x").exists()  # no such layer: nothing written
