@@ -47,23 +47,27 @@ def grow_state(
         order.append((i, 1 - share if i in after else 1.0))
         if i in after:
             order.append((i, share))
-    grown = {k: v for k, v in state.items() if not LAYER.match(k)}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    grown = {}
+    for key, value in state.items():
+        m = LAYER.match(key)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        else:
+            grown[key] = value
     for new, (source, scale) in enumerate(order):
-        for key, value in state.items():
-            m = LAYER.match(key)
-            if m and int(m.group(1)) == source:
-                name = m.group(2)
-                grown[f"model.layers.{new}.{name}"] = value * scale if name in OUTPUTS else value.clone()
+        for name, value in per_layer[source].items():
+            grown[f"model.layers.{new}.{name}"] = value * scale if name in OUTPUTS else value.clone()
     return grown
 
 
 def grow(model: Path, out: Path, after: list[int], share: float = 0.0) -> int:
     """Write the grown checkpoint folder; returns its number of layers."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
     config = json.loads((model / "config.json").read_text())
     layers = config["num_hidden_layers"]
     state = grow_state(load_file(model / WEIGHTS), layers, after, share)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     top = model.resolve()  # only its own files are left out: vq/ keeps its model.safetensors
