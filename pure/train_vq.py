@@ -146,6 +146,11 @@ class TrainSection:
     init_from: str = ""
     """A ``VQModel.save_pretrained`` folder of the same architecture to start from (fine-tuning a tokenizer
     on new data) instead of a random initialisation; ignored when resuming from a checkpoint."""
+    decoder_only: bool = False
+    """Train ``post_quant_conv`` and the decoder only (needs ``init_from``): the encoder, ``quant_conv``
+    and the codebook keep ``init_from``'s weights, so every image keeps its codes and a model trained on
+    them stays valid; only how codes become pixels improves. The loss is L1 + L2 alone and there are no
+    dead-code restarts (the codebook is frozen)."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     log_every: int = 10
@@ -186,6 +191,7 @@ class VQRecipe:
             (t.dead_code_after >= 0 and t.dead_code_every > 0, "train.dead_code_after >= 0, _every > 0"),
             (min(t.threads, t.eval_every, t.save_every) >= 0, "train.threads/eval_every/save_every >= 0"),
             (t.log_every > 0, "train.log_every must be > 0"),
+            (bool(t.init_from) or not t.decoder_only, "train.decoder_only needs train.init_from's codes"),
         ]
         for ok, message in checks:
             if not ok:
@@ -298,22 +304,29 @@ class StepOutput:
     """(N, d) detached encoder outputs (L2-normalised when the codebook is): dead-code restart material."""
 
 
+def freeze_for(model: VQModel, cfg: TrainSection) -> VQModel:
+    """With ``decoder_only``, stop gradients to everything that chooses the codes."""
+    if cfg.decoder_only:
+        for module in (model.encoder, model.quant_conv, model.quantize):
+            module.requires_grad_(False)
+    return model
+
+
 def forward_losses(model: VQModel, pixels: Tensor, cfg: TrainSection) -> StepOutput:
     """Encoder -> quant_conv -> straight-through quantiser -> post_quant_conv -> decoder, and the losses.
 
-    Same modules and the same code choice as ``encode``/``decode``, but differentiable.
+    Same modules and the same code choice as ``encode``/``decode``, but differentiable (from the decoder
+    only with ``decoder_only``, whose loss leaves out the codebook and commitment terms).
     """
-    z = model.quant_conv(model.encoder(pixels))
-    z_q, codebook_loss, commitment_loss, indices = model.quantize.quantize_st(z)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.decoder_only):
+        z = model.quant_conv(model.encoder(pixels))
+        z_q, codebook_loss, commitment_loss, indices = model.quantize.quantize_st(z)
     recon = model.decoder(model.post_quant_conv(z_q))
     l1 = (recon - pixels).abs().mean()
     l2 = (recon - pixels).square().mean()
-    loss = (
-        cfg.l1_weight * l1
-        + cfg.l2_weight * l2
-        + cfg.codebook_weight * codebook_loss
-        + cfg.beta * commitment_loss
-    )
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2
+    if not cfg.decoder_only:
+        loss = loss + cfg.codebook_weight * codebook_loss + cfg.beta * commitment_loss
     latents = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     if model.config.codebook_l2_norm:
         latents = F.normalize(latents, p=2, dim=-1)
@@ -323,8 +336,9 @@ def forward_losses(model: VQModel, pixels: Tensor, cfg: TrainSection) -> StepOut
 def build_optimizer(model: VQModel, cfg: TrainSection) -> torch.optim.AdamW:
     """AdamW; weight decay on conv weights only. Decaying the codebook would shrink rows that are
     re-normalised anyway, and decaying norms/biases only fights the data."""
-    decay = [p for name, p in model.named_parameters() if p.ndim == 4]
-    rest = [p for name, p in model.named_parameters() if p.ndim != 4]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim == 4]
+    rest = [p for p in trained if p.ndim != 4]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
@@ -539,7 +553,7 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # model initialisation
     generator = torch.Generator().manual_seed(cfg.seed)  # data order, crops, flips, restarts
-    model = VQModel(vq_config).train()
+    model = freeze_for(VQModel(vq_config).train(), cfg)
     optimizer = build_optimizer(model, cfg)
     last_used = torch.zeros(vq_config.codebook_size, dtype=torch.int64)
     step, elapsed = 0, 0.0
@@ -620,7 +634,7 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
         window_used[used] = True
         step += 1
         restarted = 0
-        if cfg.dead_code_after and step % cfg.dead_code_every == 0:
+        if cfg.dead_code_after and not cfg.decoder_only and step % cfg.dead_code_every == 0:
             restarted = restart_dead_codes(
                 model, optimizer, out.latents, last_used, step, cfg.dead_code_after, generator
             )

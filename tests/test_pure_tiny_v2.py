@@ -37,6 +37,14 @@ def test_vq_recipes_are_an_ab_pair_on_the_v2_data():
     assert a == b
 
 
+def test_decoder_recipe_tunes_the_shipped_tokenizer_on_the_same_data_and_architecture():
+    stage1, decoder = load_vq_recipe(RECIPES / "vq_v2.yaml"), load_vq_recipe(RECIPES / "vq_v2_decoder.yaml")
+    assert decoder.train.decoder_only and decoder.output_dir != stage1.output_dir
+    start = VQModel.from_pretrained(decoder.train.init_from)  # what the shipped model's codes come from
+    assert start.config == decoder.vq.to_vq_config() == stage1.vq.to_vq_config()
+    assert decoder.data == stage1.data
+
+
 def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
     recipe = load_recipe(RECIPES / "train_v2.yaml")
     assert recipe.model.init_from == "outputs/pure_tiny_v2/init"

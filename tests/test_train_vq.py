@@ -315,3 +315,27 @@ def test_weight_by_area_draws_large_images_more_often() -> None:
     assert sampler.weights.tolist() == pytest.approx([1 / 17, 16 / 17])
     picks = [sampler._pick().shape[1] for _ in range(200)]
     assert 170 < picks.count(128) < 200
+
+
+def test_decoder_only_keeps_every_code_and_trains_the_decoder(
+    folders: tuple[Path, Path], tiny_recipe: Path, tmp_path: Path
+) -> None:
+    start = tmp_path / "start"
+    assert main([str(tiny_recipe), *_args(folders, start, 2)]) == 0
+    tuned = tmp_path / "tuned"
+    assert main([str(tiny_recipe), *_args(folders, tuned, 3, f"train.init_from={start / VQ_DIR}",
+                                          "train.decoder_only=true", "train.lr=1e-2")]) == 0  # fmt: skip
+    a, b = _weights(start), _weights(tuned)
+    assert a.keys() == b.keys()
+    chooses = [k for k in a if k.startswith(("encoder.", "quant_conv.", "quantize.embedding"))]
+    renders = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert chooses and renders
+    assert all(torch.equal(a[k], b[k]) for k in chooses)  # no restarts, no updates
+    assert any(not torch.equal(a[k], b[k]) for k in renders)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before, after = VQModel.from_pretrained(start / VQ_DIR), VQModel.from_pretrained(tuned / VQ_DIR)
+    codes = before.encode(x)
+    assert torch.equal(codes, after.encode(x))
+    assert not torch.equal(before.decode(codes), after.decode(codes))
+    # without a tokenizer to keep the codes of, it is a recipe error
+    assert main([str(tiny_recipe), *_args(folders, tmp_path / "no", 1, "train.decoder_only=true")]) == 2
