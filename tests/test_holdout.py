@@ -20,6 +20,7 @@ from pure.eval.holdout import (
     BORDER,
     SETTINGS,
     VQOnly,
+    codes_digest,
     crop_boxes,
     gms_y,
     measure_holdout,
@@ -382,6 +383,13 @@ def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer):
             twin = by["copy", crop, seed]
             for key in ("psnr_y", "ssim_y", "gms_y", "token_acc"):
                 assert row[key] == twin[key], key
+    # every row of a pair carries one digest of the codes the model is shown; another seed, another LQ
+    digests = {
+        (crop, seed): {r["lq_codes"] for k, r in by.items() if k[1:] == (crop, seed)} for _, crop, seed in by
+    }
+    assert all(len(d) == 1 for d in digests.values())
+    assert all(digests[c, 0] != digests[c, 1] for _, c, _ in by)
+    assert codes_digest(torch.tensor([[1, 2]])) != codes_digest(torch.tensor([[2, 1]]))
     assert all(r["token_acc"] == 1.0 for r in results["rows"] if r["method"] == "vq")
     assert all("token_acc" not in r for r in results["rows"] if r["method"] == "bicubic")
     paired = results["paired"]

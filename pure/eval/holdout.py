@@ -402,6 +402,13 @@ def _decode(restorer: Any, codes: torch.Tensor) -> Image.Image:
     return pixels_to_pil(vq.decode(codes[None].to(vq.device))[0].cpu())
 
 
+def codes_digest(codes: torch.Tensor) -> str:
+    """A short fingerprint of a code grid. Two runs whose rows carry the same one showed the model the same
+    input: the encoder's nearest code can flip at a near-tie on another CPU, and a sampled restoration
+    with it."""
+    return hashlib.sha1(codes.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:12]
+
+
 def _model_input(restorer: Any, lq: Image.Image, size: int) -> Image.Image:
     """The LQ as the model is shown it: the restorer's own upsampling, else PIL bicubic."""
     upsample = getattr(restorer, "upsample_input", None)
@@ -448,7 +455,8 @@ def measure_holdout(
 
     Returns:
         A JSON-ready dict: ``methods`` (per method: mean, std and n of ``psnr_y``, ``ssim_y``, ``gms_y``,
-        ``token_acc`` and ``seconds``, over all crops x seeds), ``rows`` (one per crop, seed and method),
+        ``token_acc`` and ``seconds``, over all crops x seeds), ``rows`` (one per crop, seed and method; each
+        with ``lq_codes``, a digest of the codes the model is shown: `codes_digest`),
         ``paired`` (`paired_differences`), ``perceive`` and ``understand`` (per PURE setting), ``settings``,
         ``protocol`` (crop, scale, border, preset, seeds, colour fix), ``checkpoint``, ``skipped`` images,
         ``timing``, ``subject`` (`subject_method`: the row of the checkpoint's defaults, which ``verdict``,
@@ -521,6 +529,7 @@ def measure_holdout(
                     degrade_s = time.perf_counter() - tick
                     hq = Image.fromarray(hq_array, "RGB")
                     lq = Image.fromarray(lq_array, "RGB")
+                    lq_codes = _encode(restorer, _model_input(restorer, lq, crop))
                     base_row = {
                         "image": source.key,
                         "crop": name,
@@ -529,6 +538,7 @@ def measure_holdout(
                         "seed": seed,
                         "label": record["label"],
                         "degrade_s": degrade_s,
+                        "lq_codes": codes_digest(lq_codes),
                     }
                     outputs: dict[str, Image.Image] = {}
                     if hq_codes is None:
@@ -537,10 +547,9 @@ def measure_holdout(
                         extra: dict[str, Any] = {}
                         tick = time.perf_counter()
                         if method == "copy":
-                            copy_codes = _encode(restorer, _model_input(restorer, lq, crop))
-                            output = _decode(restorer, copy_codes)
+                            output = _decode(restorer, lq_codes)
                             seconds = time.perf_counter() - tick
-                            extra = {"token_acc": token_accuracy(copy_codes, hq_codes)}
+                            extra = {"token_acc": token_accuracy(lq_codes, hq_codes)}
                         elif method == "bicubic":
                             output = lq.resize((crop, crop), Image.BICUBIC)
                             seconds = time.perf_counter() - tick
