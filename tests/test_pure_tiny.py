@@ -21,6 +21,11 @@ PINNED_IMAGES = ("astronaut", "camera")  # hold-out images re-measured here (the
 PINNED_METHODS = ("bicubic", "vq", "pure", "pure-greedy-no-cfg")  # PURE's defaults and the checkpoint's
 PSNR_TOLERANCE_DB = 0.05  # same machine, same seeds: anything above float noise is a changed pipeline
 SSIM_TOLERANCE = 2e-3
+INPUT_FREE_METHODS = ("bicubic", "vq")  # rows that do not depend on the LQ's codes
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return row["image"], row["crop"], row["method"]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +77,21 @@ def test_holdout_scores_match_the_model_card(restorer, holdout_images):
         methods=PINNED_METHODS,
     )
     shipped = {
-        (r["image"], r["crop"], r["method"]): r
+        _key(r): r
         for r in card["rows"]
         if r["seed"] == seed and r["image"] in holdout_images and r["method"] in PINNED_METHODS
     }
     crops = card["protocol"]["crops_per_image"]
     assert len(results["rows"]) == len(shipped) == len(PINNED_IMAGES) * crops * len(PINNED_METHODS)
+    # The encoder's nearest code can flip at a near-tie on another CPU (seen: one code of one of these 8
+    # crops, on an AVX-512 machine), and a sampled restoration follows that flip. Such a crop's model rows
+    # are not comparable; its bicubic and VQ-ceiling rows are, and nearly all crops must see the card's input.
+    same_input = {row["crop"] for row in results["rows"] if row["lq_codes"] == shipped[_key(row)]["lq_codes"]}
+    assert len(same_input) >= len(PINNED_IMAGES) * crops - 1
     for row in results["rows"]:
-        pinned = shipped[(row["image"], row["crop"], row["method"])]
+        pinned = shipped[_key(row)]
+        if row["crop"] not in same_input and row["method"] not in INPUT_FREE_METHODS:
+            continue
         assert row["psnr_y"] == pytest.approx(pinned["psnr_y"], abs=PSNR_TOLERANCE_DB), row["method"]
         assert row["ssim_y"] == pytest.approx(pinned["ssim_y"], abs=SSIM_TOLERANCE), row["method"]
 
