@@ -44,8 +44,8 @@ if [ -n "${VQ:-}" ]; then  # VQ=examples/pure-tiny-v2/vq: the committed tokenize
     step "2/8 VQ tokenizer: $VQ (given)"
     VQ_METRICS=$VQ/metrics.json  # its hold-out figures, for the card
 else
-    step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic (outputs/pure_tiny_v2/vq/curve.png)"
-    STEPS=${VQ_STEPS:-1500} bash recipes/pure_tiny/vq_v2_curve.sh
+    step "2/8 VQ tokenizer, trained in chunks, each measured against bicubic ($OUT/vq/curve.png)"
+    STEPS=${VQ_STEPS:-1500} RUN=$OUT/vq bash recipes/pure_tiny/vq_v2_curve.sh
     VQ=$OUT/vq/vq
     VQ_METRICS=$OUT/vq/metrics.json
 fi
