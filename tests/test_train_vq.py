@@ -322,9 +322,11 @@ def test_decoder_only_keeps_every_code_and_trains_the_decoder(
 ) -> None:
     start = tmp_path / "start"
     assert main([str(tiny_recipe), *_args(folders, start, 2)]) == 0
-    tuned = tmp_path / "tuned"
-    assert main([str(tiny_recipe), *_args(folders, tuned, 3, f"train.init_from={start / VQ_DIR}",
-                                          "train.decoder_only=true", "train.lr=1e-2")]) == 0  # fmt: skip
+    tuned, tune = (
+        tmp_path / "tuned",
+        (f"train.init_from={start / VQ_DIR}", "train.decoder_only=true", "train.lr=1e-2"),
+    )
+    assert main([str(tiny_recipe), *_args(folders, tuned, 3, *tune)]) == 0
     a, b = _weights(start), _weights(tuned)
     assert a.keys() == b.keys()
     chooses = [k for k in a if k.startswith(("encoder.", "quant_conv.", "quantize.embedding"))]
@@ -337,5 +339,10 @@ def test_decoder_only_keeps_every_code_and_trains_the_decoder(
     codes = before.encode(x)
     assert torch.equal(codes, after.encode(x))
     assert not torch.equal(before.decode(codes), after.decode(codes))
+    # halted and rerun, it ends where the uninterrupted run did (the optimiser holds the decoder's state only)
+    resumed = tmp_path / "resumed"
+    assert main([str(tiny_recipe), *_args(folders, resumed, 3, *tune), "--max-steps", "1"]) == 0
+    assert main([str(tiny_recipe), *_args(folders, resumed, 3, *tune)]) == 0
+    _assert_same_weights(tuned, resumed)
     # without a tokenizer to keep the codes of, it is a recipe error
     assert main([str(tiny_recipe), *_args(folders, tmp_path / "no", 1, "train.decoder_only=true")]) == 2
