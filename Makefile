@@ -6,7 +6,8 @@ EXTRAS ?= dev,data,train,app
 export HF_HUB_OFFLINE := 1
 # DeepSpeed compiles its CPU ops on first use (~1 min): keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/pure/torch_extensions
-# pytest-xdist workers: most tests run on one core, so two processes use a 2-core machine (13 -> 8 min here).
+# pytest-xdist workers for make test: most tests use one core, so two processes use a 2-core machine (the
+# suite took 13 min of CI here, 6.5 with two). test-oldest stays on one: two made its 6 files slower.
 TEST_WORKERS ?= 2
 
 .PHONY: test test-oldest test-pyiqa lint format demo pure-tiny clean
@@ -32,14 +33,14 @@ $(OLD_VENV)/.installed: pyproject.toml constraints.txt constraints-oldest.txt
 	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
 	awk -F'[=# ]' 'FNR == NR { if ($$1 != "") old[tolower($$1)] = 1; print; next } !(tolower($$1) in old)' \
 		constraints-oldest.txt constraints.txt > $(OLD_VENV)/constraints.txt
-	$(OLD_VENV)/bin/python -m pip install -q -c $(OLD_VENV)/constraints.txt -e ".[train,data]" pytest pytest-xdist
+	$(OLD_VENV)/bin/python -m pip install -q -c $(OLD_VENV)/constraints.txt -e ".[train,data]" pytest
 	touch $@
 
 # Its own DeepSpeed op cache: another DeepSpeed's ops in the same folder would be rebuilt at every switch.
 test-oldest: export TORCH_EXTENSIONS_DIR := $(TORCH_EXTENSIONS_DIR)-oldest
 test-oldest: $(OLD_VENV)/.installed
 	$(OLD_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|huggingface.hub|tokenizers|safetensors|peft|accelerate|datasets|deepspeed) '
-	$(OLD_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) $(OLDEST_TESTS)
+	$(OLD_VENV)/bin/python -m pytest -q $(OLDEST_TESTS)
 
 # pyiqa (the `eval` extra) needs torchvision, which cannot join the pinned CPU torch of .venv: its tests run
 # in an environment of their own (recipes/eval/pyiqa-constraints.txt). Offline, pyiqa scores PSNR and SSIM
