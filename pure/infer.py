@@ -408,11 +408,16 @@ def run(args: argparse.Namespace) -> int:
 PER_IMAGE_ERRORS = (ValueError, RuntimeError, MemoryError)
 
 
+# Where a non-square input was squashed to the native square, the options that would have kept its shape.
+SHAPE_HINT = " (--scale 2|4 or --outscale F restore it by tiles and keep its shape)"
+
+
 def write_outputs(args: argparse.Namespace, restorer, src: Path, dst: Path, image, result) -> str | None:
     """Write one restoration, its sidecar and pictures, with the notices; the error message on failure."""
     notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
     for notice in notices:
-        print(f"note: {src.name}: {notice}", file=sys.stderr)
+        hint = SHAPE_HINT if notice.endswith("aspect ratio not kept") else ""
+        print(f"note: {src.name}: {notice}{hint}", file=sys.stderr)
     try:
         save_image(result.image, dst, overwrite=args.overwrite)
         save_json(sidecar(src, dst, result, restorer, notices), dst.with_suffix(".json"), overwrite=True)

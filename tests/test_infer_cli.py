@@ -487,8 +487,15 @@ def test_cli_sizes_default_to_the_checkpoint_s_native_size(capsys, native_checkp
     assert infer.main([*common, "--input", str(tmp_path / "native.png")]) == 0
     assert infer.main([*common, "--input", str(tmp_path / "wide.png"), "--scale", "2"]) == 0
     err = capsys.readouterr().err
+    squashed = tmp_path / "squashed.png"
+    assert infer.main([*common, "--input", str(tmp_path / "wide.png"), "--output", str(squashed)]) == 0
+    squash_note = capsys.readouterr().err
 
     assert "note:" not in err  # the 16 px square is native: no resize notice
+    # without --scale a non-square input is squashed to the native square, and the note says how not to
+    assert "aspect ratio not kept (--scale 2|4 or --outscale F restore it by tiles" in squash_note
+    with Image.open(squashed) as restored:
+        assert restored.size == (NATIVE_SIZE, NATIVE_SIZE)
     with Image.open(tmp_path / "native_pure.png") as restored:
         assert restored.size == (NATIVE_SIZE, NATIVE_SIZE)
     assert read_sidecar(tmp_path / "native_pure.png")["settings"]["size"] == NATIVE_SIZE
