@@ -414,9 +414,11 @@ SHAPE_HINT = " (--scale 2|4 or --outscale F restore it by tiles and keep its sha
 
 def write_outputs(args: argparse.Namespace, restorer, src: Path, dst: Path, image, result) -> str | None:
     """Write one restoration, its sidecar and pictures, with the notices; the error message on failure."""
+    from pure.restorer import ASPECT_NOT_KEPT
+
     notices = [n for n in (image.info.get("pure_notice"),) if n] + result.notices
     for notice in notices:
-        hint = SHAPE_HINT if notice.endswith("aspect ratio not kept") else ""
+        hint = SHAPE_HINT if notice.endswith(ASPECT_NOT_KEPT) else ""
         print(f"note: {src.name}: {notice}{hint}", file=sys.stderr)
     try:
         save_image(result.image, dst, overwrite=args.overwrite)

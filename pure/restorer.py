@@ -39,6 +39,7 @@ GRID_PX = LATENT_PER_GRID * LATENT_PX  # pixels per grid token with the 8x VQ: s
 DECODERS_KEPT = 4  # sampling settings whose decoders (and compiled steps) a restorer keeps
 # How a notice names an input's colour mode (others by PIL's name: RGBA, CMYK, ...)
 MODE_NAMES = {"P": "palette", "PA": "palette", "L": "grayscale", "LA": "grayscale", "La": "grayscale"}
+ASPECT_NOT_KEPT = "aspect ratio not kept"  # ends the notice of a non-square input squashed square
 NATIVE_SCALES = (1, 2, 4)  # size, size/2 and size/4 px square inputs are upsampled without any other change
 
 # Models under this many parameters decode on one CPU thread unless told otherwise: their per-token matmuls
@@ -308,7 +309,7 @@ class PureRestorer:
         w, h = image.size
         if not is_native_input((w, h), size):
             native = ", ".join(str(side) for side in native_input_sides(size))
-            aspect = "" if w == h else "; aspect ratio not kept"
+            aspect = "" if w == h else f"; {ASPECT_NOT_KEPT}"
             notices.append(f"input is {w}x{h} px, not {native} px square: resized to {size}x{size}{aspect}")
         if image.size != (size, size):
             image = image.resize((size, size), Image.BICUBIC)
