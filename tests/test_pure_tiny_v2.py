@@ -45,6 +45,52 @@ def test_decoder_recipe_tunes_the_shipped_tokenizer_on_the_same_data_and_archite
     assert decoder.data == stage1.data
 
 
+def test_joint_recipe_trains_the_shipped_tokenizer_on_with_the_same_data_and_architecture():
+    stage1, joint = load_vq_recipe(RECIPES / "vq_v2.yaml"), load_vq_recipe(RECIPES / "vq_v2_joint.yaml")
+    assert not joint.train.decoder_only and joint.output_dir != stage1.output_dir
+    start = VQModel.from_pretrained(joint.train.init_from)
+    assert start.config == joint.vq.to_vq_config() == stage1.vq.to_vq_config()
+    assert joint.data == stage1.data and joint.train.lr < stage1.train.lr
+
+
+def test_newcodes_recipe_is_stage4_on_its_own_shards_from_the_script_s_init():
+    stage4, newcodes = (load_recipe(RECIPES / f"train_v2_{n}.yaml") for n in ("stage4", "newcodes"))
+    script = (RECIPES / "newcodes_v2.sh").read_text()
+    assert newcodes.model.init_from == "outputs/pure_tiny_v2/newcodes/init" and "$OUT/init" in script
+    assert [(s.name, s.ratio) for s in newcodes.data.sets] == [(s.name, s.ratio) for s in stage4.data.sets]
+    for old, new in zip(stage4.data.sets, newcodes.data.sets, strict=True):
+        assert new.path == f"{old.path}_newcodes"
+        assert f"shards_{old.name}_newcodes" in script.replace("${set}", old.name)  # the script writes them
+    assert newcodes.data.image_input_own == stage4.data.image_input_own and newcodes.train == stage4.train
+    assert subprocess.run(["bash", "-n", RECIPES / "newcodes_v2.sh"]).returncode == 0
+
+
+def test_code_agreement_is_one_for_the_same_tokenizer_and_falls_when_codes_move(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("vq_code_agreement", RECIPES / "vq_code_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    config = VQConfig(
+        codebook_size=32, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
+    )
+    old = VQModel(config).eval()
+    moved = VQModel(config).eval()
+    moved.load_state_dict(old.state_dict())
+    with torch.no_grad():  # the codebook's rows rolled by one: every position's code index changes
+        moved.quantize.embedding.weight.copy_(old.quantize.embedding.weight.roll(1, 0))
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    paths = sorted(images.iterdir())
+    assert module.agreement(old, old, paths) == (1.0, 2 * 8 * 6)
+    assert module.agreement(old, moved, paths)[0] == 0.0
+    old.save_pretrained(tmp_path / "old")
+    assert module.main([str(tmp_path / "old"), str(tmp_path / "old"), str(images), "--limit", "1"]) == 0
+    assert capsys.readouterr().out == f"{images}: 100.0% of 48 codes equal (1 images)\n"
+
+
 def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
     recipe = load_recipe(RECIPES / "train_v2.yaml")
     assert recipe.model.init_from == "outputs/pure_tiny_v2/init"

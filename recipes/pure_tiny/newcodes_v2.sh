@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# PURE-tiny v2 tuned onto another tokenizer's codes (an experiment; issue 16), then measured like the card:
+#
+#   VQ=outputs/pure_tiny_v2/vq_joint/vq bash recipes/pure_tiny/newcodes_v2.sh     # resumable: rerun to continue
+#
+# 1. RUN/init: the shipped model (examples/pure-tiny) with VQ in its vq/ (VQ must have the same vocabulary);
+# 2. data/pure_tiny_v2/shards_{photos,scenes,scenes2}_newcodes: reproduce_v2.sh's records tokenised with it
+#    (the pairs and records must exist: reproduce_v2.sh steps 1 and 3);
+# 3. RUN/train: recipes/pure_tiny/train_v2_newcodes.yaml from RUN/init (checkpoints every 100 steps);
+# 4. RUN/holdout: pure.eval.holdout on the card's protocol, and compare.py against the shipped card.
+# RUN is outputs/pure_tiny_v2/newcodes unless set.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+DATA=data/pure_tiny_v2
+OUT=${RUN:-outputs/pure_tiny_v2/newcodes}
+: "${VQ:?set VQ to the tokenizer folder whose codes the model should learn}"
+
+step() { printf '\n== [%s s] %s\n' "$SECONDS" "$*"; }
+
+step "1/4 $OUT/init: the shipped model with $VQ as its tokenizer"
+if [ ! -f $OUT/init/vq/config.json ]; then
+    rm -rf $OUT/init.partial && mkdir -p $OUT/init.partial
+    for name in config.json tokenizer.json model.safetensors; do cp -L examples/pure-tiny/$name $OUT/init.partial/; done
+    cp -rL "$VQ" $OUT/init.partial/vq
+    mv $OUT/init.partial $OUT/init
+fi
+
+step "2/4 shards tokenised with $VQ"
+for set in photos scenes scenes2; do
+    $PY -m pure.data.pretokenize --records $DATA/records_$set.jsonl --model $OUT/init \
+        --out $DATA/shards_${set}_newcodes --size 128 --device cpu --workers ${WORKERS:-2} --shard-size 500
+done
+
+step "3/4 tuning (resumable)"
+if [ ! -f $OUT/train/export/config.json ]; then
+    resume=()
+    [ -d $OUT/train/checkpoints ] && resume=(--resume)
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_newcodes.yaml \
+        --set output_dir=$OUT/train model.init_from=$OUT/init ${resume[@]+"${resume[@]}"}
+fi
+
+step "4/4 hold-out measurement, and the paired differences against the shipped card"
+cp recipes/pure_tiny/sampling.json $OUT/train/export/sampling.json
+$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0 \
+    --crops-per-image 4 --captions $DATA/sources/captions.jsonl --overwrite --out $OUT/holdout
+$PY recipes/pure_tiny/compare.py $OUT/holdout/results.json examples/pure-tiny/holdout_results.json || true

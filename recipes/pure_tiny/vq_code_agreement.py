@@ -1,0 +1,54 @@
+"""How many codes two tokenizers of the same vocabulary give alike: can a model trained on one keep its codes?
+
+    .venv/bin/python recipes/pure_tiny/vq_code_agreement.py \
+        examples/pure-tiny/vq outputs/pure_tiny_v2/vq_joint/vq \
+        data/pure_tiny_v2/sources/holdout data/pure_tiny_v2/sources/train/scenes --limit 200
+
+encodes the images of each folder (whole, centre-cropped to a multiple of 8 px and at most 512 px a side; the
+first ``--limit`` of each, sorted) with both tokenizers and prints, per folder, the share of positions whose
+codes are equal. A tokenizer trained on from another (recipes/pure_tiny/vq_v2_joint.yaml) changes codes; a
+model trained on the old codes needs tuning on the new ones, and this says how much of its vocabulary moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pure.imageio import list_images
+from pure.train_vq import centre_crop, load_rgb
+from pure.vq import VQModel, pil_to_pixels
+
+
+@torch.no_grad()
+def agreement(a: VQModel, b: VQModel, paths: list) -> tuple[float, int]:
+    """Share of equal codes over all positions of ``paths``' images, and the number of positions."""
+    same = total = 0
+    for path in paths:
+        pixels = pil_to_pixels(centre_crop(load_rgb(path), a.config.downsample, 512))[None]
+        codes_a, codes_b = a.encode(pixels), b.encode(pixels)
+        same += int((codes_a == codes_b).sum())
+        total += codes_a.numel()
+    return same / total, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("old", help="a tokenizer folder (pure.vq.VQModel.save_pretrained)")
+    parser.add_argument("new", help="another of the same vocabulary size")
+    parser.add_argument("folders", nargs="+", help="image folders to encode")
+    parser.add_argument("--limit", type=int, default=0, help="the first N images of each folder (0: all)")
+    args = parser.parse_args(argv)
+    old, new = VQModel.from_pretrained(args.old).eval(), VQModel.from_pretrained(args.new).eval()
+    if old.config.codebook_size != new.config.codebook_size:
+        parser.error(f"vocabularies differ: {old.config.codebook_size} vs {new.config.codebook_size} codes")
+    for folder in args.folders:
+        paths = list_images(folder)[: args.limit or None]
+        share, positions = agreement(old, new, paths)
+        print(f"{folder}: {share:.1%} of {positions} codes equal ({len(paths)} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
