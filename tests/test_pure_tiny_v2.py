@@ -394,3 +394,50 @@ def test_grow_adds_layers_that_change_nothing_until_trained(tiny_checkpoint, tmp
         torch.testing.assert_close(a, b)
     past = ["--model", str(tiny_checkpoint), "--after", str(layers), "--out", str(tmp_path / "x")]
     assert grow.main(past) == 2 and not (tmp_path / "x").exists()  # no such layer: nothing written
+
+
+def test_remap_carries_each_code_s_rows_to_the_new_code_at_its_positions(tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pure.tokenizer import PureTokenizer
+
+    spec = importlib.util.spec_from_file_location("remap_codes", RECIPES / "remap_codes.py")
+    remap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remap)
+    old = VQModel.from_pretrained(tiny_checkpoint / "vq").eval()
+    with torch.no_grad():  # the codebook rolled by one row: where old code i was, new code i + 1 is
+        old.quantize.embedding.weight.copy_(old.quantize.embedding.weight.roll(1, 0))
+    old.save_pretrained(tmp_path / "new_vq")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "remapped"
+    args = ["--model", str(tiny_checkpoint), "--vq", str(tmp_path / "new_vq"), "--out", str(out)]
+    assert remap.main([*args, "--fit", str(images), "--check", str(images)]) == 0
+    assert "0.0% codes equal, 100.0% recovered by the map" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # never over an existing folder
+        remap.main([*args, "--fit", str(images)])
+    original = VQModel.from_pretrained(tiny_checkpoint / "vq").eval()
+    seen = torch.unique(remap.code_pairs(original, old, sorted(images.iterdir()))[0])
+    size = old.config.codebook_size
+    code_to_id = PureTokenizer.from_checkpoint(tiny_checkpoint).vocab.code_to_id
+    before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after) and sorted((out / "vq").iterdir()) != []
+    for name in remap.ROWS:
+        moved = code_to_id[(seen + 1) % size]
+        assert torch.equal(after[name][moved], before[name][code_to_id[seen]])
+        untouched = torch.ones(len(before[name]), dtype=torch.bool)
+        untouched[moved] = False
+        assert torch.equal(after[name][untouched], before[name][untouched])  # text rows, unseen codes
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in remap.ROWS)
+
+
+def test_remap_transition_normalises_counts_and_keeps_unseen_codes():
+    spec = importlib.util.spec_from_file_location("remap_codes", RECIPES / "remap_codes.py")
+    remap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remap)
+    counts = remap.co_occurrence(torch.tensor([0, 0, 1, 2]), torch.tensor([1, 1, 1, 0]), size=3)
+    assert counts.tolist() == [[0, 0, 1], [2, 1, 0], [0, 0, 0]]  # row: new code, column: old code
+    assert remap.transition(counts).tolist() == [[0, 0, 1], [2 / 3, 1 / 3, 0], [0, 0, 1]]

@@ -3,7 +3,8 @@
 #
 #   VQ=outputs/pure_tiny_v2/vq_joint/vq bash recipes/pure_tiny/newcodes_v2.sh     # resumable: rerun to continue
 #
-# 1. RUN/init: the shipped model (examples/pure-tiny) with VQ in its vq/ (VQ must have the same vocabulary);
+# 1. RUN/init: the shipped model (examples/pure-tiny) with VQ in its vq/ (VQ must have the same vocabulary),
+#    each new code's embedding and output row the mean of the old codes' it replaces (remap_codes.py, 7 min);
 # 2. data/pure_tiny_v2/shards_{photos,scenes,scenes2}_newcodes: reproduce_v2.sh's records tokenised with it
 #    (the pairs and records must exist: reproduce_v2.sh steps 1 and 3);
 # 3. RUN/train: recipes/pure_tiny/train_v2_newcodes.yaml from RUN/init (checkpoints every 100 steps);
@@ -19,13 +20,9 @@ OUT=${RUN:-outputs/pure_tiny_v2/newcodes}
 
 step() { printf '\n== [%s s] %s\n' "$SECONDS" "$*"; }
 
-step "1/4 $OUT/init: the shipped model with $VQ as its tokenizer"
-if [ ! -f $OUT/init/vq/config.json ]; then
-    rm -rf $OUT/init.partial && mkdir -p $OUT/init.partial
-    for name in config.json tokenizer.json model.safetensors; do cp -L examples/pure-tiny/$name $OUT/init.partial/; done
-    cp -rL "$VQ" $OUT/init.partial/vq
-    mv $OUT/init.partial $OUT/init
-fi
+step "1/4 $OUT/init: the shipped model, its image rows carried over to $VQ's codes, with $VQ as its tokenizer"
+[ -f $OUT/init/vq/config.json ] || $PY recipes/pure_tiny/remap_codes.py --model examples/pure-tiny --vq "$VQ" \
+    --out $OUT/init --fit $DATA/sources/train $DATA/sources/train/scenes --limit 500 --check $DATA/sources/holdout
 
 step "2/4 shards tokenised with $VQ"
 for set in photos scenes scenes2; do
