@@ -89,6 +89,12 @@ def test_code_agreement_is_one_for_the_same_tokenizer_and_falls_when_codes_move(
     old.save_pretrained(tmp_path / "old")
     assert module.main([str(tmp_path / "old"), str(tmp_path / "old"), str(images), "--limit", "1"]) == 0
     assert capsys.readouterr().out == f"{images}: 100.0% of 48 codes equal (1 images)\n"
+    drawn = tmp_path / "both.png"
+    args = [str(tmp_path / "old"), str(tmp_path / "old"), str(images), "--picture", str(drawn)]
+    assert module.main([*args, "--picture-images", "2"]) == 0
+    single = module.picture(old, old, ("a", "b"), sorted(images.iterdir())[:1])
+    assert single.width >= 3 * 48  # the image and both reconstructions side by side
+    assert Image.open(drawn).size[0] == single.width and Image.open(drawn).size[1] > single.height  # two rows
 
 
 def test_train_recipe_reads_both_shard_sets_from_the_v2_init():
