@@ -65,6 +65,14 @@ def test_newcodes_recipe_is_stage4_on_its_own_shards_from_the_script_s_init():
     assert subprocess.run(["bash", "-n", RECIPES / "newcodes_v2.sh"]).returncode == 0
 
 
+def test_newcodes_continuation_trains_on_from_the_first_run_s_export_on_the_same_data():
+    first, more = (load_recipe(RECIPES / f"train_v2_{n}.yaml") for n in ("newcodes", "newcodes2"))
+    assert more.model.init_from == f"{first.output_dir}/export" and more.output_dir != first.output_dir
+    assert more.data == first.data and more.seed != first.seed  # the same shards, other draws of them
+    assert more.train.lr < first.train.lr and more.train.max_steps > first.train.max_steps
+    assert more.train.save_every and more.train.export_at_end  # it spans sessions: resumable, then exported
+
+
 def test_code_agreement_is_one_for_the_same_tokenizer_and_falls_when_codes_move(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("vq_code_agreement", RECIPES / "vq_code_agreement.py")
     module = importlib.util.module_from_spec(spec)
