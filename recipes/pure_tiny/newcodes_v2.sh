@@ -9,7 +9,8 @@
 #    (the pairs and records must exist: reproduce_v2.sh steps 1 and 3);
 # 3. RUN/train: recipes/pure_tiny/train_v2_newcodes.yaml from RUN/init (checkpoints every 100 steps);
 # 4. RUN/holdout: pure.eval.holdout on the card's protocol, and compare.py against the shipped card.
-# RUN is outputs/pure_tiny_v2/newcodes unless set.
+# RUN is outputs/pure_tiny_v2/newcodes unless set. MORE=1 adds 3b, RUN/train2: 2000 more steps from RUN/train's
+# export (recipes/pure_tiny/train_v2_newcodes2.yaml, resumable), and step 4 measures that into RUN/holdout2.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -30,16 +31,27 @@ for set in photos scenes scenes2; do
         --out $DATA/shards_${set}_newcodes --size 128 --device cpu --workers ${WORKERS:-2} --shard-size 500
 done
 
+# tune RUN RECIPE INIT: train (or resume, or skip when exported) one stage from INIT's export
+tune() {
+    [ -f $OUT/$1/export/config.json ] && return
+    local resume=()
+    [ -d $OUT/$1/checkpoints ] && resume=(--resume)
+    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train "$2" \
+        --set output_dir=$OUT/$1 model.init_from=$3 ${resume[@]+"${resume[@]}"}
+}
+
 step "3/4 tuning (resumable)"
-if [ ! -f $OUT/train/export/config.json ]; then
-    resume=()
-    [ -d $OUT/train/checkpoints ] && resume=(--resume)
-    OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train recipes/pure_tiny/train_v2_newcodes.yaml \
-        --set output_dir=$OUT/train model.init_from=$OUT/init ${resume[@]+"${resume[@]}"}
+tune train recipes/pure_tiny/train_v2_newcodes.yaml $OUT/init
+last=train holdout=holdout
+if [ "${MORE:-0}" = 1 ]; then
+    step "3b/4 2000 more steps from its export, on a lower cosine (resumable)"
+    tune train2 recipes/pure_tiny/train_v2_newcodes2.yaml $OUT/train/export
+    last=train2 holdout=holdout2
 fi
 
-step "4/4 hold-out measurement, and the paired differences against the shipped card"
-cp recipes/pure_tiny/sampling.json $OUT/train/export/sampling.json
-$PY -m pure.eval.holdout --model $OUT/train/export --holdout $DATA/sources/holdout --seeds 0 \
-    --crops-per-image 4 --captions $DATA/sources/captions.jsonl --overwrite --out $OUT/holdout
-$PY recipes/pure_tiny/compare.py $OUT/holdout/results.json examples/pure-tiny/holdout_results.json || true
+step "4/4 hold-out measurement of $OUT/$last, and the paired differences against the shipped card"
+cp recipes/pure_tiny/sampling.json $OUT/$last/export/sampling.json
+[ -f $OUT/$holdout/results.json ] || $PY -m pure.eval.holdout --model $OUT/$last/export \
+    --holdout $DATA/sources/holdout --seeds 0 --crops-per-image 4 --captions $DATA/sources/captions.jsonl \
+    --overwrite --out $OUT/$holdout
+$PY recipes/pure_tiny/compare.py $OUT/$holdout/results.json examples/pure-tiny/holdout_results.json || true
