@@ -69,7 +69,7 @@ def test_newcodes_continuation_trains_on_from_the_first_run_s_export_on_the_same
     first, more = (load_recipe(RECIPES / f"train_v2_{n}.yaml") for n in ("newcodes", "newcodes2"))
     assert more.model.init_from == f"{first.output_dir}/export" and more.output_dir != first.output_dir
     assert more.data == first.data and more.seed != first.seed  # the same shards, other draws of them
-    assert more.train.lr < first.train.lr and more.train.max_steps > first.train.max_steps
+    assert more.train.lr < first.train.lr and 0 < more.train.warmup_steps < more.train.max_steps
     assert more.train.save_every and more.train.export_at_end  # it spans sessions: resumable, then exported
     script = (RECIPES / "newcodes_v2.sh").read_text()  # MORE=1 runs it from the same export the recipe names
     assert "tune train2 recipes/pure_tiny/train_v2_newcodes2.yaml $OUT/train/export" in script

@@ -9,7 +9,7 @@
 #    (the pairs and records must exist: reproduce_v2.sh steps 1 and 3);
 # 3. RUN/train: recipes/pure_tiny/train_v2_newcodes.yaml from RUN/init (checkpoints every 100 steps);
 # 4. RUN/holdout: pure.eval.holdout on the card's protocol, and compare.py against the shipped card.
-# RUN is outputs/pure_tiny_v2/newcodes unless set. MORE=1 adds 3b, RUN/train2: 2000 more steps from RUN/train's
+# RUN is outputs/pure_tiny_v2/newcodes unless set. MORE=1 adds 3b, RUN/train2: 800 more steps from RUN/train's
 # export (recipes/pure_tiny/train_v2_newcodes2.yaml, resumable), and step 4 measures that into RUN/holdout2.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,7 +44,7 @@ step "3/4 tuning (resumable)"
 tune train recipes/pure_tiny/train_v2_newcodes.yaml $OUT/init
 last=train holdout=holdout
 if [ "${MORE:-0}" = 1 ]; then
-    step "3b/4 2000 more steps from its export, on a lower cosine (resumable)"
+    step "3b/4 800 more steps from its export, on a lower cosine (resumable)"
     tune train2 recipes/pure_tiny/train_v2_newcodes2.yaml $OUT/train/export
     last=train2 holdout=holdout2
 fi
