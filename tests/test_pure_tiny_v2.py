@@ -24,6 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = Path("recipes/pure_tiny")
 
 
+def _recipe(name: str):
+    """``recipes/pure_tiny/NAME.py`` as a module, its folder importable as when it runs as a script."""
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(RECIPES))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(RECIPES))
+    return module
+
+
 def test_vq_recipes_are_an_ab_pair_on_the_v2_data():
     gn8, gn32 = load_vq_recipe(RECIPES / "vq_v2.yaml"), load_vq_recipe(RECIPES / "vq_v2_gn32.yaml")
     assert gn8.vq.norm_groups == 8 and gn32.vq.norm_groups == 32
@@ -76,9 +88,7 @@ def test_newcodes_continuation_trains_on_from_the_first_run_s_export_on_the_same
 
 
 def test_code_agreement_is_one_for_the_same_tokenizer_and_falls_when_codes_move(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("vq_code_agreement", RECIPES / "vq_code_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _recipe("vq_code_agreement")
     torch.manual_seed(0)
     config = VQConfig(
         codebook_size=32, base_channels=32, channel_mult=(1, 1, 1, 2), z_channels=32, num_res_blocks=1
@@ -417,9 +427,7 @@ def test_remap_carries_each_code_s_rows_to_the_new_code_at_its_positions(tiny_ch
 
     from pure.tokenizer import PureTokenizer
 
-    spec = importlib.util.spec_from_file_location("remap_codes", RECIPES / "remap_codes.py")
-    remap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(remap)
+    remap = _recipe("remap_codes")
     old = VQModel.from_pretrained(tiny_checkpoint / "vq").eval()
     with torch.no_grad():  # the codebook rolled by one row: where old code i was, new code i + 1 is
         old.quantize.embedding.weight.copy_(old.quantize.embedding.weight.roll(1, 0))
@@ -451,9 +459,7 @@ def test_remap_carries_each_code_s_rows_to_the_new_code_at_its_positions(tiny_ch
 
 
 def test_remap_transition_normalises_counts_and_keeps_unseen_codes():
-    spec = importlib.util.spec_from_file_location("remap_codes", RECIPES / "remap_codes.py")
-    remap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(remap)
+    remap = _recipe("remap_codes")
     counts = remap.co_occurrence(torch.tensor([0, 0, 1, 2]), torch.tensor([1, 1, 1, 0]), size=3)
     assert counts.tolist() == [[0, 0, 1], [2, 1, 0], [0, 0, 0]]  # row: new code, column: old code
     assert remap.transition(counts).tolist() == [[0, 0, 1], [2 / 3, 1 / 3, 0], [0, 0, 1]]

@@ -7,13 +7,13 @@
 
 A tokenizer trained on from another (recipes/pure_tiny/vq_v2_joint.yaml) keeps the vocabulary's size but not
 its meaning: after 3000 steps 6% of the hold-out's codes were the same. Both tokenizers encode the ``--fit``
-images (whole, centre-cropped to a multiple of 8 px, at most 512 px a side); ``P(old i | new j)`` counts how
-often new code j sits where old code i did. Each new code's input embedding and output row become the
-``P(i | j)``-weighted mean of the old codes' rows (a code the fit images never produce keeps its row), so the
-model starts out reading and writing the new codes roughly as it did the old ones. ``--check`` prints, on
-other images, the share of positions whose old code is the most likely one under the map, beside the share
-of equal codes. ``--out`` is the model folder (config, text tokenizer, weights, the new ``vq/``), written
-whole or not at all.
+images (vq_code_agreement.py's ``code_pairs``: whole, centre-cropped to a multiple of 8 px, at most 512 px a
+side); ``P(old i | new j)`` counts how often new code j sits where old code i did. Each new code's input
+embedding and output row become the ``P(i | j)``-weighted mean of the old codes' rows (a code the fit images
+never produce keeps its row), so the model starts out reading and writing the new codes roughly as it did the
+old ones. ``--check`` prints, on other images, the share of positions whose old code is the most likely one
+under the map, beside the share of equal codes. ``--out`` is the model folder (config, text tokenizer,
+weights, the new ``vq/``), written whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,25 +25,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from vq_code_agreement import code_pairs  # this folder's: both tokenizers' codes of the same images
 
 from pure.imageio import list_images
 from pure.tokenizer import PureTokenizer
-from pure.train_vq import centre_crop, load_rgb
-from pure.vq import VQModel, pil_to_pixels
+from pure.vq import VQModel
 
 ROWS = ("model.embed_tokens.weight", "lm_head.weight")  # the tables indexed by vocabulary id
-MAX_SIDE = 512
-
-
-@torch.no_grad()
-def code_pairs(old: VQModel, new: VQModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both tokenizers' codes of every position of ``paths``' images, flattened."""
-    olds, news = [], []
-    for path in paths:
-        pixels = pil_to_pixels(centre_crop(load_rgb(path), old.config.downsample, MAX_SIDE))[None]
-        olds.append(old.encode(pixels).flatten())
-        news.append(new.encode(pixels).flatten())
-    return torch.cat(olds), torch.cat(news)
 
 
 def co_occurrence(old_codes: torch.Tensor, new_codes: torch.Tensor, size: int) -> torch.Tensor:

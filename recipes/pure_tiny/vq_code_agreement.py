@@ -23,17 +23,24 @@ from pure.train_vq import centre_crop, load_rgb
 from pure.viz import comparison, stack
 from pure.vq import VQModel, pil_to_pixels, pixels_to_pil
 
+MAX_SIDE = 512  # images are encoded whole up to this side, centre-cropped beyond it
+
 
 @torch.no_grad()
+def code_pairs(a: VQModel, b: VQModel, paths: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tokenizers' codes of every position of ``paths``' images, flattened."""
+    codes_a, codes_b = [], []
+    for path in paths:
+        pixels = pil_to_pixels(centre_crop(load_rgb(path), a.config.downsample, MAX_SIDE))[None]
+        codes_a.append(a.encode(pixels).flatten())
+        codes_b.append(b.encode(pixels).flatten())
+    return torch.cat(codes_a), torch.cat(codes_b)
+
+
 def agreement(a: VQModel, b: VQModel, paths: list) -> tuple[float, int]:
     """Share of equal codes over all positions of ``paths``' images, and the number of positions."""
-    same = total = 0
-    for path in paths:
-        pixels = pil_to_pixels(centre_crop(load_rgb(path), a.config.downsample, 512))[None]
-        codes_a, codes_b = a.encode(pixels), b.encode(pixels)
-        same += int((codes_a == codes_b).sum())
-        total += codes_a.numel()
-    return same / total, total
+    codes_a, codes_b = code_pairs(a, b, paths)
+    return int((codes_a == codes_b).sum()) / codes_a.numel(), codes_a.numel()
 
 
 @torch.no_grad()
