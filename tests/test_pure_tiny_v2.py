@@ -174,6 +174,38 @@ def test_the_gpu_recipe_checks_for_cuda_and_the_carried_data_before_anything(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_another_data_folder_is_what_every_stage_trains_on(tmp_path):
+    """reproduce_v2.sh with DATA=elsewhere and SHARDS=given: each stage's trainer gets a copy of its recipe
+    whose shard paths (and only those) point into DATA, not data/pure_tiny_v2 (run with a stand-in Python
+    that logs its arguments and makes the folders the script reads next)."""
+    data, run, log = tmp_path / "data", tmp_path / "run", tmp_path / "calls.jsonl"
+    for need in ("shards_photos", "shards_scenes", "shards_scenes2", "sources/holdout"):
+        (data / need).mkdir(parents=True)
+    (data / "sources/captions.jsonl").write_text("")
+    stub = tmp_path / "python"
+    stub.write_text(
+        f"#!{sys.executable}\nimport json, pathlib, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "for arg in sys.argv:\n"
+        "    if arg.startswith('output_dir='):\n"
+        "        pathlib.Path(arg[len('output_dir='):], 'export').mkdir(parents=True)\n"
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "PY": str(stub), "RUN": str(run), "DATA": str(data), "SHARDS": "given", "VQ": "vq"}
+    subprocess.run(["bash", str(RECIPES / "reproduce_v2.sh")], env=env, capture_output=True, text=True)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    trained = [call[2] for call in calls if call[:2] == ["-m", "pure.train"]]
+    names = ["train_v2.yaml", "train_v2_stage2.yaml", "train_v2_stage3.yaml", "train_v2_stage4.yaml"]
+    assert trained == [str(run / "recipes" / name) for name in names]
+    for name in names:
+        original, copy = load_recipe(RECIPES / name), load_recipe(run / "recipes" / name)
+        assert [s.path for s in copy.data.sets] == [
+            s.path.replace("data/pure_tiny_v2/", f"{data}/") for s in original.data.sets
+        ]
+        assert all(s.path.startswith(f"{data}/shards_") for s in copy.data.sets)
+        copy.data.sets = original.data.sets
+        assert copy == original
+
 def _load_curve():
     spec = importlib.util.spec_from_file_location("vq_curve", RECIPES / "vq_curve.py")
     module = importlib.util.module_from_spec(spec)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PURE-tiny v2 images, offline (about 10 min on 2 shared cores): data/pure_tiny_v2/sources/{train,holdout}/
-# and captions.jsonl.
+# and captions.jsonl (DATA=data/NAME: data/NAME/sources/).
 #
 # - the v1 image set (recipes/pure_tiny/sources.yaml): 29 training photos and drawings, and the 5 hold-out
 #   images of the v1 card (astronaut, coffee, camera, gravel, shapes_holdout), with their fixed captions;
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=data/pure_tiny_v2/sources
+OUT=${DATA:-data/pure_tiny_v2}/sources  # reproduce_v2.sh's DATA
 TRAIN_SCENES=${TRAIN_SCENES:-2000}
 FRESH_SCENES=${FRESH_SCENES:-6000}
 [ -d $OUT/holdout ] || $PY -m pure.data.sample_images recipes/pure_tiny/sources.yaml --out $OUT

@@ -15,9 +15,10 @@
 # the images, pairs and shards (steps 1, 3, 5; the hold-out images and captions.jsonl must be there), and
 # TOKENIZER=examples/pure-tiny gives the new model the tokenizer they were made with (a BPE learnt again
 # can differ; the trainer refuses shards of another tokenizer). RUN=outputs/NAME trains elsewhere than
-# outputs/pure_tiny_v2; LAYERS, HIDDEN, HEADS, INTERMEDIATE another size; TRAIN_ARGS="--set KEY=VALUE ..."
-# go to every stage's trainer, HOLDOUT_ARGS to the hold-out measurement (WHOLE_PICTURES=0: no whole-image
-# pictures).
+# outputs/pure_tiny_v2, DATA=data/NAME makes (or, SHARDS=given, reads) the images, pairs and shards there
+# (each stage's recipe copied into RUN/recipes with its shard paths pointed there); LAYERS, HIDDEN, HEADS,
+# INTERMEDIATE another size; TRAIN_ARGS="--set KEY=VALUE ..." go to every stage's trainer, HOLDOUT_ARGS to the
+# hold-out measurement (WHOLE_PICTURES=0: no whole-image pictures).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -82,13 +83,19 @@ for set in photos scenes scenes2; do
 done
 fi
 
-# train RUN RECIPE [--set ...]: train (or resume, or skip when exported) one stage, on every core
+# train RUN RECIPE [--set ...]: train (or resume, or skip when exported) one stage, on every core. The
+# stage recipes read data/pure_tiny_v2's shards; another DATA trains from a copy of each pointed at its own.
 train() {
     local run=$1 recipe=$2
     shift 2
     if [ -f $OUT/$run/export/config.json ]; then
         echo "already trained: $OUT/$run/export"
         return
+    fi
+    if [ "$DATA" != data/pure_tiny_v2 ]; then
+        mkdir -p $OUT/recipes
+        sed "s#data/pure_tiny_v2/#${DATA%/}/#g" "$recipe" > $OUT/recipes/$(basename "$recipe")
+        recipe=$OUT/recipes/$(basename "$recipe")
     fi
     [ -d $OUT/$run/checkpoints ] && set -- "$@" --resume
     OMP_NUM_THREADS=${TRAIN_THREADS:-2} $PY -m pure.train $recipe --set output_dir=$OUT/$run "$@" \
