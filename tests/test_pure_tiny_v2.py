@@ -206,6 +206,7 @@ def test_another_data_folder_is_what_every_stage_trains_on(tmp_path):
         copy.data.sets = original.data.sets
         assert copy == original
 
+
 def _load_curve():
     spec = importlib.util.spec_from_file_location("vq_curve", RECIPES / "vq_curve.py")
     module = importlib.util.module_from_spec(spec)
