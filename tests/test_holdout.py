@@ -14,6 +14,7 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import structural_similarity
 
+from pure.colorfix import wavelet_color_fix
 from pure.decoding.loop import SamplingConfig
 from pure.eval import holdout
 from pure.eval.holdout import (
@@ -346,7 +347,8 @@ def test_gms_is_one_for_identical_images_and_falls_with_blur_and_invented_edges(
 
 
 class _PerfectCopier:
-    """A restorer whose model copies its input tokens: restore = VQ round trip of the upsampled LQ."""
+    """A restorer whose model copies its input tokens: restore = VQ round trip of the upsampled LQ,
+    colour-fixed against it by default as `pure.restorer.PureRestorer` does."""
 
     def __init__(self, vq):
         self.vq = vq
@@ -355,15 +357,15 @@ class _PerfectCopier:
     def upsample_input(self, image, size=None):
         return image.resize((size, size), Image.BICUBIC), []
 
-    def restore_batch(self, images, **kwargs):  # read for its color_fix default only
+    def restore_batch(self, images, color_fix=True, **kwargs):  # read for its color_fix default only
         raise NotImplementedError
 
-    def restore(self, lq, seed=0, sampling=None, size=None):
+    def restore(self, lq, seed=0, sampling=None, size=None, color_fix=True):
         shown, _ = self.upsample_input(lq, size)
         codes = self.vq.encode(pil_to_pixels(shown)[None])[0]
         image = pixels_to_pil(self.vq.decode(codes[None])[0])
         return SimpleNamespace(
-            image=image,
+            image=wavelet_color_fix(image, shown) if color_fix else image,
             codes=codes,
             degradation="Small blur, small noise.",
             caption="A red disc over a plain blue background.",
@@ -371,11 +373,22 @@ class _PerfectCopier:
         )
 
 
-def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer):
+@pytest.mark.parametrize("color_fix", [None, False])
+def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer, color_fix):
+    """With the restorer's colour fix (default) and without it (--no-color-fix), the copy row is what a model
+    that copies its input gives through the same restorer: the colour fix is not counted as learning."""
     copier = _PerfectCopier(tiny_restorer.vq)
     images = {"astronaut.png": astronaut(), "coffee.png": coffee()}
     results = measure_holdout(
-        copier, images, crop=CROP, seeds=[0, 1], methods=["bicubic", "copy", "vq", "pure"]
+        copier,
+        images,
+        crop=CROP,
+        seeds=[0, 1],
+        methods=["bicubic", "copy", "vq", "pure"],
+        color_fix=color_fix,
+    )
+    assert results["protocol"]["color_fix"] == (
+        "wavelet (restorer default)" if color_fix is None else "none (chosen)"
     )
     by = {(r["method"], r["crop"], r["seed"]): r for r in results["rows"]}
     for (method, crop, seed), row in by.items():
@@ -396,6 +409,26 @@ def test_copy_baseline_of_a_perfect_copy_model_equals_the_model(tiny_restorer):
     assert all(e["mean"] == 0.0 and e["resolved"] == 0 for e in paired["copy"].values())
     assert results["methods"]["bicubic"]["token_acc"]["n"] == 0
     assert "GMS-Y" in render_markdown(results) and "pure minus each baseline" in render_markdown(results)
+
+
+def test_the_colour_fix_moves_the_copy_row_and_not_its_codes(tiny_restorer):
+    """The copy row with the colour fix differs in pixels from the one without, with the same token accuracy
+    (the fix takes the LQ's low frequencies, it writes no codes)."""
+    copier = _PerfectCopier(tiny_restorer.vq)
+    images = {"astronaut.png": astronaut()}
+    rows = {
+        fix: {
+            r["crop"]: r
+            for r in measure_holdout(copier, images, crop=CROP, seeds=[0], methods=["copy"], color_fix=fix)[
+                "rows"
+            ]
+        }
+        for fix in (True, False)
+    }
+    assert rows[True].keys() == rows[False].keys()
+    for crop in rows[True]:
+        assert rows[True][crop]["token_acc"] == rows[False][crop]["token_acc"]
+        assert rows[True][crop]["psnr_y"] != rows[False][crop]["psnr_y"]
 
 
 def test_the_checkpoints_default_decoding_is_the_row_the_report_is_about(tiny_restorer):

@@ -6,8 +6,9 @@ with the degradations it was trained on, against the two numbers that bound what
 - ``bicubic``: the LQ upsampled bicubically, the floor a restoration must beat to be worth anything;
 - ``vq``: the VQ tokenizer's own encode -> decode of the HQ crop, the ceiling (PURE writes VQ codes, so it
   cannot be more faithful to the HQ than its tokenizer);
-- ``copy``: the VQ round trip of the bicubic-upsampled LQ, i.e. of exactly what the model is shown: what a
-  model that only copies its input tokens would give. A model that restores must beat it, not only bicubic;
+- ``copy``: the VQ round trip of the bicubic-upsampled LQ, i.e. of exactly what the model is shown, through
+  the same colour fix as the PURE rows: what a model that only copies its input tokens would give. A model
+  that restores must beat it, not only bicubic;
 - ``pure`` and its ablations (`SETTINGS`): the restorations under several sampling settings, so that the
   effect of the entropy-based top-k and of classifier-free guidance is measured, not assumed; and
   ``checkpoint``, the checkpoint's own decoding defaults (its ``sampling.json``), where they are none of
@@ -57,6 +58,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pure.colorfix import wavelet_color_fix
 from pure.data import synthetic_images
 from pure.data.degradations import DegradationConfig
 from pure.data.pairs import PairSettings, crop_name, make_pair, pair_names
@@ -139,8 +141,8 @@ SETTING_NOTES: dict[str, str] = {
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
     "vq": "the VQ tokenizer's encode -> decode of the HQ crop: the ceiling of any PURE output",
-    "copy": "the VQ tokenizer's encode -> decode of the bicubic-upsampled LQ: a model that copies its input "
-    "tokens (no colour fix)",
+    "copy": "the VQ tokenizer's encode -> decode of the bicubic-upsampled LQ, colour-fixed as the PURE rows "
+    "are: what a model that copies its input tokens gives",
 }
 PICTURE_PANELS = ("LQ (nearest)", "bicubic", "copy", "VQ ceiling", "PURE", "HQ")
 PICTURE_MIN_SIDE = 256  # small crops are shown magnified (nearest, whole factor) so that labels fit
@@ -257,7 +259,8 @@ def token_accuracy(codes: Any, reference: Any) -> float:
 
 class VQOnly:
     """A stand-in restorer that holds only a VQ tokenizer: `measure_holdout` with the baselines alone
-    (``bicubic``, ``vq``, ``copy``), e.g. to follow a tokenizer's training against bicubic."""
+    (``bicubic``, ``vq``, ``copy``), e.g. to follow a tokenizer's training against bicubic. Its copy row has
+    no colour fix (there is no restorer to give one), as the tokenizer curves were measured."""
 
     def __init__(self, vq: Any, image_size: int = 128, identity: Mapping[str, Any] | None = None) -> None:
         self.vq = vq
@@ -351,12 +354,13 @@ def _default_color_fix(restorer: Any) -> Any:
     return None if parameter is None else parameter.default
 
 
-def _describe_color_fix(value: Any) -> str:
+def _describe_color_fix(value: Any, chosen: bool = False) -> str:
+    how = "chosen" if chosen else "restorer default"
     if value is True:
-        return "wavelet (restorer default)"
+        return f"wavelet ({how})"
     if value is False or value is None:
-        return "none (restorer default)"
-    return f"{value} (restorer default)"
+        return f"none ({how})"
+    return f"{value} ({how})"
 
 
 @dataclass
@@ -433,6 +437,7 @@ def measure_holdout(
     progress: bool = False,
     captions: Mapping[str, str] | None = None,
     whole_pictures: bool = False,
+    color_fix: bool | None = None,
 ) -> dict:
     """Score bicubic, the VQ ceiling and PURE's sampling settings on held-out images; returns the results.
 
@@ -452,6 +457,9 @@ def measure_holdout(
         whole_pictures: also restore every image larger than ``crop`` whole (centre square of at most
             `WHOLE_MAX_SIDE` px, its own Real-ESRGAN LQ, restored by tiles with the first PURE setting,
             first seed) into ``pictures_dir/NAME_whole_seedS.png``; scores in the result's ``whole``.
+        color_fix: the wavelet colour fix on (True) or off (False) for the PURE and copy rows (default None:
+            the restorer's default, on for `pure.restorer.PureRestorer`). The copy row always gets what the
+            PURE rows get: a model that copies its input is colour-fixed too.
 
     Returns:
         A JSON-ready dict: ``methods`` (per method: mean, std and n of ``psnr_y``, ``ssim_y``, ``gms_y``,
@@ -486,7 +494,9 @@ def measure_holdout(
     if not sources:
         raise HoldoutError("no held-out images given")
     degradation = DegradationConfig.from_yaml(PRESET)
-    color_fix = _default_color_fix(restorer)
+    chosen_color_fix = color_fix is not None
+    restore_options = {"color_fix": color_fix} if chosen_color_fix else {}
+    color_fix = color_fix if chosen_color_fix else _default_color_fix(restorer)
     pictures = Path(pictures_dir) if pictures_dir is not None else None
     picture_method = subject_method(restorer, methods, settings)
 
@@ -529,7 +539,8 @@ def measure_holdout(
                     degrade_s = time.perf_counter() - tick
                     hq = Image.fromarray(hq_array, "RGB")
                     lq = Image.fromarray(lq_array, "RGB")
-                    lq_codes = _encode(restorer, _model_input(restorer, lq, crop))
+                    shown = _model_input(restorer, lq, crop)
+                    lq_codes = _encode(restorer, shown)
                     base_row = {
                         "image": source.key,
                         "crop": name,
@@ -548,6 +559,8 @@ def measure_holdout(
                         tick = time.perf_counter()
                         if method == "copy":
                             output = _decode(restorer, lq_codes)
+                            if color_fix is True:  # as the restorer fixes the model's image
+                                output = wavelet_color_fix(output, shown)
                             seconds = time.perf_counter() - tick
                             extra = {"token_acc": token_accuracy(lq_codes, hq_codes)}
                         elif method == "bicubic":
@@ -560,7 +573,9 @@ def measure_holdout(
                             output, seconds = vq_image, vq_seconds
                             extra = {"token_acc": 1.0}  # its codes are the HQ's own
                         else:
-                            result = restorer.restore(lq, seed=seed, sampling=settings[method], size=crop)
+                            result = restorer.restore(
+                                lq, seed=seed, sampling=settings[method], size=crop, **restore_options
+                            )
                             seconds = time.perf_counter() - tick
                             output = result.image
                             extra = {
@@ -605,6 +620,7 @@ def measure_holdout(
                         seeds[0],
                         settings[picture_method],
                         pictures,
+                        restore_options,
                     )
                 )
     elapsed = time.perf_counter() - start
@@ -651,7 +667,7 @@ def measure_holdout(
             "degradation_preset": PRESET,
             "degradation": "pure.data.pairs.make_pair, seeded by (seed, image key, crop index)",
             "restoration_seed": "the degradation seed",
-            "color_fix": _describe_color_fix(color_fix),
+            "color_fix": _describe_color_fix(color_fix, chosen_color_fix),
             "metrics": (
                 f"PSNR and SSIM on BT.601 Y (16 + 65.481 R + 128.553 G + 24.966 B, RGB in [0, 1], 0-255 "
                 f"scale, not rounded), {BORDER} px border cut from every side; SSIM with an "
@@ -689,6 +705,7 @@ def _whole_picture(
     seed: int,
     sampling: SamplingConfig,
     pictures: Path,
+    restore_options: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Degrade the image's centre square whole, restore it by tiles and save LQ | bicubic | PURE | HQ."""
     from pure import viz
@@ -702,7 +719,9 @@ def _whole_picture(
     hq, lq = Image.fromarray(hq_array, "RGB"), Image.fromarray(lq_array, "RGB")
     tick = time.perf_counter()
     # tiles of the crop size: the size every other PURE row of this measurement is restored at
-    restored = restore_tiled(restorer, lq, scale=SCALE, tile=crop, seed=seed, sampling=sampling).image
+    restored = restore_tiled(
+        restorer, lq, scale=SCALE, tile=crop, seed=seed, sampling=sampling, **restore_options
+    ).image
     restored = restored.convert("RGB")
     seconds = time.perf_counter() - tick
     bicubic = lq.resize((side, side), Image.BICUBIC)
@@ -939,7 +958,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "degradations), "
         f"seeds {', '.join(map(str, protocol['seeds']))}",
         f"- PSNR/SSIM on the BT.601 Y channel, {BORDER} px border cut; mean ± std over crops x seeds",
-        f"- colour fix: {protocol['color_fix']} on the PURE rows; bicubic and vq are shown as they are",
+        f"- colour fix: {protocol['color_fix']} on the PURE and copy rows; bicubic and vq are shown as they "
+        "are",
         "- s/image: wall time per crop and seed (PURE: one `restore` call, text + image; vq: once per crop)",
         *_subject_lines(results),
         "",
@@ -1113,6 +1133,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also restore each image larger than the crop whole (by tiles) for a comparison picture",
     )
     parser.add_argument(
+        "--no-color-fix",
+        dest="color_fix",
+        action="store_false",
+        default=None,
+        help="score the PURE and copy rows without the wavelet colour fix (default: the restorer's, on): "
+        "the model's own images, their low frequencies not taken from the LQ",
+    )
+    parser.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
         default=None,
@@ -1186,6 +1214,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         captions=captions,
         whole_pictures=args.whole_pictures,
+        color_fix=args.color_fix,
     )
     for entry in results["skipped"]:
         print(f"note: skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
