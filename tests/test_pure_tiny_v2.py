@@ -87,6 +87,21 @@ def test_newcodes_continuation_trains_on_from_the_first_run_s_export_on_the_same
     assert "tune train2 recipes/pure_tiny/train_v2_newcodes2.yaml $OUT/train/export" in script
 
 
+def test_newcodes_from_scratch_gives_the_four_stages_every_shard_set_they_read():
+    """SCRATCH=1 links the new shards under the names reproduce_v2.sh reads with SHARDS=given (the names its
+    stage recipes use), and starts from the tokenizer the shards were made with."""
+    script = (RECIPES / "newcodes_v2.sh").read_text()
+    reproduce = (RECIPES / "reproduce_v2.sh").read_text()
+    assert "for set in photos scenes scenes2; do ln" in script
+    stages = ("train_v2", "train_v2_stage2", "train_v2_stage3", "train_v2_stage4")  # reproduce_v2.sh's
+    assert all(f"recipes/pure_tiny/{stage}.yaml" in reproduce for stage in stages)
+    needed = {s.path.rsplit("/", 1)[1] for n in stages for s in load_recipe(RECIPES / f"{n}.yaml").data.sets}
+    linked = "ln -sfn ../pure_tiny_v2/shards_${set}_newcodes $scratch/shards_$set"
+    assert linked in script and needed == {"shards_photos", "shards_scenes", "shards_scenes2"}
+    assert all(f"$DATA/{name}" in reproduce for name in needed)  # SHARDS=given checks each one is there
+    assert "TOKENIZER=examples/pure-tiny SHARDS=given DATA=$scratch" in script
+
+
 def test_code_agreement_is_one_for_the_same_tokenizer_and_falls_when_codes_move(tmp_path, capsys):
     module = _recipe("vq_code_agreement")
     torch.manual_seed(0)

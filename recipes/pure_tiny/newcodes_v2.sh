@@ -11,6 +11,10 @@
 # 4. RUN/holdout: pure.eval.holdout on the card's protocol, and compare.py against the shipped card.
 # RUN is outputs/pure_tiny_v2/newcodes unless set. MORE=1 adds 3b, RUN/train2: 800 more steps from RUN/train's
 # export (recipes/pure_tiny/train_v2_newcodes2.yaml, resumable), and step 4 measures that into RUN/holdout2.
+# SCRATCH=1 instead trains the whole four-stage recipe on those shards from the random start, as the shipped
+# model was trained on the old codes (reproduce_v2.sh with the shipped tokenizer.json and VQ's weights, its data
+# folder data/pure_tiny_v2_newcodes linking the new shards; ~6 h on 2 cores, resumable) into
+# outputs/pure_tiny_v2/scratch_newcodes, and measures it on the card's protocol.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -30,6 +34,16 @@ for set in photos scenes scenes2; do
     $PY -m pure.data.pretokenize --records $DATA/records_$set.jsonl --model $OUT/init \
         --out $DATA/shards_${set}_newcodes --size 128 --device cpu --workers ${WORKERS:-2} --shard-size 500
 done
+
+if [ "${SCRATCH:-0}" = 1 ]; then
+    step "3/4 the four stages from the random start on these shards (reproduce_v2.sh; resumable)"
+    scratch=data/pure_tiny_v2_newcodes
+    mkdir -p $scratch
+    for set in photos scenes scenes2; do ln -sfn ../pure_tiny_v2/shards_${set}_newcodes $scratch/shards_$set; done
+    ln -sfn ../pure_tiny_v2/sources $scratch/sources
+    VQ="$VQ" TOKENIZER=examples/pure-tiny SHARDS=given DATA=$scratch RUN=outputs/pure_tiny_v2/scratch_newcodes \
+        exec bash recipes/pure_tiny/reproduce_v2.sh
+fi
 
 # tune RUN RECIPE INIT: train (or resume, or skip when exported) one stage from INIT's export
 tune() {
