@@ -18,7 +18,7 @@ from pure.restorer import PureRestorer
 SHIPPED = Path("examples/pure-tiny")
 SOURCES = "recipes/pure_tiny/sources.yaml"
 PINNED_IMAGES = ("astronaut", "camera")  # hold-out images re-measured here (the card measures all five)
-PINNED_METHODS = ("bicubic", "vq", "copy", "pure", "pure-greedy-no-cfg")  # PURE's defaults and the checkpoint's
+PINNED_METHODS = ("bicubic", "vq", "copy", "pure", "pure-greedy-no-cfg")  # PURE's sampling, the default
 PSNR_TOLERANCE_DB = 0.05  # same machine, same seeds: anything above float noise is a changed pipeline
 SSIM_TOLERANCE = 2e-3
 INPUT_FREE_METHODS = ("bicubic", "vq")  # rows that do not depend on the LQ's codes
