@@ -9,8 +9,11 @@ architecture (:class:`pure.vq.VQModel`, same state-dict keys) at a small width o
 - data: every image is decoded once into memory (the sets are tens of images); each step draws random
   ``crop`` px crops with random horizontal flips from a generator seeded by ``train.seed``;
 - loss: L1 + L2 reconstruction in [-1, 1] + VQ codebook loss + ``beta`` * commitment loss with a
-  straight-through estimator, on L2-normalised latents/codes (LlamaGen). No perceptual/GAN loss: their
-  weights cannot be downloaded here;
+  straight-through estimator, on L2-normalised latents/codes (LlamaGen). Optionally (``train.gan_weight``)
+  VQGAN's and LlamaGen's adversarial loss: a PatchGAN discriminator, trained from scratch beside the
+  tokenizer with the hinge loss, and the generator's ``-mean(D(recon))``; without it the decoder draws the
+  mean of what a code may stand for, blurred edges included. No perceptual (LPIPS) loss: its VGG weights
+  cannot be downloaded here;
 - dead codes (unused for ``dead_code_after`` steps) are re-seeded from random encoder outputs of the
   batch, because a small codebook otherwise collapses to a handful of codes;
 - evaluation uses the real inference path (:meth:`VQModel.encode` -> :meth:`VQModel.decode` -> uint8), so
@@ -149,8 +152,19 @@ class TrainSection:
     decoder_only: bool = False
     """Train ``post_quant_conv`` and the decoder only (needs ``init_from``): the encoder, ``quant_conv``
     and the codebook keep ``init_from``'s weights, so every image keeps its codes and a model trained on
-    them stays valid; only how codes become pixels improves. The loss is L1 + L2 alone and there are no
-    dead-code restarts (the codebook is frozen)."""
+    them stays valid; only how codes become pixels improves. The loss is L1 + L2 (+ the adversarial term)
+    and there are no dead-code restarts (the codebook is frozen)."""
+    gan_weight: float = 0.0
+    """Weight of the adversarial (generator) loss ``-mean(D(recon))``; 0 = off, no discriminator (LlamaGen:
+    0.5). The PatchGAN discriminator trains on the same crops with the hinge loss, AdamW at the tokenizer's
+    learning rate and betas, and is checkpointed with it."""
+    gan_start: int = 0
+    """Step from which the discriminator trains and the adversarial term counts (LlamaGen: 20000, after
+    the reconstruction has converged; 0 suits a tokenizer tuned from a trained one)."""
+    disc_channels: int = 64
+    """Width of the discriminator's first layer (doubling per layer, at most 8x)."""
+    disc_layers: int = 3
+    """Strided layers of the discriminator (3: a 70 px receptive field, pix2pix's PatchGAN)."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     log_every: int = 10
@@ -192,6 +206,8 @@ class VQRecipe:
             (min(t.threads, t.eval_every, t.save_every) >= 0, "train.threads/eval_every/save_every >= 0"),
             (t.log_every > 0, "train.log_every must be > 0"),
             (bool(t.init_from) or not t.decoder_only, "train.decoder_only needs train.init_from's codes"),
+            (t.gan_weight >= 0 and t.gan_start >= 0, "train.gan_weight and train.gan_start must be >= 0"),
+            (t.disc_channels > 0 and t.disc_layers > 0, "train.disc_channels and disc_layers must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -302,6 +318,12 @@ class StepOutput:
     indices: Tensor
     latents: Tensor
     """(N, d) detached encoder outputs (L2-normalised when the codebook is): dead-code restart material."""
+    recon: Tensor
+    """The decoded batch, in [-1, 1] (carries gradients)."""
+    gan_g: Tensor = field(default_factory=lambda: torch.zeros(()))
+    """The generator's adversarial loss (unweighted; 0 while the adversary is off)."""
+    gan_d: Tensor = field(default_factory=lambda: torch.zeros(()))
+    """The discriminator's hinge loss (0 while the adversary is off)."""
 
 
 def freeze_for(model: VQModel, cfg: TrainSection) -> VQModel:
@@ -330,7 +352,79 @@ def forward_losses(model: VQModel, pixels: Tensor, cfg: TrainSection) -> StepOut
     latents = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     if model.config.codebook_l2_norm:
         latents = F.normalize(latents, p=2, dim=-1)
-    return StepOutput(loss, l1, l2, codebook_loss, commitment_loss, indices, latents)
+    return StepOutput(loss, l1, l2, codebook_loss, commitment_loss, indices, latents, recon)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """PatchGAN (pix2pix's, as VQGAN's and LlamaGen's tokenizers use): strided 4x4 convolutions with
+    BatchNorm and LeakyReLU(0.2), one real-or-drawn logit per overlapping patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        nn = torch.nn
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for n in range(1, layers + 1):
+            out = channels * min(2**n, 8)
+            stride = 2 if n < layers else 1
+            conv = nn.Conv2d(width, out, 4, stride, 1, bias=False)
+            blocks += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+        for module in self.modules():  # DCGAN's initialisation, as pix2pix and VQGAN
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.net(pixels)
+
+
+class Adversary:
+    """The discriminator and its optimiser: the generator's loss on a decoded batch, and one hinge-loss
+    update of the discriminator on a real and a decoded batch."""
+
+    def __init__(self, cfg: TrainSection) -> None:
+        self.cfg = cfg
+        self.disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).train()
+        self.optimizer = torch.optim.AdamW(
+            self.disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0
+        )
+
+    def active(self, step: int) -> bool:
+        return step >= self.cfg.gan_start
+
+    def generator_loss(self, recon: Tensor) -> Tensor:
+        """``-mean(D(recon))``, with no gradient into the discriminator's weights."""
+        self.disc.requires_grad_(False)
+        try:
+            return -self.disc(recon).mean()
+        finally:
+            self.disc.requires_grad_(True)
+
+    def update(self, real: Tensor, fake: Tensor, lr: float) -> Tensor:
+        """One step on ``0.5 * (mean(relu(1 - D(real))) + mean(relu(1 + D(fake))))``; returns that loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = 0.5 * (F.relu(1.0 - self.disc(real)).mean() + F.relu(1.0 + self.disc(fake.detach())).mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"disc": self.disc.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.disc.load_state_dict(state["disc"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def build_optimizer(model: VQModel, cfg: TrainSection) -> torch.optim.AdamW:
@@ -353,13 +447,23 @@ def lr_at(step: int, cfg: TrainSection) -> float:
 
 
 def train_step(
-    model: VQModel, optimizer: torch.optim.Optimizer, pixels: Tensor, step: int, cfg: TrainSection
+    model: VQModel,
+    optimizer: torch.optim.Optimizer,
+    pixels: Tensor,
+    step: int,
+    cfg: TrainSection,
+    adversary: Adversary | None = None,
 ) -> tuple[StepOutput, float]:
-    """One optimiser update at learning rate ``lr_at(step)``; returns the losses and the gradient norm."""
+    """One optimiser update at learning rate ``lr_at(step)`` (and, from ``gan_start``, one of the
+    adversary's discriminator); returns the losses and the tokenizer's gradient norm."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     out = forward_losses(model, pixels, cfg)
+    adversarial = adversary is not None and adversary.active(step)
+    if adversarial:
+        gan_g = adversary.generator_loss(out.recon)
+        out.loss, out.gan_g = out.loss + cfg.gan_weight * gan_g, gan_g.detach()
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -368,6 +472,8 @@ def train_step(
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
     optimizer.step()
+    if adversarial:
+        out.gan_d = adversary.update(pixels, out.recon, lr)
     return out, grad_norm
 
 
@@ -555,6 +661,7 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
     generator = torch.Generator().manual_seed(cfg.seed)  # data order, crops, flips, restarts
     model = freeze_for(VQModel(vq_config).train(), cfg)
     optimizer = build_optimizer(model, cfg)
+    adversary = Adversary(cfg) if cfg.gan_weight > 0 else None
     last_used = torch.zeros(vq_config.codebook_size, dtype=torch.int64)
     step, elapsed = 0, 0.0
 
@@ -573,6 +680,10 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
         generator.set_state(state["generator"])
         last_used = state["last_used"]
         step, elapsed = int(state["step"]), float(state["elapsed"])
+        if adversary is not None and "adversary" in state:
+            adversary.load_state_dict(state["adversary"])
+        elif adversary is not None:
+            print(f"note: {checkpoint_path} was trained without train.gan_weight; a new discriminator starts")
         saved, current = state.get("train") or {}, dataclasses.asdict(cfg)
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:
@@ -611,6 +722,8 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
             "vq_config": vq_config.to_dict(),
             "train": dataclasses.asdict(cfg),
         }
+        if adversary is not None:
+            state["adversary"] = adversary.state_dict()
         save_checkpoint(checkpoint_path, state)
 
     def evaluate_and_log() -> dict:
@@ -628,7 +741,7 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
     while step < stop_at:
         started = time.perf_counter()
         pixels = sampler.batch(data.batch_size)
-        out, grad_norm = train_step(model, optimizer, pixels, step, cfg)
+        out, grad_norm = train_step(model, optimizer, pixels, step, cfg, adversary)
         used = torch.unique(out.indices)
         last_used[used] = step + 1
         window_used[used] = True
@@ -639,7 +752,7 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
                 model, optimizer, out.latents, last_used, step, cfg.dead_code_after, generator
             )
         elapsed += time.perf_counter() - started
-        for key in ("loss", "l1", "l2", "codebook", "commitment"):
+        for key in ("loss", "l1", "l2", "codebook", "commitment") + (("gan_g", "gan_d") if adversary else ()):
             window[key] = window.get(key, 0.0) + getattr(out, key).item()
         window["restarted"] = window.get("restarted", 0.0) + restarted
         bar.update(1)

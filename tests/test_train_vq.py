@@ -17,6 +17,7 @@ from pure.train_vq import (
     CHECKPOINT_NAME,
     METRICS_NAME,
     VQ_DIR,
+    Adversary,
     CropSampler,
     TrainSection,
     VQSection,
@@ -29,7 +30,7 @@ from pure.train_vq import (
     restart_dead_codes,
     train_step,
 )
-from pure.vq import VQModel
+from pure.vq import VQModel, pil_to_pixels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_RECIPE = REPO_ROOT / "recipes" / "pure_tiny" / "vq.yaml"
@@ -346,3 +347,79 @@ def test_decoder_only_keeps_every_code_and_trains_the_decoder(
     _assert_same_weights(tuned, resumed)
     # without a tokenizer to keep the codes of, it is a recipe error
     assert main([str(tiny_recipe), *_args(folders, tmp_path / "no", 1, "train.decoder_only=true")]) == 2
+
+
+# ------------------------------------------------------------------------------------ adversarial decoder
+
+
+def test_discriminator_learns_real_from_drawn_and_the_generator_loss_only_moves_pixels() -> None:
+    torch.manual_seed(0)
+    cfg = TrainSection(lr=2e-3, disc_channels=8, disc_layers=2)
+    adversary = Adversary(cfg)
+    real = torch.stack([pil_to_pixels(_smooth_image(s, CROP, CROP)) for s in range(4)])
+    fake = torch.rand(4, 3, CROP, CROP) * 2 - 1  # grain no smooth image has
+    losses = [float(adversary.update(real, fake, cfg.lr)) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]  # hinge loss from ~1 towards 0: it tells them apart
+    with torch.no_grad():
+        assert float(adversary.disc(real).mean()) > float(adversary.disc(fake).mean())
+
+    drawn = fake.clone().requires_grad_(True)
+    grads = [p.grad.clone() for p in adversary.disc.parameters()]  # left by the last update
+    adversary.generator_loss(drawn).backward()
+    assert drawn.grad is not None and float(drawn.grad.abs().sum()) > 0
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, adversary.disc.parameters(), strict=True))
+    assert all(p.requires_grad for p in adversary.disc.parameters())  # switched back on for its own update
+
+
+def test_gan_start_holds_the_adversary_back() -> None:
+    torch.manual_seed(0)
+    cfg = TrainSection(lr=1e-3, warmup_steps=0, gan_weight=0.5, gan_start=2, disc_channels=8, disc_layers=2)
+    model, adversary = VQModel(TINY_VQ.to_vq_config()).train(), Adversary(cfg)
+    optimizer = build_optimizer(model, cfg)
+    pixels = torch.stack([pil_to_pixels(_smooth_image(s, CROP, CROP)) for s in range(2)])
+    before = {k: v.clone() for k, v in adversary.disc.state_dict().items()}
+    out, _ = train_step(model, optimizer, pixels, 1, cfg, adversary)
+    assert float(out.gan_g) == 0.0 and float(out.gan_d) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in adversary.disc.state_dict().items())
+    out, _ = train_step(model, optimizer, pixels, 2, cfg, adversary)
+    assert float(out.gan_d) > 0.0 and float(out.gan_g) != 0.0
+    assert any(not torch.equal(before[k], v) for k, v in adversary.disc.state_dict().items())
+
+
+def test_adversarial_decoder_keeps_codes_checkpoints_its_discriminator_and_resumes_exactly(
+    folders: tuple[Path, Path], tiny_recipe: Path, tmp_path: Path
+) -> None:
+    start = tmp_path / "start"
+    assert main([str(tiny_recipe), *_args(folders, start, 2)]) == 0
+    assert "adversary" not in torch.load(start / CHECKPOINT_NAME, weights_only=True)  # off by default
+    assert not any("gan_g" in line for line in (start / "log.jsonl").read_text().splitlines())
+    tune = (
+        f"train.init_from={start / VQ_DIR}",
+        "train.decoder_only=true",
+        "train.gan_weight=0.5",
+        "train.disc_channels=8",
+        "train.disc_layers=2",
+    )
+    tuned = tmp_path / "tuned"
+    assert main([str(tiny_recipe), *_args(folders, tuned, 4, *tune)]) == 0
+    state = torch.load(tuned / CHECKPOINT_NAME, weights_only=True)
+    assert set(state["adversary"]) == {"disc", "optimizer"}
+    logged = [json.loads(line) for line in (tuned / "log.jsonl").read_text().splitlines()]
+    assert all(r["gan_d"] > 0 for r in logged if r["event"] == "train")
+    x = torch.rand(2, 3, CROP, CROP) * 2 - 1
+    before, after = VQModel.from_pretrained(start / VQ_DIR), VQModel.from_pretrained(tuned / VQ_DIR)
+    assert torch.equal(before.encode(x), after.encode(x))
+    # halted after 2 steps and rerun: tokenizer and discriminator end where the uninterrupted run's did
+    resumed = tmp_path / "resumed"
+    assert main([str(tiny_recipe), *_args(folders, resumed, 4, *tune), "--max-steps", "2"]) == 0
+    assert main([str(tiny_recipe), *_args(folders, resumed, 4, *tune)]) == 0
+    _assert_same_weights(tuned, resumed)
+    again = torch.load(resumed / CHECKPOINT_NAME, weights_only=True)["adversary"]["disc"]
+    assert all(torch.equal(v, again[k]) for k, v in state["adversary"]["disc"].items())
+    # and the weight matters: the same run without the adversary decodes differently
+    plain = tmp_path / "plain"
+    assert main([str(tiny_recipe), *_args(folders, plain, 4, *tune[:2])]) == 0
+    assert not torch.equal(
+        _weights(plain)["decoder.conv_out.weight"], _weights(tuned)["decoder.conv_out.weight"]
+    )
+    assert main([str(tiny_recipe), *_args(folders, tmp_path / "bad", 1, "train.gan_weight=-1")]) == 2
