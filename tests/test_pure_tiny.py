@@ -108,10 +108,10 @@ def test_reproduction_check_pairs_crops_and_calls_noise(tmp_path):
     card = json.loads((SHIPPED / "holdout_results.json").read_text())
     assert all(e["within_noise"] and e["difference"] == 0 for e in compare.compare(card, card))
 
-    def shifted(method: str, by) -> dict:
+    def shifted(method: str, by, metric: str = "psnr_y") -> dict:
         run = copy.deepcopy(card)
         for i, row in enumerate(r for r in run["rows"] if r["method"] == method):
-            row["psnr_y"] += by(i)
+            row[metric] += by(i)
         return run
 
     jitter = compare.compare(shifted("pure", lambda i: 0.5 if i % 2 else -0.5), card)  # mean about 0
@@ -121,6 +121,14 @@ def test_reproduction_check_pairs_crops_and_calls_noise(tmp_path):
     assert not pick[1]["pure", "psnr_y"]["within_noise"]
     assert pick[1]["pure", "psnr_y"]["difference"] == pytest.approx(0.3)
     assert pick[1]["vq", "psnr_y"]["within_noise"]  # other methods untouched
+    sharper = {
+        (e["method"], e["metric"]): e for e in compare.compare(shifted("vq", lambda i: 0.02, "gms_y"), card)
+    }
+    assert not sharper["vq", "gms_y"]["within_noise"] and sharper["vq", "psnr_y"]["within_noise"]
+    no_gms = copy.deepcopy(card)
+    for row in no_gms["rows"]:
+        row.pop("gms_y", None)  # results written before GMS-Y: compared on what both have
+    assert {e["metric"] for e in compare.compare(no_gms, card)} == {"psnr_y", "ssim_y"}
 
     with pytest.raises(ValueError, match="control"):
         compare.compare(shifted("bicubic", lambda i: 0.1), card)

@@ -22,14 +22,17 @@ import math
 import sys
 from pathlib import Path
 
-METRICS = ("psnr_y", "ssim_y")
+METRICS = ("psnr_y", "ssim_y", "gms_y")  # each where both rows have it (older results lack GMS-Y)
 CONTROL = "bicubic"  # a method that does not depend on the checkpoint
 CONTROL_TOLERANCE = 1e-6
 
 
 def _scores(results: dict) -> dict[tuple[str, str, int], dict[str, float]]:
     """``{(method, crop, seed): {metric: value}}`` from a results file's rows."""
-    return {(r["method"], r["crop"], r["seed"]): {m: r[m] for m in METRICS} for r in results["rows"]}
+    return {
+        (r["method"], r["crop"], r["seed"]): {m: r[m] for m in METRICS if r.get(m) is not None}
+        for r in results["rows"]
+    }
 
 
 def compare(run: dict, reference: dict, z: float = 2.0) -> list[dict]:
@@ -44,7 +47,9 @@ def compare(run: dict, reference: dict, z: float = 2.0) -> list[dict]:
     if not shared:
         raise ValueError("the two results share no (method, crop, seed) rows")
     for key in shared:
-        if key[0] == CONTROL and any(abs(a[key][m] - b[key][m]) > CONTROL_TOLERANCE for m in METRICS):
+        if key[0] == CONTROL and any(
+            abs(a[key][m] - b[key][m]) > CONTROL_TOLERANCE for m in a[key].keys() & b[key]
+        ):
             raise ValueError(
                 f"control rows differ ({key}): the hold-out sets or degradations are not the same"
             )
@@ -54,7 +59,7 @@ def compare(run: dict, reference: dict, z: float = 2.0) -> list[dict]:
     entries = []
     for method in methods:
         keys = [key for key in shared if key[0] == method]
-        for metric in METRICS:
+        for metric in (m for m in METRICS if all(m in a[k] and m in b[k] for k in keys)):
             diffs = [a[k][metric] - b[k][metric] for k in keys]
             n = len(diffs)
             mean = sum(diffs) / n
