@@ -811,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pure.train_vq",
         description="Train a LlamaGen-style VQ image tokenizer (pure.vq.VQModel) from scratch on a folder of "
-        "images: L1+L2 reconstruction, VQ codebook and commitment losses, dead-code restarts; hold-out PSNR "
+        "images: L1+L2 reconstruction, VQ codebook and commitment losses, dead-code restarts, optionally a "
+        "PatchGAN adversary (train.gan_weight); hold-out PSNR "
         "and codebook usage through the real encode/decode path.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
