@@ -684,7 +684,9 @@ def run(recipe: VQRecipe, max_steps: int | None = None, progress: bool = True) -
             adversary.load_state_dict(state["adversary"])
         elif adversary is not None:
             print(f"note: {checkpoint_path} was trained without train.gan_weight; a new discriminator starts")
-        saved, current = state.get("train") or {}, dataclasses.asdict(cfg)
+        # a key the checkpoint lacks was added since and had its default then
+        saved = {**dataclasses.asdict(TrainSection()), **(state.get("train") or {})}
+        current = dataclasses.asdict(cfg)
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:
             print(f"note: train.{', train.'.join(changed)} differ from the checkpoint's; using the recipe's")
