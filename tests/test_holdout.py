@@ -431,6 +431,45 @@ def test_the_colour_fix_moves_the_copy_row_and_not_its_codes(tiny_restorer):
         assert rows[True][crop]["psnr_y"] != rows[False][crop]["psnr_y"]
 
 
+def test_the_ceiling_row_is_the_hq_codes_through_the_colour_fix(tiny_restorer):
+    """vq-fixed is what a model that writes every HQ code right gives through the restorer: the VQ round trip
+    colour-fixed against the LQ it is shown (so per seed); the headroom is it minus copy, paired."""
+    copier = _PerfectCopier(tiny_restorer.vq)
+    images = {"astronaut.png": astronaut()}
+    results = measure_holdout(copier, images, crop=CROP, seeds=[0, 1], methods=["vq", "vq-fixed", "copy"])
+    by = {(r["method"], r["seed"]): r for r in results["rows"] if r["crop"] == "astronaut_000"}
+    box = by["vq", 0]["box"]
+    hq = astronaut().crop((box["left"], box["top"], box["left"] + CROP, box["top"] + CROP))
+    vq = tiny_restorer.vq
+    round_trip = pixels_to_pil(vq.decode(vq.encode(pil_to_pixels(hq)[None]))[0])
+    for seed in (0, 1):
+        pair = holdout.PairSettings(preset=holdout.PRESET, scale=holdout.SCALE, crop=CROP, seed=seed)
+        _, lq, _ = holdout.make_pair(
+            hq, holdout.DegradationConfig.from_yaml(holdout.PRESET), pair, "astronaut.png", 0
+        )
+        shown = Image.fromarray(lq, "RGB").resize((CROP, CROP), Image.BICUBIC)
+        fixed = wavelet_color_fix(round_trip, shown)
+        assert by["vq-fixed", seed]["psnr_y"] == pytest.approx(psnr_y(fixed, hq))
+        assert by["vq-fixed", seed]["token_acc"] == 1.0
+    assert by["vq-fixed", 0]["psnr_y"] != by["vq-fixed", 1]["psnr_y"] != by["vq", 1]["psnr_y"]
+    assert by["vq", 0]["psnr_y"] == by["vq", 1]["psnr_y"]  # the raw round trip does not see the LQ
+    headroom = results["headroom"]
+    assert headroom == paired_differences(results["rows"], "vq-fixed", ("copy",))["copy"]
+    assert headroom["psnr_y"]["n"] == 2
+    assert "Headroom: vq-fixed minus copy" in render_markdown(results)
+
+
+def test_the_ceiling_row_needs_the_colour_fix(tiny_restorer):
+    copier = _PerfectCopier(tiny_restorer.vq)
+    images = {"astronaut.png": astronaut()}
+    unfixed = measure_holdout(copier, images, crop=CROP, seeds=[0], methods=None, color_fix=False)
+    assert "vq-fixed" not in unfixed["methods"] and "vq" in unfixed["methods"]
+    assert unfixed["headroom"] == {} and "Headroom" not in render_markdown(unfixed)
+    assert "vq-fixed" in measure_holdout(copier, images, crop=CROP, seeds=[0], methods=None)["methods"]
+    with pytest.raises(holdout.HoldoutError, match="colour fix"):
+        measure_holdout(copier, images, crop=CROP, seeds=[0], methods=["vq-fixed"], color_fix=False)
+
+
 def test_the_checkpoints_default_decoding_is_the_row_the_report_is_about(tiny_restorer):
     copier = _PerfectCopier(tiny_restorer.vq)
     images = {"astronaut.png": astronaut()}

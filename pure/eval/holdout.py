@@ -1,11 +1,13 @@
 """``python -m pure.eval.holdout``: the honest held-out measurement of a trained PURE model.
 
 Training scores say how well a model fits its own crops; this measures it on whole images it never saw,
-with the degradations it was trained on, against the two numbers that bound what it can do:
+with the degradations it was trained on, against the numbers that bound what it can do:
 
 - ``bicubic``: the LQ upsampled bicubically, the floor a restoration must beat to be worth anything;
-- ``vq``: the VQ tokenizer's own encode -> decode of the HQ crop, the ceiling (PURE writes VQ codes, so it
-  cannot be more faithful to the HQ than its tokenizer);
+- ``vq``: the VQ tokenizer's own encode -> decode of the HQ crop, what the tokenizer keeps (PURE writes VQ
+  codes, so its codes cannot be more faithful to the HQ than its tokenizer's);
+- ``vq-fixed``: ``vq`` through the same colour fix as the PURE rows, the ceiling of those rows (a model that
+  writes every HQ code right, through the restorer); measured where the PURE rows are colour-fixed;
 - ``copy``: the VQ round trip of the bicubic-upsampled LQ, i.e. of exactly what the model is shown, through
   the same colour fix as the PURE rows: what a model that only copies its input tokens would give. A model
   that restores must beat it, not only bicubic;
@@ -23,7 +25,8 @@ model's text: Perceive (its blur and noise levels against the label of the LQ's 
 parameters, beside chance and the majority class: `perceive_summary`) and, for images whose true caption
 is a generated one (`pure.data.synthetic_images`), Understand (the caption's attributes:
 `understand_summary`). `paired_differences` says whether PURE's margin over ``copy`` and ``bicubic``
-exceeds two paired standard errors.
+exceeds two paired standard errors, and ``vq-fixed`` minus ``copy`` (the ``headroom``) how much a model could
+gain over copying at all, and whether the hold-out can resolve it.
 
 For every held-out image, ``--crops-per-image`` crops of ``--crop`` px are taken on a fixed grid (one crop:
 the centre; see `crop_boxes`); for every crop and every ``--seeds`` seed, an LQ of ``crop / 4`` px is made by
@@ -140,10 +143,15 @@ SETTING_NOTES: dict[str, str] = {
 }
 BASELINES: dict[str, str] = {
     "bicubic": "the LQ upsampled bicubically to the crop size (PIL), what the model sees",
-    "vq": "the VQ tokenizer's encode -> decode of the HQ crop: the ceiling of any PURE output",
+    "vq": "the VQ tokenizer's encode -> decode of the HQ crop: what the tokenizer keeps",
+    "vq-fixed": "vq colour-fixed against the LQ as the PURE rows are: the ceiling of the PURE rows (every HQ "
+    "code right, through the restorer)",
     "copy": "the VQ tokenizer's encode -> decode of the bicubic-upsampled LQ, colour-fixed as the PURE rows "
     "are: what a model that copies its input tokens gives",
 }
+# the baselines of a tokenizer alone (no restorer, so no colour fix: `VQOnly`)
+TOKENIZER_BASELINES = ("bicubic", "vq", "copy")
+CEILING = "vq-fixed"  # the PURE rows' ceiling: measured where they are colour-fixed
 PICTURE_PANELS = ("LQ (nearest)", "bicubic", "copy", "VQ ceiling", "PURE", "HQ")
 PICTURE_MIN_SIDE = 256  # small crops are shown magnified (nearest, whole factor) so that labels fit
 
@@ -476,13 +484,20 @@ def measure_holdout(
     from tqdm import tqdm
 
     settings = default_settings(restorer) if settings is None else dict(settings)
+    chosen_color_fix = color_fix is not None
+    restore_options = {"color_fix": color_fix} if chosen_color_fix else {}
+    color_fix = color_fix if chosen_color_fix else _default_color_fix(restorer)
     known = [*BASELINES, *settings]
-    methods = list(known if methods is None else methods)
+    if methods is None:  # all; the colour-fixed ceiling only where the PURE rows are colour-fixed
+        methods = [m for m in known if m != CEILING or color_fix is True]
+    methods = list(methods)
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise HoldoutError(
             f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}"
         )
+    if CEILING in methods and color_fix is not True:
+        raise HoldoutError(f"{CEILING} is vq colour-fixed as the PURE rows are: it needs the colour fix on")
     crop = native_size(restorer) if crop is None else int(crop)
     _check_crop(crop)
     if crops_per_image < 1:
@@ -494,9 +509,6 @@ def measure_holdout(
     if not sources:
         raise HoldoutError("no held-out images given")
     degradation = DegradationConfig.from_yaml(PRESET)
-    chosen_color_fix = color_fix is not None
-    restore_options = {"color_fix": color_fix} if chosen_color_fix else {}
-    color_fix = color_fix if chosen_color_fix else _default_color_fix(restorer)
     pictures = Path(pictures_dir) if pictures_dir is not None else None
     picture_method = subject_method(restorer, methods, settings)
 
@@ -566,11 +578,14 @@ def measure_holdout(
                         elif method == "bicubic":
                             output = lq.resize((crop, crop), Image.BICUBIC)
                             seconds = time.perf_counter() - tick
-                        elif method == "vq":
-                            if vq_image is None:  # the ceiling does not depend on the seed: once per crop
+                        elif method in ("vq", CEILING):
+                            if vq_image is None:  # the round trip does not depend on the seed: once per crop
                                 vq_image = _vq_roundtrip(restorer, hq)
                                 vq_seconds = time.perf_counter() - tick
                             output, seconds = vq_image, vq_seconds
+                            if method == CEILING:  # the fix takes the LQ's low frequencies: once per seed
+                                output = wavelet_color_fix(vq_image, shown)
+                                seconds = vq_seconds + time.perf_counter() - tick
                             extra = {"token_acc": 1.0}  # its codes are the HQ's own
                         else:
                             result = restorer.restore(
@@ -635,6 +650,7 @@ def measure_holdout(
         "per_image": per_image(rows),
         "verdict": verdict(summary, subject),
         "paired": paired_differences(rows, subject),
+        "headroom": paired_differences(rows, CEILING, ("copy",)).get("copy", {}),
         "perceive": {m: perceive_summary(rows, m) for m in pure_methods},
         "understand": {m: understand_summary(rows, m, truth) for m in pure_methods},
         "measures": {
@@ -958,8 +974,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "degradations), "
         f"seeds {', '.join(map(str, protocol['seeds']))}",
         f"- PSNR/SSIM on the BT.601 Y channel, {BORDER} px border cut; mean ± std over crops x seeds",
-        f"- colour fix: {protocol['color_fix']} on the PURE and copy rows; bicubic and vq are shown as they "
-        "are",
+        f"- colour fix: {protocol['color_fix']} on the PURE, copy and {CEILING} rows; bicubic and vq are "
+        "shown as they are",
         "- s/image: wall time per crop and seed (PURE: one `restore` call, text + image; vq: once per crop)",
         *_subject_lines(results),
         "",
@@ -976,6 +992,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         )
     lines += ["", results["verdict"], ""]
     lines += _paired_lines(results.get("paired") or {}, results.get("subject", "pure"))
+    lines += _headroom_lines(results.get("headroom") or {})
     lines += _text_lines(results.get("perceive") or {}, results.get("understand") or {})
     return "\n".join(lines)
 
@@ -1019,6 +1036,23 @@ def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]], subject
             cells.append(f"{entry['mean']:+.3g} ± {se} ({mark})")
         lines.append(f"| {baseline} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _headroom_lines(headroom: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One sentence: what a model that writes every code right gains over copying, paired, per metric."""
+    parts = []
+    for key in METRIC_KEYS:
+        entry = headroom.get(key)
+        if entry is not None and entry["se"] is not None:
+            mark = {1: "resolved", -1: "resolved, below", 0: "within noise"}[entry["resolved"]]
+            parts.append(f"{_METRIC_NAMES[key]} {entry['mean']:+.3g} ± {entry['se']:.2g} ({mark})")
+    if not parts:
+        return []
+    return [
+        f"Headroom: {CEILING} minus copy, paired (what a model that writes every code right would gain over "
+        f"copying its input): {', '.join(parts)}.",
+        "",
+    ]
 
 
 def _text_lines(perceive: Mapping[str, Any], understand: Mapping[str, Any]) -> list[str]:
@@ -1119,7 +1153,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         help=f"comma-separated subset of {', '.join([*BASELINES, *SETTINGS, CHECKPOINT_METHOD])} (default "
-        f"all; {CHECKPOINT_METHOD}, the checkpoint's sampling.json, where it is none of the others)",
+        f"all; {CHECKPOINT_METHOD}, the checkpoint's sampling.json, where it is none of the others; "
+        f"{CEILING} only with the colour fix; with --vq alone: {', '.join(TOKENIZER_BASELINES)})",
     )
     parser.add_argument(
         "--captions",
@@ -1170,14 +1205,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.model is None:
             raise HoldoutError("--quantize needs --model: it quantises the model, not the tokenizer")
         check_quantize(args.quantize)  # torchao there, before any weight loads
-    known = [*BASELINES, *SETTINGS, CHECKPOINT_METHOD] if args.model is not None else [*BASELINES]
+    known = [*BASELINES, *SETTINGS, CHECKPOINT_METHOD] if args.model is not None else [*TOKENIZER_BASELINES]
     methods = None  # all: the baselines and default_settings(restorer), or the baselines of --vq alone
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods or any(m not in known for m in methods):
             raise HoldoutError(f"--methods must name some of {', '.join(known)}; got {args.methods!r}")
     elif args.model is None:
-        methods = list(BASELINES)
+        methods = list(TOKENIZER_BASELINES)
     out = Path(args.out)
     if (out / RESULTS_JSON).exists() and not args.overwrite:
         raise HoldoutError(f"{out / RESULTS_JSON} exists; pass --overwrite to replace it")
